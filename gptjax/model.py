@@ -1,0 +1,284 @@
+"""GPT-2 in Flax linen.
+
+Token and learned position embeddings, pre-LayerNorm blocks of causal multi-head
+self-attention and a tanh-GELU MLP, a final LayerNorm, and an output projection tied to the
+token embedding. Parameters are fp32; the compute dtype is configurable. Every parameter
+carries logical axis names (see `gptjax.sharding` for the rules that map them to mesh axes).
+
+The same modules serve training and decoding: with `decode=True` each attention layer keeps a
+key/value cache in the `cache` collection, writes the keys and values of the tokens it is
+given at the cache's current index, and attends over everything written so far. Prefill
+passes a whole (padded) prompt at once; decoding then passes one token per call.
+
+Parameter names follow Hugging Face's GPT-2 (`wte`, `wpe`, `h_{i}`, `ln_1`, `attn`, `c_attn`,
+`c_proj`, `ln_2`, `mlp`, `c_fc`, `ln_f`) so that a reader can map the two by eye.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gptjax.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The shape and numerics of a GPT. Built from `config.model` with `GPTConfig.from_config`."""
+
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_mlp: int = 0  # 0 means 4 * n_embd
+    block_size: int = 1024  # the longest context, and the number of learned positions
+    dropout: float = 0.0
+    ln_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype; parameters are always fp32
+    remat: bool = False  # recompute each block's activations in the backward pass
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_head={self.n_head} must divide model.n_embd={self.n_embd} "
+                f"(allowed: a head count that divides the width, e.g. {_divisors(self.n_embd)})"
+            )
+        if self.n_mlp < 0:
+            raise UserError(f"model.n_mlp must be >= 0 (0 means 4 * n_embd), got {self.n_mlp}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @classmethod
+    def from_config(cls, model_cfg: Mapping[str, Any]) -> "GPTConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(model_cfg) - fields)
+        if unknown:
+            raise UserError(f"unknown model field(s) {unknown}; allowed: {sorted(fields)}")
+        return cls(**{k: model_cfg[k] for k in model_cfg})
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_mlp or 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    def num_params(self) -> int:
+        """Parameter count (the tied output head counted once)."""
+        c, m, layers = self.n_embd, self.mlp_dim, self.n_layer
+        block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * m + m) + (m * c + c)
+        return self.vocab_size * c + self.block_size * c + layers * block + 2 * c
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B convention."""
+        n = self.num_params() - self.block_size * self.n_embd
+        return 6.0 * n + 12.0 * self.n_layer * self.n_embd * seq_len
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
+def _init(std: float, names: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.ln_eps,
+        dtype=cfg.compute_dtype,
+        param_dtype=jnp.float32,
+        scale_init=_ones(("norm",)),
+        bias_init=_zeros(("norm",)),
+        name=name,
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
+        cfg = self.cfg
+        h, d = cfg.n_head, cfg.head_dim
+        qkv = nn.DenseGeneral(
+            features=(3, h, d),
+            dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_init(0.02, ("embed", "qkv", "heads", "head_dim")),
+            bias_init=_zeros(("qkv", "heads", "head_dim")),
+            name="c_attn",
+        )(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, seq, heads, head_dim]
+        q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+        t = x.shape[1]
+        if decode:
+            k, v, mask = self._update_cache(k, v, token_mask)
+        else:
+            mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+            if token_mask is not None:
+                mask = mask & token_mask[:, None, None, :]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+        probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
+        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        y = nn.DenseGeneral(
+            features=cfg.n_embd,
+            axis=(-2, -1),
+            dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layer), ("heads", "head_dim", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="c_proj",
+        )(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+    def _update_cache(
+        self, k: jax.Array, v: jax.Array, token_mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Write this chunk's keys/values at the cache index; return all keys, values and the mask.
+
+        The cache's length is the sequence length the cache was initialised with. A query at
+        slot i sees slots j <= i whose token was real (token_mask True when written).
+        """
+        is_initialized = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        valid = self.variable("cache", "valid", jnp.zeros, k.shape[:2], jnp.bool_)
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        if not is_initialized:  # model.init(decode=True) only shapes the cache
+            mask = jnp.ones((1, 1, k.shape[1], k.shape[1]), bool)
+            return k, v, mask
+        b, t = k.shape[:2]
+        length = cached_k.value.shape[1]
+        i = index.value
+        tm = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
+        valid.value = jax.lax.dynamic_update_slice(valid.value, tm, (0, i))
+        index.value = i + t
+        q_slot = i + jnp.arange(t)[:, None]
+        k_slot = jnp.arange(length)[None, :]
+        mask = (k_slot <= q_slot)[None, None] & valid.value[:, None, None, :]
+        return cached_k.value, cached_v.value, mask
+
+
+class MLP(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        x = nn.Dense(
+            cfg.mlp_dim,
+            dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_init(0.02, ("embed", "mlp")),
+            bias_init=_zeros(("mlp",)),
+            name="c_fc",
+        )(x)
+        x = nn.gelu(x, approximate=True)
+        x = nn.Dense(
+            cfg.n_embd,
+            dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layer), ("mlp", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="c_proj",
+        )(x)
+        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
+        cfg = self.cfg
+        x = x + CausalSelfAttention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), token_mask, deterministic, decode)
+        x = x + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic)
+        return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+
+
+class GPT(nn.Module):
+    """A GPT-2 language model: token ids [batch, seq] -> fp32 logits [batch, seq, vocab]."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> jax.Array:
+        """Logits for every position.
+
+        positions: [batch, seq] position ids (default 0..seq-1).
+        token_mask: [batch, seq], False for padding; padded keys are never attended to.
+        decode: use and update the key/value cache (see the module docstring).
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+        wte = nn.Embed(
+            cfg.vocab_size,
+            cfg.n_embd,
+            dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+            embedding_init=_init(0.02, ("vocab", "embed")),
+            name="wte",
+        )
+        wpe = nn.Embed(
+            cfg.block_size,
+            cfg.n_embd,
+            dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+            embedding_init=_init(0.01, ("pos", "embed")),
+            name="wpe",
+        )
+        x = wte(tokens) + wpe(positions)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+        block = nn.remat(Block, static_argnums=(3, 4)) if cfg.remat else Block
+        for i in range(cfg.n_layer):
+            x = block(cfg, name=f"h_{i}")(x, token_mask, deterministic, decode)
+        x = _layer_norm(cfg, "ln_f")(x)
+        logits = wte.attend(x.astype(cfg.compute_dtype))
+        return logits.astype(jnp.float32)
+
+
+def init_params(cfg: GPTConfig, rng: jax.Array) -> Any:
+    """Unboxed fp32 parameters (no sharding; see `gptjax.train` for the sharded version)."""
+    variables = GPT(cfg).init(rng, jnp.zeros((1, min(8, cfg.block_size)), jnp.int32))
+    return nn.meta.unbox(variables["params"])
