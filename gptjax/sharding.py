@@ -1,0 +1,128 @@
+"""Device mesh, logical-axis rules and multi-host start-up.
+
+The model names every parameter axis (`vocab`, `embed`, `heads`, `mlp`, ...) and every
+activation axis (`batch`, `seq`, `act_embed`). `RULES` maps those names to the mesh axes
+`data`, `fsdp` and `tensor`: the batch is split over data and fsdp, parameters are split over
+fsdp (ZeRO-3 style) along their width and over tensor along heads / MLP / vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("qkv", None),
+    ("pos", None),
+    ("norm", None),
+    ("seq", None),
+    ("act_embed", None),
+)
+
+
+def maybe_initialize_distributed() -> None:
+    """Join a multi-host job when the environment describes one (TPU pod slices, SLURM, ...).
+
+    On a TPU VM pod slice `jax.distributed.initialize()` finds the coordinator by itself;
+    elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+    if os.environ.get("GPTJAX_DISTRIBUTED", "") == "1" or "JAX_COORDINATOR_ADDRESS" in os.environ:
+        kwargs = {}
+        if "JAX_COORDINATOR_ADDRESS" in os.environ:
+            kwargs = dict(
+                coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                process_id=int(os.environ["JAX_PROCESS_ID"]),
+            )
+        jax.distributed.initialize(**kwargs)
+
+
+def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, int, int]:
+    """Resolve the configured axis sizes (one may be -1) against the device count."""
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise UserError(f"unknown mesh axis {sorted(unknown)}; allowed: {list(MESH_AXES)}")
+    values = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    if any(v == 0 or v < -1 for v in values) or values.count(-1) > 1:
+        raise UserError(f"mesh sizes must be positive, with at most one -1 (the rest); got {dict(zip(MESH_AXES, values))}")
+    known = math.prod(v for v in values if v != -1)
+    if -1 in values:
+        if n_devices % known:
+            raise UserError(f"mesh sizes {dict(zip(MESH_AXES, values))} do not divide the {n_devices} devices")
+        values[values.index(-1)] = n_devices // known
+    if math.prod(values) != n_devices:
+        raise UserError(
+            f"mesh sizes {dict(zip(MESH_AXES, values))} multiply to {math.prod(values)}, but there are "
+            f"{n_devices} devices; their product must equal the device count (or set one axis to -1)"
+        )
+    return tuple(values)  # type: ignore[return-value]
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    try:
+        return jax.make_mesh(shape, MESH_AXES, devices=devices)
+    except Exception:  # make_mesh wants a topology it knows; fall back to a plain reshape
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def logical_shardings(mesh: Mesh, boxed_tree: Any) -> Any:
+    """NamedShardings for a tree of flax `LogicallyPartitioned` values (or abstract ones)."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Shard the batch axis (the first one, or the second for [accum, batch, ...])."""
+    lead = (None,) * (ndim - 2)
+    return NamedSharding(mesh, P(*lead, ("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def match_by_path(target_abstract: Any, params_abstract: Any, param_shardings: Any, default: NamedSharding) -> Any:
+    """Shardings for a tree whose leaves mirror parameters (optimizer moments, say).
+
+    A leaf takes the sharding of the parameter whose key path is a suffix of the leaf's key
+    path and whose shape is the same; anything else (counts, scalars) gets `default`.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(params_abstract)[0]
+    shardings = jax.tree_util.tree_leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    by_path = {_keys(path): (tuple(leaf.shape), s) for (path, leaf), s in zip(leaves, shardings)}
+
+    def pick(path: Any, leaf: Any) -> NamedSharding:
+        keys = _keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == tuple(getattr(leaf, "shape", ())):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, target_abstract)
+
+
+def _keys(path: Any) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
