@@ -119,6 +119,35 @@ def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
     )
 
 
+class Projection(nn.Module):
+    """A linear map written as one einsum over a multi-axis kernel, plus a bias.
+
+    The kernel keeps its natural axes (e.g. [embed, 3, heads, head_dim] for the fused
+    query/key/value projection) so each axis can carry its own logical name.
+    """
+
+    equation: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    std: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_axes = self.equation.split("->")[1]
+        in_axes = self.equation.split("->")[0].split(",")[1]
+        bias_dims = [i for i, a in enumerate(in_axes) if a in out_axes]
+        kernel = self.param("kernel", _init(self.std, self.kernel_axes), self.kernel_shape, jnp.float32)
+        bias = self.param(
+            "bias",
+            _zeros(tuple(self.kernel_axes[i] for i in bias_dims)),
+            tuple(self.kernel_shape[i] for i in bias_dims),
+            jnp.float32,
+        )
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
 
@@ -126,12 +155,12 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
         cfg = self.cfg
         h, d = cfg.n_head, cfg.head_dim
-        qkv = nn.DenseGeneral(
-            features=(3, h, d),
+        qkv = Projection(
+            "btc,cjhd->btjhd",
+            kernel_shape=(cfg.n_embd, 3, h, d),
+            kernel_axes=("embed", "qkv", "heads", "head_dim"),
+            std=0.02,
             dtype=cfg.compute_dtype,
-            param_dtype=jnp.float32,
-            kernel_init=_init(0.02, ("embed", "qkv", "heads", "head_dim")),
-            bias_init=_zeros(("qkv", "heads", "head_dim")),
             name="c_attn",
         )(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, seq, heads, head_dim]
@@ -148,13 +177,12 @@ class CausalSelfAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
         probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
         y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        y = nn.DenseGeneral(
-            features=cfg.n_embd,
-            axis=(-2, -1),
+        y = Projection(
+            "bthd,hdc->btc",
+            kernel_shape=(h, d, cfg.n_embd),
+            kernel_axes=("heads", "head_dim", "embed"),
+            std=0.02 / math.sqrt(2 * cfg.n_layer),
             dtype=cfg.compute_dtype,
-            param_dtype=jnp.float32,
-            kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layer), ("heads", "head_dim", "embed")),
-            bias_init=_zeros(("embed",)),
             name="c_proj",
         )(y)
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)

@@ -77,10 +77,13 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, int, int]
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
+    # Auto axes: the compiler propagates shardings from the annotated params, batch and
+    # activations (GSPMD), rather than every array carrying an explicit sharding type.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     try:
-        return jax.make_mesh(shape, MESH_AXES, devices=devices)
-    except Exception:  # make_mesh wants a topology it knows; fall back to a plain reshape
-        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except ValueError:  # a device set make_mesh has no topology for: plain reshape
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
