@@ -1,0 +1,100 @@
+"""The GPT module: causality, the KV-cache path, shapes and parameter names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax.errors import UserError
+from gptjax.model import GPT, GPTConfig, init_params
+
+CFG = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=32, block_size=48)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(0))
+
+
+def test_future_tokens_do_not_change_earlier_logits(params):
+    model = GPT(CFG)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, CFG.vocab_size)
+    changed = tokens.at[:, 15].set((tokens[:, 15] + 1) % CFG.vocab_size)
+    a = model.apply({"params": params}, tokens)
+    b = model.apply({"params": params}, changed)
+    np.testing.assert_array_equal(np.asarray(a[:, :15]), np.asarray(b[:, :15]))
+    assert np.abs(np.asarray(a[:, 15:] - b[:, 15:])).max() > 1e-4  # and later ones do change
+
+
+def test_cache_prefill_and_decode_match_full_forward(params):
+    model = GPT(CFG)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (3, 20), 0, CFG.vocab_size)
+    full = model.apply({"params": params}, tokens)
+    cache = model.init(jax.random.PRNGKey(0), jnp.zeros((3, 20), jnp.int32), decode=True)["cache"]
+    cache = jax.tree_util.tree_map(jnp.zeros_like, cache)
+    logits, v = model.apply({"params": params, "cache": cache}, tokens[:, :12], decode=True, mutable=["cache"])
+    np.testing.assert_allclose(logits, full[:, :12], atol=1e-5)
+    cache = v["cache"]
+    for i in range(12, 20):
+        pos = jnp.full((3, 1), i, jnp.int32)
+        step, v = model.apply({"params": params, "cache": cache}, tokens[:, i : i + 1], pos, decode=True, mutable=["cache"])
+        cache = v["cache"]
+        np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-5)
+
+
+def test_padding_mask_hides_padded_keys(params):
+    """A left-padded row with shifted positions gives the logits of the unpadded row."""
+    model = GPT(CFG)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 10), 0, CFG.vocab_size)
+    alone = model.apply({"params": params}, tokens)
+    padded = jnp.concatenate([jnp.full((1, 5), 7, jnp.int32), tokens], axis=1)
+    mask = jnp.arange(15)[None] >= 5
+    positions = jnp.maximum(jnp.arange(15)[None] - 5, 0)
+    out = model.apply({"params": params}, padded, positions, mask)
+    np.testing.assert_allclose(out[:, 5:], alone, atol=1e-5)
+
+
+def test_parameter_names_shapes_and_count(params):
+    assert set(params) == {"wte", "wpe", "h_0", "h_1", "ln_f"}
+    assert params["h_0"]["attn"]["c_attn"]["kernel"].shape == (32, 3, 4, 8)
+    assert params["h_0"]["attn"]["c_proj"]["kernel"].shape == (4, 8, 32)
+    assert params["h_1"]["mlp"]["c_fc"]["kernel"].shape == (32, 128)
+    assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == CFG.num_params()
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+
+
+def test_every_parameter_has_logical_axis_names():
+    boxed = GPT(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: hasattr(x, "names"))
+    assert leaves and all(hasattr(x, "names") and len(x.names) == x.value.ndim for x in leaves)
+
+
+def test_bf16_compute_keeps_fp32_params_and_close_logits(params):
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 16), 0, CFG.vocab_size)
+    fp32 = GPT(CFG).apply({"params": params}, tokens)
+    bf16 = GPT(GPTConfig(**{**CFG.__dict__, "dtype": "bfloat16"})).apply({"params": params}, tokens)
+    assert bf16.dtype == jnp.float32
+    assert np.abs(np.asarray(fp32 - bf16)).max() < 0.1
+
+
+def test_remat_gives_the_same_gradients(params):
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, CFG.vocab_size)
+    loss = lambda m: lambda p: m.apply({"params": p}, tokens).mean()
+    g1 = jax.grad(loss(GPT(CFG)))(params)
+    g2 = jax.grad(loss(GPT(GPTConfig(**{**CFG.__dict__, "remat": True}))))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(n_head=5, n_embd=32), "must divide model.n_embd"),
+        (dict(n_layer=0), "n_layer must be a positive integer"),
+        (dict(dtype="float64"), "model.dtype must be one of"),
+        (dict(dropout=1.5), "dropout must be in"),
+    ],
+)
+def test_bad_shapes_are_user_errors(fields, message):
+    with pytest.raises(UserError, match=message):
+        GPTConfig(**{**dict(vocab_size=10, n_layer=1, n_head=4, n_embd=32, block_size=8), **fields})
