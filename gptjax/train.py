@@ -356,9 +356,17 @@ def _check_same_shape(config: config_lib.ConfigDict, workdir: str) -> None:
 
 
 def run(
-    config: config_lib.ConfigDict, workdir: str, dry_run: bool = False, devices: list[jax.Device] | None = None
+    config: config_lib.ConfigDict,
+    workdir: str,
+    dry_run: bool = False,
+    devices: list[jax.Device] | None = None,
+    stop_at: int | None = None,
 ) -> dict[str, float]:
-    """Train (or resume) the run in `workdir` on `devices` (default: all); return the final metrics."""
+    """Train (or resume) the run in `workdir` on `devices` (default: all); return the final metrics.
+
+    `stop_at` ends this invocation early at that step with a checkpoint, as a preemption
+    would; running again continues the same run.
+    """
     hf = None
     if config.init_from:
         hf = _import_pretrained(config)
@@ -470,7 +478,7 @@ def run(
             if done % t.checkpoint_every == 0 or done == t.steps:
                 save(done, state)
                 last_saved = done
-            if stop.requested:
+            if stop.requested or done == stop_at:
                 break
     bar.close()
     done = int(state.step)
@@ -478,7 +486,7 @@ def run(
         save(done, state)
     checkpointer.close()
     writer.close()
-    if stop.requested and done < t.steps:
+    if done < t.steps:
         _log(f"stopped at step {done}; checkpoint saved. Run the same command again to resume.")
     final["step"] = done
     return final
