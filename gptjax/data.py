@@ -500,7 +500,7 @@ class Dataset:
         self.tokenizer = tokenizer
         self.sources = sources
         self.weights = np.asarray(weights, np.float64) / np.sum(weights)
-        self._train, self._val = train, val
+        self.train, self.val = train, val
         self._train_sizes = np.array([len(s.tokens) for s in train], np.int64)
 
     @property
@@ -509,7 +509,7 @@ class Dataset:
 
     @property
     def val_tokens(self) -> int:
-        return sum(len(s.tokens) for s in self._val)
+        return sum(len(s.tokens) for s in self.val)
 
     def check(self, seq_len: int) -> None:
         """Raise UserError unless every training stream and the validation text hold a seq_len+1 window."""
@@ -519,7 +519,7 @@ class Dataset:
             if n < seq_len + 1:
                 raise UserError(f"{name}: the training text has {n} tokens, fewer than one window of seq_len+1="
                                 f"{seq_len + 1}; give more text or use a shorter seq_len")
-        if max(len(s.tokens) for s in self._val) < seq_len + 1:
+        if max(len(s.tokens) for s in self.val) < seq_len + 1:
             raise UserError(f"the validation text has {self.val_tokens} tokens, fewer than one window of seq_len+1="
                             f"{seq_len + 1}; raise data.val_fraction, give more text or use a shorter seq_len")
 
@@ -536,14 +536,14 @@ class Dataset:
             raise UserError(f"seed and step must be >= 0, got seed={seed}, step={step}")
         rng = np.random.default_rng([seed, step])
         # Draw for all rows of the global batch, then keep this host's: hosts agree on the batch.
-        src = rng.choice(len(self._train), size=batch_size, p=self.weights) if len(self._train) > 1 else np.zeros(batch_size, np.int64)
+        src = rng.choice(len(self.train), size=batch_size, p=self.weights) if len(self.train) > 1 else np.zeros(batch_size, np.int64)
         starts = rng.integers(0, self._train_sizes[src] - seq_len)
         src, starts = src[lo:hi], starts[lo:hi]
         tokens = np.empty((hi - lo, seq_len + 1), np.int32)
         mask = np.ones((hi - lo, seq_len + 1), np.uint8)
         for i in np.unique(src):
             rows = src == i
-            tokens[rows], m = _gather(self._train[i], starts[rows], seq_len + 1)
+            tokens[rows], m = _gather(self.train[i], starts[rows], seq_len + 1)
             if m is not None:
                 mask[rows] = m
         return _batch(tokens, mask)
@@ -559,7 +559,7 @@ class Dataset:
         self.check(seq_len)
         total = max(0, int(max_batches)) * batch_size
         rows: list[tuple[int, int]] = []  # (source, start)
-        for i, (stream, w) in enumerate(zip(self._val, self.weights)):
+        for i, (stream, w) in enumerate(zip(self.val, self.weights)):
             n = min((len(stream.tokens) - 1) // seq_len, math.ceil(w * total))
             rows += [(i, k * seq_len) for k in range(n)]
         rows = rows[:total]
@@ -573,7 +573,7 @@ class Dataset:
             starts = np.array([t for _, t in chunk], np.int64)
             for i in np.unique(src[src >= 0]):
                 sel = src == i
-                tokens[sel], m = _gather(self._val[i], starts[sel], seq_len + 1)
+                tokens[sel], m = _gather(self.val[i], starts[sel], seq_len + 1)
                 mask[sel] = 1 if m is None else m
             batches.append(_batch(tokens, mask))
         return batches

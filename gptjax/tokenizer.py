@@ -9,6 +9,7 @@ Hugging Face `GPT2TokenizerFast` directory, so `transformers.AutoTokenizer` can 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -31,6 +32,8 @@ _SPM_SPACE = "\u2581"
 _MAX_SENTENCE_BYTES = 16384
 _MAX_SENTENCE_CHARS = _MAX_SENTENCE_BYTES // 4
 SPM_MODEL_TYPES = ("bpe", "unigram")
+_RESERVED_PIECES = 256 + 2  # byte-fallback pieces, unk and EOT
+_COVERAGE = 0.9995  # share of the training text whose characters get pieces of their own
 
 
 class Tokenizer(Protocol):
@@ -147,6 +150,25 @@ def _training_sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
                     return
 
 
+def _drop_rare_characters(sentences: list[str], vocab_size: int) -> list[str]:
+    """Cut training lines at all but the most frequent characters (those covering 99.95% of the
+    text, and at most half of the learned pieces). The rest encode as bytes; this also lets
+    small vocabularies train on text with many distinct characters."""
+    counts: collections.Counter[str] = collections.Counter()
+    for s in sentences:
+        counts.update(s)
+    ranked = counts.most_common()
+    room, wanted = max(1, (vocab_size - _RESERVED_PIECES) // 2), _COVERAGE * sum(counts.values())
+    keep = covered = 0
+    while keep < min(room, len(ranked)) and covered < wanted:
+        covered += ranked[keep][1]
+        keep += 1
+    rare = {ord(ch): "\n" for ch, _ in ranked[keep:]}  # '\n' cannot occur: these are lines
+    if not rare:
+        return sentences
+    return [piece for s in sentences for piece in s.translate(rare).split("\n") if piece]
+
+
 def train_sentencepiece(
     texts: Iterable[str],
     directory: str,
@@ -162,7 +184,7 @@ def train_sentencepiece(
     """
     if model_type not in SPM_MODEL_TYPES:
         raise UserError(f"tokenizer.model_type must be one of {list(SPM_MODEL_TYPES)}, got {model_type!r}")
-    min_vocab = 256 + 2 + 1  # byte pieces, unk, EOT, and at least one learned piece
+    min_vocab = _RESERVED_PIECES + 1
     if int(vocab_size) < min_vocab:
         raise UserError(f"tokenizer.vocab_size must be at least {min_vocab} (256 byte pieces + unk + EOT + 1), got {vocab_size}")
     if int(max_chars) < 1:
@@ -170,12 +192,13 @@ def train_sentencepiece(
     sentences = [s for s in _training_sentences(texts, int(max_chars)) if s]
     if not sentences:
         raise UserError("cannot train a tokenizer: the training documents contain no text")
+    sentences = _drop_rare_characters(sentences, int(vocab_size))
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=model,
             vocab_size=int(vocab_size), model_type=model_type,
-            byte_fallback=True, character_coverage=0.9995,
+            byte_fallback=True, character_coverage=1.0,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             split_digits=True, allow_whitespace_only_pieces=True,
             max_sentence_length=_MAX_SENTENCE_BYTES, input_sentence_size=0,
