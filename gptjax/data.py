@@ -342,6 +342,10 @@ def _move_tail(src: _SplitWriter, dst: _SplitWriter, start: int) -> None:
     if src.mask_path and dst.mask_path:
         pairs.append((src.mask_path, dst.mask_path, np.dtype(np.uint8)))
     for a, b, dtype in pairs:
+        if start == 0 and dst.count == 0:  # everything: swap the files instead of copying
+            os.replace(a, b)
+            open(a, "wb").close()
+            continue
         tail = np.fromfile(a, dtype=dtype, offset=start * dtype.itemsize)
         os.truncate(a, start * dtype.itemsize)
         with open(b, "ab") as f:
@@ -360,6 +364,8 @@ def _rebalance(writers: dict[str, _SplitWriter], val_fraction: float, name: str)
     if train.docs + val.docs == 1:  # one document: its tail is the validation text
         if val.docs:
             _move_tail(val, train, 0)
+        if train.count < 2:
+            raise UserError(f"data.source {name!r} is too short to split into training and validation text")
         _move_tail(train, val, train.count - max(1, int(train.count * val_fraction)))
         train.docs = val.docs = 1
         return

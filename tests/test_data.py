@@ -114,6 +114,14 @@ def test_long_text_file_is_read_in_pieces_and_round_trips(tmp_path, tok, monkeyp
     assert 0.15 < ds.val_tokens / (ds.train_tokens + ds.val_tokens) < 0.25
 
 
+def test_a_single_document_hashed_to_validation_is_split_too(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(data, "_is_val", lambda key, fraction: True)
+    text = _write_txt(tmp_path / "one", 1, n_words=2000)[0]
+    ds = data.prepare(_config(f"files:{tmp_path}/one/*.txt"), str(tmp_path / "run"), tokenizer=tok)
+    assert _all_text(tok, ds) == text + tk.EOT
+    assert 0.15 < ds.val_tokens / (ds.train_tokens + ds.val_tokens) < 0.25
+
+
 def test_every_split_gets_a_document(tmp_path, tok):
     _write_txt(tmp_path / "txt", 3)
     for fraction in (0.01, 0.99):
