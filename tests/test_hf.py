@@ -21,11 +21,10 @@ transformers = pytest.importorskip("transformers")
 import tokenizers  # noqa: E402
 
 from gptjax import checkpoint as ckpt  # noqa: E402
-from gptjax import config as config_lib  # noqa: E402
 from gptjax import hf  # noqa: E402
 from gptjax.errors import UserError  # noqa: E402
 from gptjax.model import GPT, GPTConfig, init_params  # noqa: E402
-from gptjax.tokenizer import EOT, GPT2BPETokenizer, Tokenizer, train_sentencepiece  # noqa: E402
+from gptjax.tokenizer import EOT, GPT2BPETokenizer, load_tokenizer, train_sentencepiece  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -295,25 +294,20 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys: pytest.Capture
     assert not (tmp_path / "run").exists()
 
 
-def _write_run(workdir: str, fields: dict, params: dict, tok: Tokenizer) -> None:
-    """A gptjax run directory as training leaves it: config.json, tokenizer/, a checkpoint."""
-    config = config_lib.base_config()
-    config.model.update(fields)
-    os.makedirs(workdir)
-    ckpt.save_config(workdir, config_lib.to_json(config))
-    tok.save(os.path.join(workdir, "tokenizer"))
-    checkpointer = ckpt.Checkpointer(workdir, keep=1, async_save=False)
-    checkpointer.save(3, params, {"count": np.zeros((), np.int32)}, {"step": 3})
-    checkpointer.close()
-
-
-def test_cli_export_from_run(hf_dir: str, torch_model: torch.nn.Module, tmp_path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_import_then_export(hf_dir: str, torch_model: torch.nn.Module, tmp_path, capsys: pytest.CaptureFixture) -> None:
     fields, params, tok = hf.load_hf_dir(hf_dir)
     workdir, out = str(tmp_path / "run"), str(tmp_path / "hf_out")
-    _write_run(workdir, fields, params, tok)
-    convert_hf.main(["export", "--workdir", os.path.join(workdir, "checkpoints", "3"), "--out", out])
-    assert capsys.readouterr().out.startswith(f"wrote {out}: ")
+    convert_hf.main(["import", "--hf_dir", hf_dir, "--out", workdir])
+    config, restored = ckpt.load_for_inference(workdir)
+    assert {k: config.model[k] for k in fields} == fields and config.init_from == f"hf:{hf_dir}"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
+    assert load_tokenizer(os.path.join(workdir, "tokenizer")).fingerprint() == tok.fingerprint()
+    convert_hf.main(["export", "--workdir", os.path.join(workdir, "checkpoints", "0"), "--out", out])
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote {out}: ")
     model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     tokens = np.asarray([tok.encode(TEXTS[0])])
     np.testing.assert_array_equal(_torch_logits(model, tokens), _torch_logits(torch_model, tokens))
     assert transformers.AutoTokenizer.from_pretrained(out)(TEXTS[3]).input_ids == tok.encode(TEXTS[3])
+    with pytest.raises(SystemExit) as exc:
+        convert_hf.main(["import", "--hf_dir", hf_dir, "--out", workdir])
+    assert exc.value.code == 2 and "not an empty directory" in capsys.readouterr().err

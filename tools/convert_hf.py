@@ -35,10 +35,31 @@ def _describe(fields: dict, tokenizer: object) -> str:
 
 
 def import_hf(hf_dir: str, out: str) -> None:
-    """Check and load `hf_dir`, then write it as the gptjax run `out`."""
+    """Check and load `hf_dir`, then write it as the gptjax run `out` at step 0.
+
+    The run's config is the base config with the imported model shape (`init_from` records the
+    source); the checkpoint holds the parameters and the matching fresh optimizer state, as a
+    training run with that config would have saved them before its first step.
+    """
+    from gptjax import checkpoint as ckpt
+    from gptjax import config as config_lib
+    from gptjax import optim
+
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"{out} already exists and is not an empty directory; choose a new run directory")
     fields, params, tokenizer = hf.load_hf_dir(hf_dir)
-    print(f"loaded {hf_dir}: {_describe(fields, tokenizer)}")
-    raise UserError("writing a gptjax run is not available yet")
+    config = config_lib.base_config()
+    config.init_from = f"hf:{os.path.abspath(os.path.expanduser(hf_dir))}"
+    config.model.update(fields)
+    opt_state = optim.make_optimizer(config.optim, params, config.train.steps).tx.init(params)
+    os.makedirs(out, exist_ok=True)
+    ckpt.save_config(out, config_lib.to_json(config))
+    tokenizer.save(os.path.join(out, "tokenizer"))
+    checkpointer = ckpt.Checkpointer(out, keep=1, async_save=False)
+    checkpointer.save(0, params, opt_state, {"step": 0, "seed": config.seed, "batches_drawn": 0})
+    checkpointer.close()
+    print(f"wrote {out}: {_describe(fields, tokenizer)}")
 
 
 def export_hf(workdir: str, out: str) -> None:
