@@ -439,8 +439,8 @@ def _read_valid_meta(directory: str, key: dict) -> dict | None:
     return meta
 
 
-def token_streams(source: _Source, tokenizer: Tokenizer, cache_root: str, val_fraction: float) -> tuple[TokenStream, TokenStream, dict]:
-    """(train, val, meta) of a source, from its cache when that is complete and current, else built."""
+def _token_streams(source: _Source, tokenizer: Tokenizer, cache_root: str, val_fraction: float) -> list[TokenStream]:
+    """[train, val] streams of a source, from its cache when that is complete and current, else built."""
     key = json.loads(json.dumps({"format": _FORMAT, "source": source.identity, "tokenizer": tokenizer.fingerprint(),
                                  "val_fraction": float(val_fraction)}, sort_keys=True))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -469,9 +469,8 @@ def token_streams(source: _Source, tokenizer: Tokenizer, cache_root: str, val_fr
         log.info("%s: %d train / %d val tokens written to %s", source.spec.name, meta["train"]["tokens"],
                  meta["val"]["tokens"], directory)
     dtype = np.dtype(meta["dtype"])
-    streams = [TokenStream(np.memmap(tokens, dtype=dtype, mode="r"), np.memmap(mask, dtype=np.uint8, mode="r") if mask else None)
-               for tokens, mask in _stream_files(directory, meta).values()]
-    return streams[0], streams[1], meta
+    return [TokenStream(np.memmap(tokens, dtype=dtype, mode="r"), np.memmap(mask, dtype=np.uint8, mode="r") if mask else None)
+            for tokens, mask in _stream_files(directory, meta).values()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,6 +649,6 @@ def prepare(config: Any, workdir: str, *, tokenizer: Tokenizer | None = None) ->
     elif not os.path.isdir(os.path.join(workdir, "tokenizer")):
         tokenizer.save(os.path.join(workdir, "tokenizer"))
     cache_root = os.path.expanduser(cfg.cache_dir) or os.path.join(workdir, "data")
-    streams = [token_streams(s, tokenizer, cache_root, cfg.val_fraction) for s in sources]
+    streams = [_token_streams(s, tokenizer, cache_root, cfg.val_fraction) for s in sources]
     return Dataset(tokenizer, [s.name for s in specs], [s.weight for s in specs],
-                   [t for t, _, _ in streams], [v for _, v, _ in streams])
+                   [t for t, _ in streams], [v for _, v in streams])

@@ -17,6 +17,7 @@ import os
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 import tokenizers
 
 from gptjax.errors import UserError
@@ -50,7 +51,7 @@ class Tokenizer(Protocol):
         """`encode` for many texts at once, on all cores."""
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; the end-of-text id reads as '<|endoftext|>'."""
+        """Text of `ids`; the end-of-text id reads as '<|endoftext|>', ids past the vocabulary as nothing."""
 
     def save(self, directory: str) -> None:
         """Write the tokenizer's files and tokenizer_meta.json into `directory`."""
@@ -80,6 +81,8 @@ class SentencePieceTokenizer:
         if self._sp.unk_id() in self._space_ids:
             raise UserError("SentencePiece model lacks byte-fallback pieces; train it with train_sentencepiece")
         self._threads = os.cpu_count() or 1
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
+        self.model_type: str = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
 
     def encode(self, text: str) -> list[int]:
         if _SPM_SPACE not in text:
@@ -101,7 +104,8 @@ class SentencePieceTokenizer:
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(i) for i in ids]
+        """Text of `ids`; ids past the vocabulary (a model's padded vocabulary) read as nothing."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         pieces, start = [], 0
         for i, t in enumerate(ids):
             if t == self.eot_id:
@@ -114,24 +118,8 @@ class SentencePieceTokenizer:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, SPM_FILE), "wb") as f:
             f.write(self._proto)
-        trainer = self._trainer_spec()
-        _write_meta(directory, {
-            "kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
-            "model_type": trainer.get("model_type", ""), "model_file": SPM_FILE,
-            "fingerprint": self.fingerprint(),
-        })
-
-    def _trainer_spec(self) -> dict:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
-        m = pb.ModelProto()
-        m.ParseFromString(self._proto)
-        return {"model_type": pb.TrainerSpec.ModelType.Name(m.trainer_spec.model_type).lower()}
-
-    @property
-    def model_type(self) -> str:
-        """'bpe' or 'unigram': how the model was trained."""
-        return self._trainer_spec()["model_type"]
+        _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+                                "model_type": self.model_type, "model_file": SPM_FILE, "fingerprint": self.fingerprint()})
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._proto).hexdigest()[:16]

@@ -67,6 +67,13 @@ def test_sentencepiece_eot_is_never_produced_from_text(spm_tok):
     assert spm_tok.decode(spm_tok.encode("x") + [spm_tok.eot_id] + spm_tok.encode("y")) == "x<|endoftext|>y"
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing(spm_tok, tmp_path):
+    _byte_level_bpe(str(tmp_path))
+    for tok in (spm_tok, tk.GPT2BPETokenizer.from_files(str(tmp_path))):
+        ids = tok.encode("hello")
+        assert tok.decode(ids + [tok.vocab_size + 5] + ids) == "hellohello"
+
+
 def test_sentencepiece_is_concatenative_and_learns_code_pieces(spm_tok):
     a, b = "def f(x):\n", "    return x\n"
     assert spm_tok.encode(a) + spm_tok.encode(b) == spm_tok.encode(a + b)
