@@ -106,7 +106,10 @@ def read_hf_config(directory: str) -> dict[str, Any]:
         "block_size": integer("n_positions"),
         "ln_eps": float(eps),
     }
-    GPTConfig(**fields)  # n_head must divide n_embd, etc.
+    try:
+        GPTConfig(**fields)  # n_head must divide n_embd, etc.
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     return fields
 
 
@@ -269,7 +272,6 @@ def hf_config(fields: Mapping[str, Any], eot_id: int) -> dict[str, Any]:
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size,
-        "n_ctx": cfg.block_size,
         "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,

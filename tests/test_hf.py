@@ -146,9 +146,22 @@ def _official_layout(src: str, dst: str) -> str:
     return dst
 
 
-@pytest.mark.parametrize("layout", ["save_pretrained", "official"])
+def _sharded_layout(src: str, dst: str) -> str:
+    """Weights split over two files listed in model.safetensors.index.json, as large models are saved."""
+    _copy(src, dst, skip=("model.safetensors",))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    weight_map = {name: f"model-0000{i % 2 + 1}-of-00002.safetensors" for i, name in enumerate(sorted(tensors))}
+    for shard in set(weight_map.values()):
+        save_file({k: tensors[k] for k, v in weight_map.items() if v == shard}, os.path.join(dst, shard), metadata={"format": "pt"})
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "official", "sharded"])
 def test_import_logits_match_transformers(hf_dir: str, torch_model: torch.nn.Module, tmp_path, layout: str) -> None:
-    d = hf_dir if layout == "save_pretrained" else _official_layout(hf_dir, str(tmp_path / "official"))
+    make = {"save_pretrained": lambda src, _dst: src, "official": _official_layout, "sharded": _sharded_layout}[layout]
+    d = make(hf_dir, str(tmp_path / layout))
     fields, params, tok = hf.load_hf_dir(d)
     assert fields == {"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 4, "n_embd": 64,
                       "n_mlp": 0, "block_size": 128, "ln_eps": 1e-5}
@@ -267,6 +280,10 @@ def test_bad_directories(hf_dir: str, tmp_path) -> None:
     d = case("relu")
     _edit_config(d, activation_function="relu")
     with pytest.raises(UserError, match="activation_function 'relu' is not supported"):
+        hf.load_hf_dir(d)
+    d = case("heads")
+    _edit_config(d, n_head=5)
+    with pytest.raises(UserError, match="n_head=5 must divide"):
         hf.load_hf_dir(d)
     d = case("neo")
     _edit_config(d, model_type="gpt_neo")
