@@ -9,13 +9,13 @@ Hugging Face `GPT2TokenizerFast` directory, so `transformers.AutoTokenizer` can 
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import io
 import json
 import os
 from typing import Iterable, Iterator, Protocol, Sequence
 
+import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 import tokenizers
@@ -142,16 +142,13 @@ def _drop_rare_characters(sentences: list[str], vocab_size: int) -> list[str]:
     """Cut training lines at all but the most frequent characters (those covering 99.95% of the
     text, and at most half of the learned pieces). The rest encode as bytes; this also lets
     small vocabularies train on text with many distinct characters."""
-    counts: collections.Counter[str] = collections.Counter()
-    for s in sentences:
-        counts.update(s)
-    ranked = counts.most_common()
-    room, wanted = max(1, (vocab_size - _RESERVED_PIECES) // 2), _COVERAGE * sum(counts.values())
-    keep = covered = 0
-    while keep < min(room, len(ranked)) and covered < wanted:
-        covered += ranked[keep][1]
-        keep += 1
-    rare = {ord(ch): "\n" for ch, _ in ranked[keep:]}  # '\n' cannot occur: these are lines
+    counts = np.bincount(np.frombuffer("".join(sentences).encode("utf-32-le", "surrogatepass"), np.uint32))
+    present = np.flatnonzero(counts)
+    ranked = present[np.argsort(-counts[present], kind="stable")]  # code points, most frequent first
+    covered = np.cumsum(counts[ranked]) / counts.sum()
+    room = max(1, (vocab_size - _RESERVED_PIECES) // 2)
+    keep = min(room, int(np.searchsorted(covered, _COVERAGE)) + 1)
+    rare = dict.fromkeys(ranked[keep:].tolist(), "\n")  # '\n' cannot occur: these are lines
     if not rare:
         return sentences
     return [piece for s in sentences for piece in s.translate(rare).split("\n") if piece]
