@@ -293,6 +293,14 @@ def hf_config(fields: Mapping[str, Any], eot_id: int) -> dict[str, Any]:
     }
 
 
+def require_new_dir(directory: str) -> str:
+    """The absolute path of `directory`, which must not exist or be empty (no stale files mix in)."""
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise UserError(f"{directory} already exists and is not an empty directory; choose a new output directory")
+    return directory
+
+
 def export_hf_dir(model_fields: Mapping[str, Any], params: Mapping[str, Any], tokenizer: Tokenizer, directory: str) -> None:
     """Write a Hugging Face GPT-2 directory that `GPT2LMHeadModel.from_pretrained` loads.
 
@@ -305,9 +313,7 @@ def export_hf_dir(model_fields: Mapping[str, Any], params: Mapping[str, Any], to
     """
     from safetensors.numpy import save_file
 
-    directory = os.path.abspath(os.path.expanduser(directory))
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-        raise UserError(f"{directory} already exists and is not an empty directory; choose a new output directory")
+    directory = require_new_dir(directory)
     fields = dict(model_fields)
     if tokenizer.vocab_size > int(fields["vocab_size"]):
         raise UserError(

@@ -21,16 +21,17 @@ import argparse
 import os
 
 from gptjax import hf
-from gptjax.errors import UserError, run_cli
+from gptjax.errors import run_cli
 from gptjax.model import GPTConfig
+from gptjax.tokenizer import Tokenizer, load_tokenizer
 
 
-def _describe(fields: dict, tokenizer: object) -> str:
+def _describe(fields: dict, tokenizer: Tokenizer) -> str:
     cfg = GPTConfig(**fields)
     return (
         f"{cfg.num_params() / 1e6:.2f}M params: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, "
         f"context {cfg.block_size}, vocab {cfg.vocab_size} "
-        f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens)"  # type: ignore[attr-defined]
+        f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens)"
     )
 
 
@@ -45,9 +46,7 @@ def import_hf(hf_dir: str, out: str) -> None:
     from gptjax import config as config_lib
     from gptjax import optim
 
-    out = os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise UserError(f"{out} already exists and is not an empty directory; choose a new run directory")
+    out = hf.require_new_dir(out)
     fields, params, tokenizer = hf.load_hf_dir(hf_dir)
     config = config_lib.base_config()
     config.init_from = f"hf:{os.path.abspath(os.path.expanduser(hf_dir))}"
@@ -65,8 +64,8 @@ def import_hf(hf_dir: str, out: str) -> None:
 def export_hf(workdir: str, out: str) -> None:
     """Write the run's latest (or given) checkpoint and tokenizer as a Hugging Face GPT-2 directory."""
     from gptjax.checkpoint import load_for_inference, resolve_run
-    from gptjax.tokenizer import load_tokenizer
 
+    hf.require_new_dir(out)
     run_dir, _ = resolve_run(workdir)
     config, params = load_for_inference(workdir)
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
