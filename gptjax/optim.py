@@ -166,7 +166,8 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[Any], jax.Arr
 def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps: int) -> Optimizer:
     """The optimizer for `params` (arrays, ShapeDtypeStructs or boxed; only paths matter)."""
     cfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_config(optim_cfg)
-    if int(total_steps) < 1:
+    total_steps = int(total_steps)
+    if total_steps < 1:
         raise UserError(f"the number of training steps must be >= 1, got {total_steps}")
     if cfg.warmup_steps > total_steps:
         raise UserError(
@@ -177,7 +178,7 @@ def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps:
     paths = [_path_str(p) for p, _ in flat]
     rows = _param_rows(cfg, paths, [_shape(x) for _, x in flat])
     labels = jax.tree_util.tree_unflatten(treedef, [r.label for r in rows])
-    schedule = make_schedule(cfg, int(total_steps))
+    schedule = make_schedule(cfg, total_steps)
 
     transforms: dict[str, optax.GradientTransformation] = {}
     for r in rows:
@@ -198,7 +199,7 @@ def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps:
             chain.append(optax.masked(optax.set_to_zero(), frozen))
         chain.append(optax.clip_by_global_norm(cfg.grad_clip))
     chain.append(optax.multi_transform(transforms, labels))
-    return Optimizer(optax.chain(*chain), labels, schedule, cfg, int(total_steps), tuple(rows))
+    return Optimizer(optax.chain(*chain), labels, schedule, cfg, total_steps, tuple(rows))
 
 
 def format_param_table(params: Any, optimizer: Optimizer) -> str:
