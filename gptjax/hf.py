@@ -165,7 +165,7 @@ def _weight_files(directory: str) -> list[str]:
 
 
 def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
-    """Tensors by name, `transformer.` prefix stripped, fp32; nothing is unpickled."""
+    """Weights by name, `transformer.` prefix stripped, fp32; mask buffers skipped; nothing unpickled."""
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, np.ndarray] = {}
@@ -174,6 +174,8 @@ def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
             with safe_open(path, framework="np") as f:
                 for key in f.keys():
                     name = key.removeprefix("transformer.")
+                    if _BUFFER.match(name):
+                        continue
                     if name in tensors:
                         raise UserError(f"{path}: tensor {name!r} appears twice (with and without 'transformer.')")
                     tensors[name] = np.asarray(f.get_tensor(key), np.float32)
@@ -190,7 +192,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], fields: Mapping[str, Any], s
     """gptjax parameters from Hugging Face GPT-2 tensors (names without `transformer.`)."""
     cfg = GPTConfig.from_config(fields)
     layout = _layout(cfg)
-    names = {k for k in tensors if not _BUFFER.match(k)}
+    names = {k for k in tensors if not _BUFFER.match(k)}  # the buffers, if a caller kept them
     missing = sorted(set(layout) - names, key=list(layout).index)
     if missing:
         first = missing[0]

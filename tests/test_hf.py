@@ -261,6 +261,11 @@ def test_bad_directories(hf_dir: str, tmp_path) -> None:
     with pytest.raises(UserError, match=r"pytorch_model.bin.*only safetensors.*safe_serialization=True"):
         hf.load_hf_dir(pickled)
 
+    d = case("truncated")
+    with open(os.path.join(d, "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        hf.load_hf_dir(d)
     d = case("shape")
     _edit_config(d, n_positions=64)
     with pytest.raises(UserError, match=r"'wpe.weight' has shape \(128, 64\) but config.json implies \(64, 64\)"):
