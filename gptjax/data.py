@@ -108,7 +108,8 @@ def parse_source(source: str) -> list[SourceSpec]:
             try:
                 weight = float(raw)
             except ValueError:
-                raise UserError(f"data.source: weight {raw!r} in {part!r} is not a number; write SOURCE@WEIGHT, e.g. 'stdlib@2'") from None
+                raise UserError(f"data.source: weight {raw!r} in {part!r} is not a number; "
+                                "write SOURCE@WEIGHT, e.g. 'stdlib@2'") from None
             if not math.isfinite(weight) or weight < 0:
                 raise UserError(f"data.source: weight {raw!r} in {part!r} must be a finite number >= 0")
         kind, _, arg = body.strip().partition(":")
@@ -118,7 +119,8 @@ def parse_source(source: str) -> list[SourceSpec]:
         if kind == "stdlib" and arg:
             raise UserError(f"data.source: 'stdlib' takes no argument, got {part!r}")
         if kind != "stdlib" and not arg:
-            raise UserError(f"data.source: {kind!r} needs an argument, e.g. '{kind}:{'NAME' if kind == 'tfds' else 'data/*.jsonl'}'")
+            example = "NAME" if kind == "tfds" else "data/*.jsonl"
+            raise UserError(f"data.source: {kind!r} needs an argument, e.g. '{kind}:{example}'")
         specs.append(SourceSpec(kind, arg, weight))
     if sum(s.weight for s in specs) <= 0:
         raise UserError(f"data.source {source!r}: all mixture weights are zero; give at least one a weight > 0")
@@ -165,7 +167,8 @@ def _files_digest(paths: list[str]) -> str:
 def _expand_globs(kind: str, arg: str) -> list[str]:
     paths: set[str] = set()
     for pattern in (p.strip() for p in arg.split(",")):
-        found = [os.path.normpath(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+        matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+        found = [os.path.normpath(p) for p in matches if os.path.isfile(p)]
         if not found:
             raise UserError(f"data.source '{kind}:{pattern}' matches no files (relative to {os.getcwd()}); "
                             "give a path or glob of existing files, e.g. 'data/**/*.jsonl'")
@@ -196,7 +199,8 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); a .jsonl file holds one JSON object per line") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                                "a .jsonl file holds one JSON object per line") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
             yield lineno, record
@@ -246,7 +250,8 @@ def _tfds_source(spec: SourceSpec, cfg: DataConfig) -> _Source:
         builder.download_and_prepare(file_format="array_record")
     feature = cfg.tfds_feature
     if feature not in builder.info.features:
-        raise UserError(f"tfds:{spec.arg} has no feature {feature!r}; set data.tfds_feature to one of {sorted(builder.info.features)}")
+        raise UserError(f"tfds:{spec.arg} has no feature {feature!r}; "
+                        f"set data.tfds_feature to one of {sorted(builder.info.features)}")
     splits = [(cfg.tfds_split, "train" if cfg.tfds_val_split else None)]
     if cfg.tfds_val_split:
         splits.append((cfg.tfds_val_split, "val"))
@@ -264,7 +269,8 @@ def _tfds_source(spec: SourceSpec, cfg: DataConfig) -> _Source:
                     if isinstance(text, bytes):
                         text = text.decode("utf-8", errors="replace")
                     elif not isinstance(text, str):
-                        raise UserError(f"tfds:{spec.arg} feature {feature!r} is not text ({type(text).__name__}); set data.tfds_feature")
+                        raise UserError(f"tfds:{spec.arg} feature {feature!r} is not text ({type(text).__name__}); "
+                                        "set data.tfds_feature")
                     if text:
                         yield _Doc(f"{split}:{i}", [(text, True)], forced)
 
@@ -418,8 +424,8 @@ class TokenStream:
 
 
 def _stream_files(directory: str, meta: dict) -> dict[str, tuple[str, str | None]]:
-    return {s: (os.path.join(directory, f"{s}.bin"), os.path.join(directory, f"{s}_mask.bin") if meta["has_mask"] else None)
-            for s in SPLITS}
+    return {s: (os.path.join(directory, f"{s}.bin"),
+                os.path.join(directory, f"{s}_mask.bin") if meta["has_mask"] else None) for s in SPLITS}
 
 
 def _read_valid_meta(directory: str, key: dict) -> dict | None:
@@ -455,7 +461,8 @@ def _token_streams(source: _Source, tokenizer: Tokenizer, cache_root: str, val_f
         try:
             counts = _write_streams(source, tokenizer, tmp, val_fraction)
             meta = {"key": key, "source": source.spec.name, "dtype": token_dtype(tokenizer.vocab_size).name,
-                    "has_mask": source.has_mask, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **counts}
+                    "has_mask": source.has_mask, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+                    **counts}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
             try:
@@ -469,7 +476,8 @@ def _token_streams(source: _Source, tokenizer: Tokenizer, cache_root: str, val_f
         log.info("%s: %d train / %d val tokens written to %s", source.spec.name, meta["train"]["tokens"],
                  meta["val"]["tokens"], directory)
     dtype = np.dtype(meta["dtype"])
-    return [TokenStream(np.memmap(tokens, dtype=dtype, mode="r"), np.memmap(mask, dtype=np.uint8, mode="r") if mask else None)
+    return [TokenStream(np.memmap(tokens, dtype=dtype, mode="r"),
+                        np.memmap(mask, dtype=np.uint8, mode="r") if mask else None)
             for tokens, mask in _stream_files(directory, meta).values()]
 
 
@@ -541,7 +549,10 @@ class Dataset:
             raise UserError(f"seed and step must be >= 0, got seed={seed}, step={step}")
         rng = np.random.default_rng([seed, step])
         # Draw for all rows of the global batch, then keep this host's: hosts agree on the batch.
-        src = rng.choice(len(self.train), size=batch_size, p=self.weights) if len(self.train) > 1 else np.zeros(batch_size, np.int64)
+        if len(self.train) > 1:
+            src = rng.choice(len(self.train), size=batch_size, p=self.weights)
+        else:
+            src = np.zeros(batch_size, np.int64)
         starts = rng.integers(0, self._train_sizes[src] - seq_len)
         src, starts = src[lo:hi], starts[lo:hi]
         tokens = np.empty((hi - lo, seq_len + 1), np.int32)
@@ -617,14 +628,16 @@ def _workdir_tokenizer(config: Any, workdir: str, sources: list[_Source], val_fr
     if os.path.isdir(directory):
         tok = load_tokenizer(directory)
         if tok.kind == "sentencepiece" and (tok.vocab_size, tok.model_type) != (vocab_size, model_type):
-            raise UserError(f"{directory} holds a {tok.model_type} tokenizer of {tok.vocab_size} pieces but the config asks "
-                            f"for {model_type} with {vocab_size}; use a new workdir, or delete that directory to retrain")
+            raise UserError(f"{directory} holds a {tok.model_type} tokenizer of {tok.vocab_size} pieces but the config "
+                            f"asks for {model_type} with {vocab_size}; use a new workdir, or delete that directory "
+                            "to retrain")
         return tok
     os.makedirs(workdir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=workdir)
     try:
         log.info("training a %s SentencePiece tokenizer of %d pieces", model_type, vocab_size)
-        tok = train_sentencepiece(_training_texts(sources, val_fraction, max_chars), tmp, vocab_size, model_type, max_chars)
+        texts = _training_texts(sources, val_fraction, max_chars)
+        tok = train_sentencepiece(texts, tmp, vocab_size, model_type, max_chars)
         try:
             os.rename(tmp, directory)
         except OSError:  # another process saved one first: use that (training is deterministic)

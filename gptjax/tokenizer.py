@@ -119,7 +119,8 @@ class SentencePieceTokenizer:
         with open(os.path.join(directory, SPM_FILE), "wb") as f:
             f.write(self._proto)
         _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
-                                "model_type": self.model_type, "model_file": SPM_FILE, "fingerprint": self.fingerprint()})
+                                "model_type": self.model_type, "model_file": SPM_FILE,
+                                "fingerprint": self.fingerprint()})
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._proto).hexdigest()[:16]
@@ -171,7 +172,8 @@ def train_sentencepiece(
         raise UserError(f"tokenizer.model_type must be one of {list(SPM_MODEL_TYPES)}, got {model_type!r}")
     min_vocab = _RESERVED_PIECES + 1
     if int(vocab_size) < min_vocab:
-        raise UserError(f"tokenizer.vocab_size must be at least {min_vocab} (256 byte pieces + unk + EOT + 1), got {vocab_size}")
+        raise UserError(f"tokenizer.vocab_size must be at least {min_vocab} (256 byte pieces + unk + EOT + 1), "
+                        f"got {vocab_size}")
     if int(max_chars) < 1:
         raise UserError(f"tokenizer.max_chars must be a positive integer, got {max_chars}")
     sentences = [s for s in _training_sentences(texts, int(max_chars)) if s]
@@ -270,7 +272,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
     """Load what `save` wrote; a Hugging Face GPT-2 tokenizer directory also loads."""
     meta_path = os.path.join(directory, META_FILE)
     if not os.path.isfile(meta_path):
-        if os.path.isfile(os.path.join(directory, "tokenizer.json")) or os.path.isfile(os.path.join(directory, "vocab.json")):
+        if any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "vocab.json")):
             return GPT2BPETokenizer.from_files(directory)
         raise UserError(f"{directory} is not a tokenizer directory: expected {META_FILE} (written by gptjax) "
                         "or tokenizer.json / vocab.json + merges.txt (Hugging Face GPT-2)")
