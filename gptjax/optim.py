@@ -208,8 +208,9 @@ def format_param_table(params: Any, optimizer: Optimizer) -> str:
     rows = optimizer.describe()
     if [_path_str(p) for p, _ in flat] != [r.path for r in rows]:
         raise ValueError("format_param_table: params are not the tree the optimizer was built for")
+    n_layer = _n_layer([r.path for r in rows])
     table = [("parameter", "shape", "label", "lr x", "decay", "trainable")]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (_layer(r.path, n_layer), r.path)):  # embeddings, h_0, h_1, ..., ln_f
         table.append(
             (
                 r.path,
@@ -245,8 +246,7 @@ def format_param_table(params: Any, optimizer: Optimizer) -> str:
 def _param_rows(cfg: OptimConfig, paths: list[str], shapes: list[tuple[int, ...]]) -> list[ParamRow]:
     """Decide each parameter's label, multiplier, weight decay and trainability."""
     no_decay = _matches(paths, "no_decay", _split(cfg.no_decay))
-    blocks = {int(m.group(1)) for p in paths if (m := _BLOCK.fullmatch(p.split("/")[0]))}
-    n_layer = max(blocks) + 1 if blocks else 0
+    n_layer = _n_layer(paths)
 
     trainable = [True] * len(paths)
     if cfg.train_only or cfg.train_last_blocks:
@@ -285,6 +285,12 @@ def _param_rows(cfg: OptimConfig, paths: list[str], shapes: list[tuple[int, ...]
             "leave at least one parameter trainable"
         )
     return rows
+
+
+def _n_layer(paths: list[str]) -> int:
+    """The number of blocks: one more than the largest i of a top-level `h_i`."""
+    blocks = [int(m.group(1)) for p in paths if (m := _BLOCK.fullmatch(p.split("/")[0]))]
+    return max(blocks) + 1 if blocks else 0
 
 
 def _layer(path: str, n_layer: int) -> int:
