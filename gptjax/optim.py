@@ -3,7 +3,7 @@
 Every parameter gets a label from its path (`h_3/attn/c_attn/kernel`): either `frozen`, or a
 learning-rate multiplier plus weight decay on/off. Each label is one `optax.adamw` (or
 `optax.adam` where there is no weight decay) over the shared schedule scaled by the
-multiplier, combined with `optax.multi_transform`. Frozen parameters get `optax.set_to_zero()`
+multiplier, combined with `optax.partition` (formerly `multi_transform`). Frozen parameters get `optax.set_to_zero()`
 and no optimizer state at all (their slots in the other labels' states are `MaskedNode`s).
 
 Patterns (`no_decay`, `freeze`, `train_only`, `lr_rules`) are comma-separated. A pattern that
@@ -26,7 +26,7 @@ Learning-rate multipliers (they multiply together):
   - `lr_rules` 'pattern=multiplier,...': every matching rule multiplies the parameter's
     multiplier, so rule order does not matter and rules compose with `layer_decay`.
 
-Gradient clipping (`grad_clip`, by global norm) runs before `multi_transform`; frozen
+Gradient clipping (`grad_clip`, by global norm) runs before `optax.partition`; frozen
 gradients are zeroed first, so the norm is that of the trainable gradients only.
 
 Schedule, for the update with 0-based index s (the optax count / the trainer's step) of T:
@@ -198,7 +198,7 @@ def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps:
             frozen = jax.tree_util.tree_unflatten(treedef, [not r.trainable for r in rows])
             chain.append(optax.masked(optax.set_to_zero(), frozen))
         chain.append(optax.clip_by_global_norm(cfg.grad_clip))
-    chain.append(optax.multi_transform(transforms, labels))
+    chain.append(optax.partition(transforms, labels))
     return Optimizer(optax.chain(*chain), labels, schedule, cfg, total_steps, tuple(rows))
 
 
