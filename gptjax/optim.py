@@ -3,8 +3,9 @@
 Every parameter gets a label from its path (`h_3/attn/c_attn/kernel`): either `frozen`, or a
 learning-rate multiplier plus weight decay on/off. Each label is one `optax.adamw` (or
 `optax.adam` where there is no weight decay) over the shared schedule scaled by the
-multiplier, combined with `optax.partition` (formerly `multi_transform`). Frozen parameters get `optax.set_to_zero()`
-and no optimizer state at all (their slots in the other labels' states are `MaskedNode`s).
+multiplier, combined with `optax.partition` (formerly `multi_transform`). Frozen parameters
+get `optax.set_to_zero()` and no optimizer state at all (their slots in the other labels'
+states are `MaskedNode`s).
 
 Patterns (`no_decay`, `freeze`, `train_only`, `lr_rules`) are comma-separated. A pattern that
 contains one of `. + ( ) | \\ ^ $ { }` is a Python regex, anything else a glob (`*` also
