@@ -122,6 +122,13 @@ def test_a_single_document_hashed_to_validation_is_split_too(tmp_path, tok, monk
     assert 0.15 < ds.val_tokens / (ds.train_tokens + ds.val_tokens) < 0.25
 
 
+def test_long_texts_are_cut_after_newlines(monkeypatch):
+    monkeypatch.setattr(data, "_TEXT_CHUNK_CHARS", 10)
+    text = "0123456789abc\nd\n" + "x" * 35
+    pieces = [p for p, trained in data._pieces(text)]
+    assert "".join(pieces) == text and pieces[0] == "0123456789abc\n" and all(len(p) <= 20 for p in pieces)
+
+
 def test_every_split_gets_a_document(tmp_path, tok):
     _write_txt(tmp_path / "txt", 3)
     for fraction in (0.01, 0.99):
