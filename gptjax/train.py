@@ -163,7 +163,7 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss_sum / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": self.optimizer.schedule(state.step),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
