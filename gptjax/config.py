@@ -59,9 +59,11 @@ def base_config() -> ConfigDict:
             prompt_field="prompt",
             completion_field="completion",
             tfds_split="train",
+            tfds_val_split="",  # '' holds out val_fraction of tfds_split; else this split validates
             tfds_feature="text",
             tfds_data_dir="",
             val_fraction=0.02,
+            cache_dir="",  # tokenized streams; '' means <workdir>/data (a local path)
         )
     )
     c.optim = ConfigDict(

@@ -304,7 +304,7 @@ class _StopRequested:
             signal.signal(sig, old)
 
 
-def validate(config: config_lib.ConfigDict, devices: list[jax.Device] | None = None) -> tuple[GPTConfig | None, Mesh]:
+def validate(config: config_lib.ConfigDict, devices: list[jax.Device] | None = None) -> tuple[GPTConfig, Mesh]:
     """Check what can be checked before anything is read or written."""
     config_lib.check_types(config)
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -325,14 +325,28 @@ def validate(config: config_lib.ConfigDict, devices: list[jax.Device] | None = N
         )
     if micro % jax.process_count():
         raise UserError(f"the micro-batch {micro} must be divisible by the number of hosts {jax.process_count()}")
-    gpt = None
-    if config.model.vocab_size > 0:
-        gpt = GPTConfig.from_config(config.model)
-    else:  # the vocabulary comes from the tokenizer; check the rest now
-        GPTConfig.from_config({**config.model.to_dict(), "vocab_size": 1})
-    if t.seq_len > config.model.block_size:
-        raise UserError(f"train.seq_len={t.seq_len} is longer than model.block_size={config.model.block_size}")
+    if config.model.vocab_size < 0:
+        raise UserError(f"model.vocab_size must be >= 0 (0: the tokenizer's), got {config.model.vocab_size}")
+    gpt = _gpt_config(config)
+    if t.seq_len > gpt.block_size:
+        raise UserError(f"train.seq_len={t.seq_len} is longer than model.block_size={gpt.block_size}")
+    data_lib.DataConfig.from_config(config.data)
+    data_lib.parse_source(config.data.source)
+    # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
+    optim_lib.make_optimizer(config.optim, abstract_params(gpt), t.steps)
     return gpt, mesh
+
+
+def _gpt_config(config: config_lib.ConfigDict, vocab_size: int | None = None) -> GPTConfig:
+    """The model config; until the tokenizer is known, vocab_size 0 stands for tokenizer.vocab_size."""
+    vocab = vocab_size or config.model.vocab_size or config.tokenizer.vocab_size
+    return GPTConfig.from_config({**config.model.to_dict(), "vocab_size": vocab})
+
+
+def abstract_params(gpt: GPTConfig) -> Any:
+    """ShapeDtypeStructs of the parameters (nothing is allocated)."""
+    init = lambda: GPT(gpt).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return nn.meta.unbox(jax.eval_shape(init))
 
 
 def _check_same_shape(config: config_lib.ConfigDict, workdir: str) -> None:
@@ -375,13 +389,8 @@ def run(
     t = config.train
 
     if dry_run:
-        vocab = config.model.vocab_size or config.tokenizer.vocab_size
-        gpt = GPTConfig.from_config({**config.model.to_dict(), "vocab_size": vocab})
-        abstract = nn.meta.unbox(
-            jax.eval_shape(lambda: GPT(gpt).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
-        )
-        optimizer = optim_lib.make_optimizer(config.optim, abstract, t.steps)
-        print(optim_lib.format_param_table(abstract, optimizer))
+        params = abstract_params(gpt)
+        print(optim_lib.format_param_table(params, optim_lib.make_optimizer(config.optim, params, t.steps)))
         return {}
 
     created = not os.path.exists(workdir)
@@ -396,15 +405,13 @@ def run(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary ({dataset.tokenizer.vocab_size}); use 0 to take the tokenizer's"
             )
-        gpt = GPTConfig.from_config(config.model)
+        gpt = _gpt_config(config)
+        dataset.check(t.seq_len)
     except UserError:
         if created:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
-    abstract_params = nn.meta.unbox(
-        jax.eval_shape(lambda: GPT(gpt).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    )
-    optimizer = optim_lib.make_optimizer(config.optim, abstract_params, t.steps)
+    optimizer = optim_lib.make_optimizer(config.optim, abstract_params(gpt), t.steps)
     trainer = Trainer(gpt, optimizer, mesh, config.seed, t.grad_accum)
     if jax.process_index() == 0:
         ckpt.save_config(workdir, config_lib.to_json(config))
