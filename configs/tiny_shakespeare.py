@@ -14,6 +14,7 @@ def get_config():
     c.data.source = "tfds:tiny_shakespeare"
     c.data.tfds_feature = "text"
     c.data.tfds_split = "train"
+    c.data.tfds_val_split = "validation"
     c.tokenizer.vocab_size = 1024
     c.model.update(n_layer=6, n_head=6, n_embd=192, block_size=256, dropout=0.1)
     c.train.update(steps=3000, batch_size=32, seq_len=256, eval_every=250, checkpoint_every=500)

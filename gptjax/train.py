@@ -436,7 +436,9 @@ def run(
     tokens_per_step = t.batch_size * t.seq_len
     flops_per_step = gpt.flops_per_token(t.seq_len) * tokens_per_step
     peak = peak_flops(t.peak_tflops, mesh)
-    eval_data = dataset.eval_batches(t.batch_size // t.grad_accum, t.seq_len, t.eval_batches)
+    eval_data = dataset.eval_batches(
+        t.batch_size // t.grad_accum, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count()
+    )
     writer = MetricsWriter(workdir)
     _log(
         f"model: {gpt.num_params() / 1e6:.2f}M params, {gpt.n_layer} layers, width {gpt.n_embd}; "
