@@ -113,7 +113,7 @@ def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[Con
     manager = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),
         item_names=("params", "opt_state", "data"),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        options=ocp.CheckpointManagerOptions(create=False, save_interval_steps=0),
     )
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
