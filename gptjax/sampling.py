@@ -214,7 +214,7 @@ def filter_logits(
     check_controls(logits.shape[-1], max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0:
         raise UserError("filter_logits needs temperature > 0 (0 means greedy: no distribution)")
-    m = candidates or _candidates(logits.shape[-1], top_k)
+    m = min(candidates or _candidates(logits.shape[-1], top_k), logits.shape[-1])
     if top_k > m:
         raise UserError(f"candidates={m} must be >= top_k={top_k}")
     batch = logits.shape[:-1]
@@ -341,8 +341,30 @@ def _start(params, tokens, mask, row_keys, temperature, top_k, tail, stops, *, s
     )
 
 
+def _output_head(wte_t: jax.Array) -> Callable[..., Any]:
+    """A method interceptor that computes `wte.attend` from a stored transpose of the embedding.
+
+    Same parameters and arithmetic; only the memory layout differs. Without it XLA on the CPU
+    transposes the whole [vocab, embed] table inside every decode step (a copy as large as
+    a third of GPT-2 124M's weights) instead of reading it once.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "attend" and isinstance(context.module, nn.Embed):
+            dtype = context.module.dtype or jnp.float32
+            return jnp.dot(args[0].astype(dtype), wte_t.astype(dtype))
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+@jax.jit
+def _transpose(x: jax.Array) -> jax.Array:
+    return jnp.transpose(x)
+
+
 @functools.partial(jax.jit, static_argnames=("s",), donate_argnames=("state",))
-def _advance(params, state, limit, row_keys, temperature, top_k, tail, stops, *, s: _Static):
+def _advance(params, wte_t, state, limit, row_keys, temperature, top_k, tail, stops, *, s: _Static):
     """Decode until `limit` new tokens exist or every row has stopped."""
     model = GPT(s.cfg)
 
@@ -350,14 +372,15 @@ def _advance(params, state, limit, row_keys, temperature, top_k, tail, stops, *,
         return (st["t"] < limit) & ~jnp.all(st["done"])
 
     def body(st):
-        logits, variables = model.apply(
-            {"params": params, "cache": st["cache"]},
-            st["token"][:, None],
-            st["position"][:, None],
-            None,
-            decode=True,
-            mutable=["cache"],
-        )
+        with nn.intercept_methods(_output_head(wte_t)):
+            logits, variables = model.apply(
+                {"params": params, "cache": st["cache"]},
+                st["token"][:, None],
+                st["position"][:, None],
+                None,
+                decode=True,
+                mutable=["cache"],
+            )
         new = _controls_choose(s, logits[:, 0], row_keys, st["t"], temperature, top_k, tail)
         new = jnp.where(st["done"], 0, new)
         out = jax.lax.dynamic_update_slice(st["out"], new[:, None], (0, st["t"]))
@@ -421,6 +444,14 @@ class Decoder:
     def __init__(self, cfg: GPTConfig, params: Any):
         self.cfg = cfg
         self.params = params
+        self._wte_t: jax.Array | None = None
+
+    @property
+    def wte_t(self) -> jax.Array:
+        """The output head's layout of the token embedding, made once (see `_output_head`)."""
+        if self._wte_t is None:
+            self._wte_t = _transpose(self.params["wte"]["embedding"])
+        return self._wte_t
 
     def stream(
         self,
@@ -513,7 +544,7 @@ class Decoder:
             if finished:
                 return
             limit = min(max_new_tokens, t_now + chunk) if chunk else max_new_tokens
-            state = _advance(self.params, state, jnp.int32(limit), row_keys, *controls, s=s)
+            state = _advance(self.params, self.wte_t, state, jnp.int32(limit), row_keys, *controls, s=s)
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], **controls: Any) -> Generation:
         """New tokens for each prompt (a list of token ids); see `stream` for the controls."""
