@@ -520,6 +520,16 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled steps on disk so a resumed or repeated run skips most compilation.
+
+    JAX_COMPILATION_CACHE_DIR chooses the place (empty: off); the default is ~/.cache/gptjax/xla.
+    """
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/gptjax/xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -532,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
 
     def body() -> None:
+        enable_compilation_cache()
         sharding.maybe_initialize_distributed()
         config = config_lib.load_config(args.config)
         config_lib.apply_overrides(config, config_lib.parse_overrides(rest))
