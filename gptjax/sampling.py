@@ -438,6 +438,13 @@ def _lengths(prompt_len: int, max_new: int, block_size: int) -> tuple[int, int]:
     return p, n
 
 
+@functools.partial(jax.jit, static_argnames=("n",))
+def _row_keys(seed: jax.Array, n: int) -> jax.Array:
+    """Row i's key: fold_in(PRNGKey(seed), i)."""
+    base = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
+
+
 class Decoder:
     """A GPT's config and parameters, with the compiled prefill and decode programs."""
 
@@ -486,10 +493,7 @@ class Decoder:
         for i, p in enumerate(prompts):
             tokens[i, p_len - len(p):] = p
             mask[i, p_len - len(p):] = True
-        if row_keys is None:
-            base = jax.random.PRNGKey(seed)
-            row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))
-        row_keys = jnp.asarray(row_keys)
+        row_keys = _row_keys(np.uint32(seed), b) if row_keys is None else jnp.asarray(row_keys)
         if row_keys.shape[0] != b:
             raise UserError(f"row_keys has {row_keys.shape[0]} keys for {b} prompts")
         stops = np.full((_pow2_at_least(len(stop_list), 4),), -1, np.int32)
@@ -504,13 +508,13 @@ class Decoder:
             m=_candidates(cfg.vocab_size, top_k),
         )
         controls = (
-            jnp.float32(temperature if temperature > 0 else 1.0),
-            jnp.int32(max(top_k, 1)),
-            jnp.float32(1.0 - top_p),
-            jnp.asarray(stops),
+            np.float32(temperature if temperature > 0 else 1.0),
+            np.int32(max(top_k, 1)),
+            np.float32(1.0 - top_p),
+            stops,
         )
         t0 = time.perf_counter()
-        state = _start(self.params, jnp.asarray(tokens), jnp.asarray(mask), row_keys, *controls, s=s, n_out=n_len)
+        state = _start(self.params, tokens, mask, row_keys, *controls, s=s, n_out=n_len)
         state = jax.block_until_ready(state)
         ttft = time.perf_counter() - t0
         emitted = [[] for _ in range(b)]
@@ -544,7 +548,7 @@ class Decoder:
             if finished:
                 return
             limit = min(max_new_tokens, t_now + chunk) if chunk else max_new_tokens
-            state = _advance(self.params, self.wte_t, state, jnp.int32(limit), row_keys, *controls, s=s)
+            state = _advance(self.params, self.wte_t, state, np.int32(limit), row_keys, *controls, s=s)
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], **controls: Any) -> Generation:
         """New tokens for each prompt (a list of token ids); see `stream` for the controls."""
