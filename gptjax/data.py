@@ -227,15 +227,20 @@ def _string_field(record: dict, name: str, setting: str, where: str) -> str:
     return value
 
 
+def _split_key(path: str) -> str:
+    """A file's name without its directory: moving the data does not change the split."""
+    return os.path.basename(path)
+
+
 def _files_docs(paths: list[str], text_field: str) -> Iterator[_Doc]:
     for path in paths:
         if not path.endswith(LINE_DELIMITED):
-            yield from _text_file_docs([path], key=lambda p: p)
+            yield from _text_file_docs([path], key=_split_key)
             continue
         for lineno, record in _jsonl_records(path):
             text = _string_field(record, text_field, "data.text_field", f"{path}:{lineno}")
             if text:
-                yield _Doc(f"{path}:{lineno}", _pieces(text))
+                yield _Doc(f"{_split_key(path)}:{lineno}", _pieces(text))
 
 
 def _pairs_docs(paths: list[str], prompt_field: str, completion_field: str) -> Iterator[_Doc]:
@@ -246,7 +251,7 @@ def _pairs_docs(paths: list[str], prompt_field: str, completion_field: str) -> I
                 if not isinstance(record.get(name), str):
                     raise UserError(f"{where}: pairs record lacks a string {name!r} (fields: {sorted(record)}); "
                                     f"each line needs a prompt and a completion, named by {setting}")
-            yield _Doc(where, [(record[prompt_field], False), (record[completion_field], True)])
+            yield _Doc(f"{_split_key(path)}:{lineno}", [(record[prompt_field], False), (record[completion_field], True)])
 
 
 def _tfds_source(spec: SourceSpec, cfg: DataConfig) -> _Source:
