@@ -281,3 +281,17 @@ def test_bad_finetune_input_is_one_line_exit_2(bad_inputs, overrides, message, t
     assert exc.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not workdir.exists()
+
+
+def test_resumed_fine_tune_continues_from_its_checkpoint_not_the_import(hf_dir: str, news: str, tmp_path) -> None:
+    """A fine-tune stopped and rerun resumes its own checkpoint: the same losses as a straight run."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    extra = ("--config.train.steps=4", "--config.train.batch_size=4", "--config.train.grad_accum=1",
+             "--config.train.checkpoint_every=2")
+    one = jax.devices()[:1]
+    train.run(_recipe(hf_dir, f"files:{news}", *extra), straight, devices=one)
+    assert train.run(_recipe(hf_dir, f"files:{news}", *extra), resumed, devices=one, stop_at=2)["step"] == 2
+    assert train.run(_recipe(hf_dir, f"files:{news}", *extra), resumed, devices=one)["step"] == 4
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_array_equal([a[s] for s in a], [b[s] for s in a])
