@@ -268,12 +268,15 @@ class GPT(nn.Module):
         *,
         deterministic: bool = True,
         decode: bool = False,
+        return_hidden: bool = False,
     ) -> jax.Array:
         """Logits for every position.
 
         positions: [batch, seq] position ids (default 0..seq-1).
         token_mask: [batch, seq], False for padding; padded keys are never attended to.
         decode: use and update the key/value cache (see the module docstring).
+        return_hidden: return the final LayerNorm's output [batch, seq, n_embd] instead of the
+            logits, for a loss that applies the tied head itself (`gptjax.train.head_cross_entropy`).
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -302,6 +305,8 @@ class GPT(nn.Module):
         for i in range(cfg.n_layer):
             x = block(cfg, name=f"h_{i}")(x, token_mask, deterministic, decode)
         x = _layer_norm(cfg, "ln_f")(x)
+        if return_hidden:
+            return x.astype(cfg.compute_dtype)
         logits = wte.attend(x.astype(cfg.compute_dtype))
         return logits.astype(jnp.float32)
 

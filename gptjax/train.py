@@ -55,6 +55,80 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
     return losses.sum(), weights.sum()
 
 
+LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes at once
+
+
+def _seq_chunks(b: int, t: int, vocab: int) -> int:
+    """The fewest sequence chunks (a divisor of t) whose fp32 logits fit LOGITS_CHUNK_BYTES."""
+    for n in range(1, t + 1):
+        if t % n == 0 and b * (t // n) * vocab * 4 <= LOGITS_CHUNK_BYTES:
+            return n
+    return t
+
+
+@jax.custom_vjp
+def head_cross_entropy(
+    hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy` of the tied head's logits `hidden @ embedding.T`, never holding them whole.
+
+    The logits are made a sequence chunk at a time. Under differentiation the forward pass
+    also computes each chunk's gradients with respect to `hidden` and `embedding` while the
+    chunk is at hand (softmax - one-hot, two matmuls: the FLOPs autodiff would spend), so no
+    [batch, seq, vocab] array, nor its gradient or transposed copy, is ever made.
+    """
+    sums, _, _, _ = _head_ce(hidden, embedding, targets, weights, grads=False)
+    return sums
+
+
+def _head_ce(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array, grads: bool) -> Any:
+    b, t, _ = hidden.shape
+    vocab = embedding.shape[0]
+    n = _seq_chunks(b, t, vocab)
+    w = embedding.astype(hidden.dtype)
+
+    def chunk(h: jax.Array, tg: jax.Array, wt: jax.Array) -> Any:
+        logits = jnp.einsum("btc,vc->btv", h, w, preferred_element_type=jnp.float32)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        losses = logz - jnp.take_along_axis(logits, tg[..., None], axis=-1)[..., 0]
+        if not grads:
+            return losses, None, None
+        dlogits = (jnp.exp(logits - logz[..., None]) - jax.nn.one_hot(tg, vocab, dtype=jnp.float32)) * wt[..., None]
+        dlogits = dlogits.astype(hidden.dtype)
+        dh = jnp.einsum("btv,vc->btc", dlogits, w, preferred_element_type=jnp.float32)
+        dw = jnp.einsum("btv,btc->vc", dlogits, h, preferred_element_type=jnp.float32)
+        return losses, dh, dw
+
+    if n == 1:
+        losses, dh, dw = chunk(hidden, targets, weights)
+    else:
+        split = lambda x: jnp.moveaxis(x.reshape(b, n, t // n, *x.shape[2:]), 1, 0)
+        merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, t, *x.shape[3:])
+
+        def body(acc: jax.Array, xs: Any) -> Any:
+            losses, dh, dw = chunk(*xs)
+            return (acc + dw if grads else acc), (losses, dh)
+
+        acc = jnp.zeros(embedding.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
+        dw, (losses, dh) = jax.lax.scan(body, acc, (split(hidden), split(targets), split(weights)))
+        losses, dh = merge(losses), (merge(dh) if grads else None)
+    return ((losses * weights).sum(), weights.sum()), losses, dh, dw
+
+
+def _head_ce_fwd(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array) -> Any:
+    sums, losses, dh, dw = _head_ce(hidden, embedding, targets, weights, grads=True)
+    return sums, (losses, dh.astype(hidden.dtype), dw.astype(embedding.dtype))
+
+
+def _head_ce_bwd(res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
+    losses, dh, dw = res
+    g_loss, g_weight = g
+    return (g_loss * dh).astype(dh.dtype), g_loss * dw, None, g_loss * losses + g_weight
+
+
+head_cross_entropy.defvjp(_head_ce_fwd, _head_ce_bwd)
+
+
 class Trainer:
     """The model, optimizer and mesh of a run, and its jitted, sharded functions."""
 
@@ -127,10 +201,10 @@ class Trainer:
 
     def _loss_sums(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array]:
         deterministic = self.gpt.dropout == 0.0
-        logits = self.model.apply(
-            {"params": params}, batch["inputs"], deterministic=deterministic, rngs={"dropout": rng}
+        hidden = self.model.apply(
+            {"params": params}, batch["inputs"], deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True
         )
-        return cross_entropy(logits, batch["targets"], batch["weights"])
+        return head_cross_entropy(hidden, params["wte"]["embedding"], batch["targets"], batch["weights"])
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step over `grad_accum` micro-batches (batch arrays are [accum, micro, seq]).
