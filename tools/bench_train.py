@@ -159,7 +159,7 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     with trainer._context():
         batch = trainer._to_global(host, trainer.batch_sharding, accum=True)
         t0 = time.perf_counter()
-        compiled = trainer._train_step.lower(state, batch).compile()
+        compiled = trainer._train_step.lower(state, batch).compile(compiler_options=spec.get("xla_options") or None)
         compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     compile_kb = _status_kb("VmHWM") - base_kb
@@ -294,7 +294,14 @@ COLUMNS = (
 
 
 def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace) -> list[dict[str, str]]:
-    spec = dict(shape, steps=args.steps, warmup=args.warmup, matmul_n=args.matmul_n, matmul_repeats=args.matmul_repeats)
+    spec = dict(
+        shape,
+        steps=args.steps,
+        warmup=args.warmup,
+        matmul_n=args.matmul_n,
+        matmul_repeats=args.matmul_repeats,
+        xla_options=dict(_parse_option(o) for o in args.xla_option),
+    )
     jax_runs, torch_runs = [], []
     for _ in range(args.rounds):
         if args.parallel and not args.no_torch:  # smoke tests only: the two disturb each other's timings
@@ -350,6 +357,17 @@ def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace) -> l
     return rows
 
 
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, _, raw = text.partition("=")
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return key.strip(), low == "true"
+    try:
+        return key.strip(), int(raw)
+    except ValueError:
+        return key.strip(), raw.strip()
+
+
 def _count_params(shape: dict[str, int]) -> int:
     c, v, L, P = shape["n_embd"], shape["vocab_size"], shape["n_layer"], shape["block_size"]
     m = shape.get("n_mlp", 0) or 4 * c
@@ -375,6 +393,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternate JAX / torch subprocesses this many times")
     p.add_argument("--matmul_n", type=int, default=4096, help="size of the square fp32 matmul for the FLOP/s peak")
     p.add_argument("--matmul_repeats", type=int, default=5)
+    p.add_argument(
+        "--xla_option",
+        action="append",
+        default=[],
+        help="KEY=VALUE compiler option for the JAX step only (repeatable), e.g. "
+        "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED; the trainer itself does not set it",
+    )
     p.add_argument("--no_torch", action="store_true", help="skip the transformers reference")
     p.add_argument("--quick", action="store_true", help="a tiny shape, 2 steps, both workers at once: a smoke test")
     p.add_argument("--json", default="", help="also write the rows (with raw step times) to this file")
@@ -417,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         f"steps: median of {args.steps} after {args.warmup} warm-up; {os.cpu_count()} CPU threads; fp32. "
         f"MFU peak: {args.matmul_n}^2 fp32 jnp matmul, GFLOP/s per shape: {matmul}. "
         f"peak MB: VmHWM during steps over VmRSS after imports."
+        + (f" JAX compiler options: {args.xla_option}." if args.xla_option else "")
     )
     if args.json:
         with open(args.json, "w") as f:
