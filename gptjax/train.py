@@ -423,14 +423,16 @@ def abstract_params(gpt: GPTConfig) -> Any:
     return nn.meta.unbox(jax.eval_shape(init))
 
 
+def _has_checkpoint(workdir: str) -> bool:
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def _check_same_shape(config: config_lib.ConfigDict, workdir: str) -> None:
     saved = ckpt.read_run_config(workdir)
     if saved is None:
         return
-    has_checkpoint = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-        name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints"))
-    )
-    if not has_checkpoint:
+    if not _has_checkpoint(workdir):
         return
     mine, theirs = ckpt.model_shape(config), ckpt.model_shape(saved)
     if mine["vocab_size"] == 0:
@@ -456,8 +458,8 @@ def run(
     would; running again continues the same run.
     """
     hf = None
-    if config.init_from:
-        hf = _import_pretrained(config)
+    if config.init_from:  # on resume only the shape is read; weights come from the checkpoint
+        hf = _import_pretrained(config, weights=not _has_checkpoint(workdir))
     gpt, mesh = validate(config, devices)
     _check_same_shape(config, workdir)
     t = config.train
@@ -470,7 +472,7 @@ def run(
     created = not os.path.exists(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
-        dataset = data_lib.prepare(config, workdir, tokenizer=hf[2] if hf else None)
+        dataset = data_lib.prepare(config, workdir, tokenizer=hf[2] if hf and hf[1] is not None else None)
         with config.unlocked():
             if config.model.vocab_size == 0:
                 config.model.vocab_size = dataset.tokenizer.vocab_size
@@ -500,7 +502,7 @@ def run(
         )
         state = TrainState(step=jnp.asarray(data_pos["step"], jnp.int32), params=params, opt_state=opt_state)
         _log(f"resumed from {os.path.join(checkpointer.directory, str(start))} at step {start}")
-    elif hf is not None:
+    elif hf is not None and hf[1] is not None:
         state = trainer.state_from_params(hf[1])
         start = 0
     else:
@@ -575,14 +577,20 @@ def run(
     return final
 
 
-def _import_pretrained(config: config_lib.ConfigDict) -> tuple[dict[str, Any], Any, Any]:
-    """Load `init_from=hf:DIR`, set the model shape from it, and return (fields, params, tokenizer)."""
+def _import_pretrained(config: config_lib.ConfigDict, weights: bool = True) -> tuple[dict[str, Any], Any, Any]:
+    """Read `init_from=hf:DIR`, set the model shape from it, and return (fields, params, tokenizer).
+
+    With weights=False only config.json is read (params and tokenizer are None).
+    """
     kind, _, path = config.init_from.partition(":")
     if kind != "hf" or not path:
         raise UserError(f"init_from must be '' or 'hf:/path/to/gpt2-dir', got {config.init_from!r}")
     from gptjax import hf
 
-    fields, params, tokenizer = hf.load_hf_dir(path)
+    if weights:
+        fields, params, tokenizer = hf.load_hf_dir(path)
+    else:
+        fields, params, tokenizer = hf.read_hf_config(os.path.abspath(os.path.expanduser(path))), None, None
     with config.unlocked():
         for k, v in fields.items():
             config.model[k] = v
