@@ -122,8 +122,8 @@ def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
 class Projection(nn.Module):
     """A linear map written as one einsum over a multi-axis kernel, plus a bias.
 
-    The kernel keeps its natural axes (e.g. [embed, 3, heads, head_dim] for the fused
-    query/key/value projection) so each axis can carry its own logical name.
+    The kernel keeps its natural axes (e.g. [heads, head_dim, embed] for the attention's
+    output projection) so each axis can carry its own logical name.
     """
 
     equation: str
@@ -148,6 +148,26 @@ class Projection(nn.Module):
         return y + bias.astype(self.dtype)
 
 
+class QKVProjection(nn.Module):
+    """The fused query/key/value projection: one kernel [embed, 3, heads, head_dim] (GPT-2's
+    `c_attn`) and bias [3, heads, head_dim], applied as three einsums that each write
+    [batch, heads, seq, head_dim] directly (on CPU, measured faster forward and backward than
+    one wide matmul followed by a transpose)."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg = self.cfg
+        h, d = cfg.n_head, cfg.head_dim
+        axes = ("embed", "qkv", "heads", "head_dim")
+        kernel = self.param("kernel", _init(0.02, axes), (cfg.n_embd, 3, h, d), jnp.float32)
+        bias = self.param("bias", _zeros(axes[1:]), (3, h, d), jnp.float32)
+        x = x.astype(cfg.compute_dtype)
+        kernel, bias = kernel.astype(cfg.compute_dtype), bias.astype(cfg.compute_dtype)
+        return tuple(jnp.einsum("btc,chd->bhtd", x, kernel[:, j]) + bias[j][:, None, :] for j in range(3))
+
+
 class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
 
@@ -155,16 +175,9 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
         cfg = self.cfg
         h, d = cfg.n_head, cfg.head_dim
-        qkv = Projection(
-            "btc,cjhd->btjhd",
-            kernel_shape=(cfg.n_embd, 3, h, d),
-            kernel_axes=("embed", "qkv", "heads", "head_dim"),
-            std=0.02,
-            dtype=cfg.compute_dtype,
-            name="c_attn",
-        )(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, seq, heads, head_dim]
-        q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+        # Head-major layout throughout: q, k, v and the cache are [batch, heads, seq, head_dim],
+        # so the attention matmuls batch over leading axes and need no transposed copies.
+        q, k, v = QKVProjection(cfg, name="c_attn")(x)
         t = x.shape[1]
         if decode:
             k, v, mask = self._update_cache(k, v, token_mask)
@@ -172,13 +185,13 @@ class CausalSelfAttention(nn.Module):
             mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
             if token_mask is not None:
                 mask = mask & token_mask[:, None, None, :]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores * (1.0 / math.sqrt(d)), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
         probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        y = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
         y = Projection(
-            "bthd,hdc->btc",
+            "bhtd,hdc->btc",
             kernel_shape=(h, d, cfg.n_embd),
             kernel_axes=("heads", "head_dim", "embed"),
             std=0.02 / math.sqrt(2 * cfg.n_layer),
@@ -198,17 +211,17 @@ class CausalSelfAttention(nn.Module):
         is_initialized = self.has_variable("cache", "cached_key")
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        valid = self.variable("cache", "valid", jnp.zeros, k.shape[:2], jnp.bool_)
+        valid = self.variable("cache", "valid", jnp.zeros, (k.shape[0], k.shape[2]), jnp.bool_)
         index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
         if not is_initialized:  # model.init(decode=True) only shapes the cache
-            mask = jnp.ones((1, 1, k.shape[1], k.shape[1]), bool)
+            mask = jnp.ones((1, 1, k.shape[2], k.shape[2]), bool)
             return k, v, mask
-        b, t = k.shape[:2]
-        length = cached_k.value.shape[1]
+        b, t = k.shape[0], k.shape[2]
+        length = cached_k.value.shape[2]
         i = index.value
         tm = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, 0, i, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, 0, i, 0))
         valid.value = jax.lax.dynamic_update_slice(valid.value, tm, (0, i))
         index.value = i + t
         q_slot = i + jnp.arange(t)[:, None]

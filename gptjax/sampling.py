@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig
+from gptjax.model import GPT, GPTConfig, QKVProjection
 
 _MIN_PROMPT_BUCKET = 8
 _MIN_NEW_BUCKET = 16
@@ -378,8 +378,10 @@ def _decode_matmuls(kernels: dict[str, Any]) -> Callable[..., Any]:
 
     Any module called with one input whose `kernel` parameter is in `kernels` (by path) is
     computed as x[..., in] @ kernel[out, in]^T + bias, which is what a linear layer with the
-    kernel's leading `in` axes contracted computes. A module whose shapes do not fit that is
-    left alone. The output head (`wte.attend`) multiplies by the [vocab, embed] table as
+    kernel's leading `in` axes contracted computes (the query/key/value projection then
+    returns q, k, v as [batch, heads, seq, head_dim]; the attention's output projection
+    contracts heads and head_dim of its [batch, heads, seq, head_dim] input). A module whose
+    shapes do not fit that is left alone. The output head (`wte.attend`) multiplies by the [vocab, embed] table as
     stored, which is already the [out, in] layout.
     """
 
@@ -396,15 +398,28 @@ def _decode_matmuls(kernels: dict[str, Any]) -> Callable[..., Any]:
         own = module.variables.get("params", {})
         kernel, bias = own.get("kernel"), own.get("bias")
         n_in = 2 if key.endswith("attn/c_proj") else 1
-        if kernel is None or x.shape[x.ndim - n_in :] != kernel.shape[:n_in] or math.prod(kernel.shape[:n_in]) != w.shape[1]:
+        if kernel is None or math.prod(kernel.shape[:n_in]) != w.shape[1]:
             return next_fun(*args, **kwargs)
-        dtype = getattr(module, "dtype", None) or jnp.float32
-        lead = x.shape[: x.ndim - n_in]
-        y = jax.lax.dot_general(
-            x.reshape(*lead, w.shape[1]).astype(dtype), w.astype(dtype), (((len(lead),), (1,)), ((), ()))
-        )
-        y = y.reshape(*lead, *kernel.shape[n_in:])
-        return y if bias is None else y + bias.astype(dtype)
+        dtype = getattr(module, "dtype", None) or getattr(getattr(module, "cfg", None), "compute_dtype", jnp.float32)
+        x, w = x.astype(dtype), w.astype(dtype)
+        bias = None if bias is None else bias.astype(dtype)
+        if isinstance(module, QKVProjection):  # x [b, t, c] -> q, k, v [b, h, t, d]
+            if x.shape[-1] != kernel.shape[0]:
+                return next_fun(*args, **kwargs)
+            y = jax.lax.dot_general(x, w, (((2,), (1,)), ((), ()))) + bias.reshape(-1)
+            y = y.reshape(*x.shape[:2], *kernel.shape[1:])
+            return tuple(jnp.swapaxes(y[:, :, j], 1, 2) for j in range(kernel.shape[1]))
+        if n_in == 2:  # the attention's output projection: x [b, h, t, d] -> [b, t, c]
+            h, d = kernel.shape[:2]
+            if x.ndim != 4 or (x.shape[1], x.shape[3]) != (h, d):
+                return next_fun(*args, **kwargs)
+            y = jax.lax.dot_general(x, w.reshape(-1, h, d), (((1, 3), (1, 2)), ((), ())))
+            return y if bias is None else y + bias
+        if x.shape[-1] != kernel.shape[0]:
+            return next_fun(*args, **kwargs)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+        y = y.reshape(*x.shape[:-1], *kernel.shape[1:])
+        return y if bias is None else y + bias
 
     return interceptor
 

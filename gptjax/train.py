@@ -89,14 +89,18 @@ def _head_ce(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weight
 
     def chunk(h: jax.Array, tg: jax.Array, wt: jax.Array) -> Any:
         logits = jnp.einsum("btc,vc->btv", h, w, preferred_element_type=jnp.float32)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        losses = logz - jnp.take_along_axis(logits, tg[..., None], axis=-1)[..., 0]
+        top = logits.max(axis=-1, keepdims=True)
+        e = jnp.exp(logits - top)  # one exp pass serves the loss and its gradient
+        total = e.sum(axis=-1)
+        losses = jnp.log(total) + top[..., 0] - jnp.take_along_axis(logits, tg[..., None], axis=-1)[..., 0]
         if not grads:
             return losses, None, None
-        dlogits = (jnp.exp(logits - logz[..., None]) - jax.nn.one_hot(tg, vocab, dtype=jnp.float32)) * wt[..., None]
-        dlogits = dlogits.astype(hidden.dtype)
+        # d(loss)/d(logits) = softmax - one_hot, made once; both matmuls read it as it lies
+        # (the embedding gradient as [C, V] = h^T @ dlogits, then one small transpose).
+        onehot = tg[..., None] == jnp.arange(vocab, dtype=tg.dtype)
+        dlogits = ((e * (1.0 / total)[..., None] - onehot) * wt[..., None]).astype(hidden.dtype)
         dh = jnp.einsum("btv,vc->btc", dlogits, w, preferred_element_type=jnp.float32)
-        dw = jnp.einsum("btv,btc->vc", dlogits, h, preferred_element_type=jnp.float32)
+        dw = jnp.einsum("btc,btv->cv", h, dlogits, preferred_element_type=jnp.float32).T
         return losses, dh, dw
 
     if n == 1:
