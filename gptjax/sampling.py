@@ -413,7 +413,9 @@ def _decode_matmuls(kernels: dict[str, Any]) -> Callable[..., Any]:
             h, d = kernel.shape[:2]
             if x.ndim != 4 or (x.shape[1], x.shape[3]) != (h, d):
                 return next_fun(*args, **kwargs)
-            y = jax.lax.dot_general(x, w.reshape(-1, h, d), (((1, 3), (1, 2)), ((), ())))
+            # Move the (small) activations, never the weights: [b, t, h * d] @ w[c, h * d]^T.
+            x = jnp.swapaxes(x, 1, 2).reshape(x.shape[0], x.shape[2], h * d)
+            y = jax.lax.dot_general(x, w, (((2,), (1,)), ((), ())))
             return y if bias is None else y + bias
         if x.shape[-1] != kernel.shape[0]:
             return next_fun(*args, **kwargs)
