@@ -84,6 +84,12 @@ def read_run_config(workdir: str) -> ConfigDict | None:
         return from_json(f.read())
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds at least one saved step (read without opening a manager)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def resolve_run(path: str) -> tuple[str, int | None]:
     """(workdir, step) for a run directory or one of its checkpoint step directories."""
     path = os.path.abspath(path)

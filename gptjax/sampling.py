@@ -381,8 +381,8 @@ def _decode_matmuls(kernels: dict[str, Any]) -> Callable[..., Any]:
     kernel's leading `in` axes contracted computes (the query/key/value projection then
     returns q, k, v as [batch, heads, seq, head_dim]; the attention's output projection
     contracts heads and head_dim of its [batch, heads, seq, head_dim] input). A module whose
-    shapes do not fit that is left alone. The output head (`wte.attend`) multiplies by the [vocab, embed] table as
-    stored, which is already the [out, in] layout.
+    shapes do not fit that is left alone. The output head (`wte.attend`) multiplies by the
+    [vocab, embed] table as stored, which is already the [out, in] layout.
     """
 
     def interceptor(next_fun, args, kwargs, context):

@@ -427,16 +427,11 @@ def abstract_params(gpt: GPTConfig) -> Any:
     return nn.meta.unbox(jax.eval_shape(init))
 
 
-def _has_checkpoint(workdir: str) -> bool:
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-
-
 def _check_same_shape(config: config_lib.ConfigDict, workdir: str) -> None:
     saved = ckpt.read_run_config(workdir)
     if saved is None:
         return
-    if not _has_checkpoint(workdir):
+    if not ckpt.has_checkpoint(workdir):
         return
     mine, theirs = ckpt.model_shape(config), ckpt.model_shape(saved)
     if mine["vocab_size"] == 0:
@@ -461,9 +456,10 @@ def run(
     `stop_at` ends this invocation early at that step with a checkpoint, as a preemption
     would; running again continues the same run.
     """
-    hf = None
+    pretrained = None  # (params, tokenizer) of init_from, read only when starting a new run
     if config.init_from:  # on resume only the shape is read; weights come from the checkpoint
-        hf = _import_pretrained(config, weights=not _has_checkpoint(workdir))
+        _, params, tokenizer = _import_pretrained(config, weights=not ckpt.has_checkpoint(workdir))
+        pretrained = (params, tokenizer) if params is not None else None
     gpt, mesh = validate(config, devices)
     _check_same_shape(config, workdir)
     t = config.train
@@ -476,7 +472,7 @@ def run(
     created = not os.path.exists(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
-        dataset = data_lib.prepare(config, workdir, tokenizer=hf[2] if hf and hf[1] is not None else None)
+        dataset = data_lib.prepare(config, workdir, tokenizer=pretrained[1] if pretrained else None)
         with config.unlocked():
             if config.model.vocab_size == 0:
                 config.model.vocab_size = dataset.tokenizer.vocab_size
@@ -506,8 +502,8 @@ def run(
         )
         state = TrainState(step=jnp.asarray(data_pos["step"], jnp.int32), params=params, opt_state=opt_state)
         _log(f"resumed from {os.path.join(checkpointer.directory, str(start))} at step {start}")
-    elif hf is not None and hf[1] is not None:
-        state = trainer.state_from_params(hf[1])
+    elif pretrained is not None:
+        state = trainer.state_from_params(pretrained[0])
         start = 0
     else:
         state = trainer.init_state()
