@@ -98,6 +98,32 @@ def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
     np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], atol=1e-5, rtol=0)
 
 
+def test_bf16_compute_trains_on_cpu_and_tracks_fp32(corpus, tmp_path):
+    """model.dtype=bfloat16 (fp32 params, bf16 matmuls) runs its train step, eval and sampling
+    on XLA's CPU runtime, on 1 and on 8 devices, and stays close to the fp32 run."""
+    fp32, bf16, bf16_mesh = (str(tmp_path / n) for n in ("fp32", "bf16", "bf16_mesh"))
+    train.run(tiny_config(corpus, steps=10), fp32, devices=jax.devices()[:1])
+    for workdir in (bf16, bf16_mesh):
+        os.makedirs(workdir)
+        shutil.copytree(os.path.join(fp32, "tokenizer"), os.path.join(workdir, "tokenizer"))
+    c = tiny_config(corpus, steps=10)
+    c.model.dtype = "bfloat16"
+    final = train.run(c, bf16, devices=jax.devices()[:1])
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    train.run(c, bf16_mesh)
+    a, b, m = read_metrics(fp32), read_metrics(bf16), read_metrics(bf16_mesh)
+    assert sorted(a) == sorted(b) == sorted(m) == list(range(1, 11))
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], atol=0.05, rtol=0)
+    np.testing.assert_allclose([m[s] for s in a], [b[s] for s in a], atol=0.02, rtol=0)
+    assert b[10] < 0.9 * b[1] and np.isfinite(final["val_loss"])
+    from gptjax.sampling import load
+
+    model = load(bf16)
+    assert model.config.model.dtype == "bfloat16"
+    out = model.generate_tokens([[5, 6, 7]], max_new_tokens=4, temperature=0.0)
+    assert len(out[0]) == 4
+
+
 def test_resume_continues_the_same_run(corpus, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train.run(tiny_config(corpus), straight, devices=jax.devices()[:1])

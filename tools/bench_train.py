@@ -130,7 +130,8 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from gptjax.model import GPT, GPTConfig
     from gptjax.train import Trainer
 
-    peak_flops = measure_matmul_peak(spec["matmul_n"], spec["matmul_repeats"])
+    dtype = spec.get("dtype", "float32")
+    peak_flops = measure_matmul_peak(spec["matmul_n"], spec["matmul_repeats"], dtype)
     _trim()
     base_kb = _status_kb("VmRSS")
 
@@ -142,7 +143,8 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
         n_mlp=spec.get("n_mlp", 0),
         block_size=spec["block_size"],
         dropout=0.0,
-        dtype="float32",
+        dtype=dtype,
+        remat=bool(spec.get("remat", False)),
     )
     b, t = spec["batch"], spec["seq"]
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
@@ -189,12 +191,12 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def measure_matmul_peak(n: int, repeats: int) -> float:
-    """FLOP/s of an n x n fp32 jnp matmul (median of `repeats` after a warm-up)."""
+def measure_matmul_peak(n: int, repeats: int, dtype: str = "float32") -> float:
+    """FLOP/s of an n x n jnp matmul in `dtype` (median of `repeats` after a warm-up)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     times = []
@@ -235,8 +237,13 @@ def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
     ids = torch.randint(0, spec["vocab_size"], (b, t), generator=g)
     losses = []
 
+    # bf16: torch's CPU autocast (fp32 weights and optimizer, bf16 matmuls), the same mixed
+    # precision as gptjax's model.dtype="bfloat16".
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.get("dtype") == "bfloat16")
+
     def step() -> None:
-        out = model(input_ids=ids, labels=ids)
+        with autocast:
+            out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -301,6 +308,8 @@ def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace) -> l
         matmul_n=args.matmul_n,
         matmul_repeats=args.matmul_repeats,
         xla_options=dict(_parse_option(o) for o in args.xla_option),
+        dtype=args.dtype,
+        remat=args.remat,
     )
     jax_runs, torch_runs = [], []
     for _ in range(args.rounds):
@@ -400,6 +409,14 @@ def main(argv: list[str] | None = None) -> None:
         help="KEY=VALUE compiler option for the JAX step only (repeatable), e.g. "
         "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED; the trainer itself does not set it",
     )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype of both frameworks (bfloat16: gptjax model.dtype, torch CPU autocast); "
+        "parameters and optimizer state stay fp32; the MFU peak is a matmul in this dtype",
+    )
+    p.add_argument("--remat", action="store_true", help="gptjax: model.remat (recompute each block in backward)")
     p.add_argument("--no_torch", action="store_true", help="skip the transformers reference")
     p.add_argument("--quick", action="store_true", help="a tiny shape, 2 steps, both workers at once: a smoke test")
     p.add_argument("--json", default="", help="also write the rows (with raw step times) to this file")
