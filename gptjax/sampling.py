@@ -381,16 +381,12 @@ def _decode_matmuls(kernels: dict[str, Any]) -> Callable[..., Any]:
     kernel's leading `in` axes contracted computes (the query/key/value projection then
     returns q, k, v as [batch, heads, seq, head_dim]; the attention's output projection
     contracts heads and head_dim of its [batch, heads, seq, head_dim] input). A module whose
-    shapes do not fit that is left alone. The output head (`wte.attend`) multiplies by the
-    [vocab, embed] table as stored, which is already the [out, in] layout.
+    shapes do not fit that is left alone. (The model's output head already multiplies by the
+    [vocab, embed] table as stored, the [out, in] layout.)
     """
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "attend" and isinstance(module, nn.Embed):
-            dtype = module.dtype or jnp.float32
-            table = module.variables["params"]["embedding"].astype(dtype)
-            return jax.lax.dot_general(args[0].astype(dtype), table, (((args[0].ndim - 1,), (1,)), ((), ())))
         key = "/".join(module.path)
         if context.method_name != "__call__" or key not in kernels or len(args) != 1 or kwargs:
             return next_fun(*args, **kwargs)
@@ -400,28 +396,28 @@ def _decode_matmuls(kernels: dict[str, Any]) -> Callable[..., Any]:
         n_in = 2 if key.endswith("attn/c_proj") else 1
         if kernel is None or math.prod(kernel.shape[:n_in]) != w.shape[1]:
             return next_fun(*args, **kwargs)
+        # As in the model: operands in the compute dtype, fp32 accumulation and bias.
         dtype = getattr(module, "dtype", None) or getattr(getattr(module, "cfg", None), "compute_dtype", jnp.float32)
         x, w = x.astype(dtype), w.astype(dtype)
-        bias = None if bias is None else bias.astype(dtype)
+
+        def linear(x: jax.Array) -> jax.Array:  # x[..., in] @ w[out, in]^T + bias
+            y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            return y if bias is None else y + bias.reshape(-1)
+
         if isinstance(module, QKVProjection):  # x [b, t, c] -> q, k, v [b, h, t, d]
             if x.shape[-1] != kernel.shape[0]:
                 return next_fun(*args, **kwargs)
-            y = jax.lax.dot_general(x, w, (((2,), (1,)), ((), ()))) + bias.reshape(-1)
-            y = y.reshape(*x.shape[:2], *kernel.shape[1:])
+            y = linear(x).astype(dtype).reshape(*x.shape[:2], *kernel.shape[1:])
             return tuple(jnp.swapaxes(y[:, :, j], 1, 2) for j in range(kernel.shape[1]))
         if n_in == 2:  # the attention's output projection: x [b, h, t, d] -> [b, t, c]
             h, d = kernel.shape[:2]
             if x.ndim != 4 or (x.shape[1], x.shape[3]) != (h, d):
                 return next_fun(*args, **kwargs)
             # Move the (small) activations, never the weights: [b, t, h * d] @ w[c, h * d]^T.
-            x = jnp.swapaxes(x, 1, 2).reshape(x.shape[0], x.shape[2], h * d)
-            y = jax.lax.dot_general(x, w, (((2,), (1,)), ((), ())))
-            return y if bias is None else y + bias
+            return linear(jnp.swapaxes(x, 1, 2).reshape(x.shape[0], x.shape[2], h * d))
         if x.shape[-1] != kernel.shape[0]:
             return next_fun(*args, **kwargs)
-        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
-        y = y.reshape(*x.shape[:-1], *kernel.shape[1:])
-        return y if bias is None else y + bias
+        return linear(x).reshape(*x.shape[:-1], *kernel.shape[1:])
 
     return interceptor
 

@@ -197,7 +197,7 @@ def measure_matmul_peak(n: int, repeats: int, dtype: str = "float32") -> float:
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))  # as gptjax.model.matmul
     f(a).block_until_ready()
     times = []
     for _ in range(repeats):
