@@ -139,6 +139,19 @@ def _head_ce_bwd(res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
 head_cross_entropy.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
+def train_compiler_options(gpt: GPTConfig, mesh: Mesh) -> dict[str, Any] | None:
+    """XLA options for the train step.
+
+    With `model.remat` on CPU: the memory-optimized scheduler. XLA's default CPU scheduler
+    runs the rematerialized forward ops as early as it can, which keeps their results alive
+    as long as without remat (124M, batch 8 x 256, fp32: 3079 MB of temporaries either way;
+    with this scheduler 1972 MB).
+    """
+    if gpt.remat and mesh.devices.flat[0].platform == "cpu":
+        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    return None
+
+
 class Trainer:
     """The model, optimizer and mesh of a run, and its jitted, sharded functions."""
 
@@ -165,6 +178,7 @@ class Trainer:
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, rep),
             donate_argnums=(0,),
+            compiler_options=train_compiler_options(gpt, mesh),
         )
         self._eval_step = jax.jit(
             self._eval, in_shardings=(self.param_shardings, self.eval_sharding), out_shardings=(rep, rep)

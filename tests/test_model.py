@@ -98,3 +98,39 @@ def test_remat_gives_the_same_gradients(params):
 def test_bad_shapes_are_user_errors(fields, message):
     with pytest.raises(UserError, match=message):
         GPTConfig(**{**dict(vocab_size=10, n_layer=1, n_head=4, n_embd=32, block_size=8), **fields})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_gradients_and_mixed_precision_form(dtype):
+    """`matmul`'s custom gradient equals autodiff's (fp32), and under bf16 every matmul of
+    the forward and backward pass reads bf16 operands and accumulates in fp32."""
+    from gptjax.model import matmul
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 4)).astype(dtype)
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 6)).astype(dtype)
+    eq = "bthd,dhc->btc"
+    f = lambda a, b: (matmul(eq, a, b) ** 2).sum()
+    ref = lambda a, b: (jnp.einsum(eq, a.astype(jnp.float32), b.astype(jnp.float32)) ** 2).sum()
+    got, want = jax.grad(f, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)
+    tol = 1e-5 if dtype == jnp.float32 else 0.1
+    for g, r in zip(got, want):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), rtol=tol, atol=tol)
+    dots = _equations(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w).jaxpr, "dot_general")
+    assert len(dots) == 3  # forward, d(x), d(w)
+    for e in dots:
+        assert [v.aval.dtype for v in e.invars] == [dtype, dtype]
+        assert e.outvars[0].aval.dtype == jnp.float32
+
+
+def _equations(jaxpr, primitive):
+    """Every equation of `primitive` in a jaxpr, nested ones (pjit, custom_vjp) included."""
+    found = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == primitive:
+            found.append(e)
+        for p in e.params.values():
+            inner = getattr(p, "jaxpr", None)
+            if inner is not None:
+                found += _equations(getattr(inner, "jaxpr", inner), primitive)
+    return found
