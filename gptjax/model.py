@@ -132,7 +132,6 @@ def _transposed_equations(equation: str) -> tuple[str, str]:
     return f"{out},{b}->{a}", f"{a},{out}->{b}"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def matmul(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """A two-operand einsum that reads its operands in their dtype and accumulates in fp32.
 
@@ -141,13 +140,21 @@ def matmul(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
     matmul, forward and backward, is then bf16 x bf16 -> fp32, the form accelerators (and
     XLA's CPU runtime, by oneDNN/AMX, measured 3-4x faster than bf16 -> bf16) run fastest;
     autodiff of a plain einsum would make bf16 -> bf16 or mixed-dtype matmuls. With fp32
-    operands this is exactly `jnp.einsum` and its gradient.
+    operands it is `jnp.einsum` and autodiff's gradient (the same matmuls; on CPU the custom
+    rule measured slower on small fp32 shapes).
     """
+    if a.dtype == b.dtype == jnp.float32:
+        return jnp.einsum(equation, a, b)
+    return _mixed_matmul(equation, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mixed_matmul(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
 
 
 def _matmul_fwd(equation: str, a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return matmul(equation, a, b), (a, b)
+    return _mixed_matmul(equation, a, b), (a, b)
 
 
 def _matmul_bwd(equation: str, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -158,7 +165,7 @@ def _matmul_bwd(equation: str, res: tuple[jax.Array, jax.Array], g: jax.Array) -
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_mixed_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Projection(nn.Module):
