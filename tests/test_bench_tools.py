@@ -10,12 +10,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "tools", "bench_train.py")
 
 
-def test_bench_quick_prints_the_table(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16", "--remat"]], ids=["fp32", "bf16-remat"])
+def test_bench_quick_prints_the_table(tmp_path, extra):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user runs it
     out = subprocess.run(
-        [sys.executable, BENCH, "--quick", "--json", str(tmp_path / "rows.json")],
+        [sys.executable, BENCH, "--quick", "--json", str(tmp_path / "rows.json"), *extra],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -32,3 +33,5 @@ def test_bench_quick_prints_the_table(tmp_path):
         assert float(r[header.index("peak MB")]) >= 0
     assert rows[0][header.index("vs HF tokens/s")].endswith("x")
     assert (tmp_path / "rows.json").exists()
+    footer = out.stdout.strip().splitlines()[-1]
+    assert ("; bfloat16, gptjax remat." in footer) == bool(extra) and ("; float32." in footer) != bool(extra)

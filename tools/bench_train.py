@@ -13,7 +13,8 @@ backward, global-norm clip and AdamW, state donated) and for transformers'
   already on the device, so the time is the step's, not the input pipeline's);
 - tokens/s: batch * seq / step;
 - MFU: model FLOPs (`GPTConfig.flops_per_token`, 6N + 12 L d T per token) per second, over
-  the FLOP/s of a large fp32 `jnp` matmul timed in the same process just before (median);
+  the FLOP/s of a large `jnp` matmul in the compute dtype (fp32 accumulation, as the model's)
+  timed in the same process just before (median);
 - peak MB: the peak resident memory of the step over the memory after imports. Each
   framework runs in its own subprocess; the baseline is VmRSS after imports (and after the
   matmul probe, its buffers freed and `malloc_trim`-ed); after building the model, optimizer
@@ -23,9 +24,13 @@ backward, global-norm clip and AdamW, state donated) and for transformers'
   steps, but not the compiler's transient memory (shown separately as "compile MB" for JAX).
 - vs HF: gptjax tokens/s over transformers' tokens/s, and transformers' peak over gptjax's.
 
-Both sides use fp32, the same shape, dropout 0, and `os.cpu_count()` threads. CPU timings
-are noisy: compare ratios from one run, and use `--rounds` to alternate the two frameworks
-more than once (medians over rounds are reported).
+Both sides use the same precision, the same shape, dropout 0, and `os.cpu_count()` threads:
+fp32 by default; `--dtype bfloat16` runs gptjax with `model.dtype="bfloat16"` (bf16 matmul
+operands, fp32 accumulation, parameters and optimizer state) and transformers under torch's
+CPU autocast to bf16 (fp32 weights and optimizer). `--remat` turns on `model.remat` for
+gptjax (transformers keeps all activations; its own gradient checkpointing is not used).
+CPU timings are noisy: compare ratios from one run, and use `--rounds` to alternate the two
+frameworks more than once (medians over rounds are reported).
 """
 
 from __future__ import annotations
@@ -456,8 +461,9 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(rows))
     print()
     print(
-        f"steps: median of {args.steps} after {args.warmup} warm-up; {os.cpu_count()} CPU threads; fp32. "
-        f"MFU peak: {args.matmul_n}^2 fp32 jnp matmul, GFLOP/s per shape: {matmul}. "
+        f"steps: median of {args.steps} after {args.warmup} warm-up; {os.cpu_count()} CPU threads; {args.dtype}"
+        f"{', gptjax remat' if args.remat else ''}. "
+        f"MFU peak: {args.matmul_n}^2 {args.dtype} jnp matmul, GFLOP/s per shape: {matmul}. "
         f"peak MB: VmHWM during steps over VmRSS after imports."
         + (f" JAX compiler options: {args.xla_option}." if args.xla_option else "")
     )
