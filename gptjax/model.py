@@ -128,7 +128,10 @@ def _transposed_equations(equation: str) -> tuple[str, str]:
     a, b = inputs.split(",")
     for name, own, other in (("first", a, b), ("second", b, a)):
         if len(set(own)) != len(own) or not set(own) <= set(other) | set(out):
-            raise ValueError(f"matmul {equation!r}: each index of the {name} operand must be unique and appear in the other operand or the output")
+            raise ValueError(
+                f"matmul {equation!r}: each index of the {name} operand must be unique and "
+                "appear in the other operand or the output"
+            )
     return f"{out},{b}->{a}", f"{a},{out}->{b}"
 
 

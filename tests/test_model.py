@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig, init_params
+from gptjax.model import GPT, GPTConfig, init_params, matmul
 
 CFG = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=32, block_size=48)
 
@@ -102,10 +102,9 @@ def test_bad_shapes_are_user_errors(fields, message):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_matmul_gradients_and_mixed_precision_form(dtype):
-    """`matmul`'s custom gradient equals autodiff's (fp32), and under bf16 every matmul of
-    the forward and backward pass reads bf16 operands and accumulates in fp32."""
-    from gptjax.model import matmul
-
+    """`matmul`'s gradients match fp32 autodiff's (exactly in fp32; to bf16 precision through
+    the custom rule in bf16), and every matmul of the forward and backward pass reads
+    operands of the compute dtype and accumulates in fp32."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 4)).astype(dtype)
     w = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 6)).astype(dtype)
     eq = "bthd,dhc->btc"

@@ -7,12 +7,16 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gptjax import checkpoint as ckpt
 from gptjax import config as C
-from gptjax import train
+from gptjax import optim as optim_lib
+from gptjax import sharding, train
+from gptjax.model import GPTConfig, init_params
+from gptjax.sampling import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,8 +120,6 @@ def test_bf16_compute_trains_on_cpu_and_tracks_fp32(corpus, tmp_path):
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], atol=0.05, rtol=0)
     np.testing.assert_allclose([m[s] for s in a], [b[s] for s in a], atol=0.02, rtol=0)
     assert b[10] < 0.9 * b[1] and np.isfinite(final["val_loss"])
-    from gptjax.sampling import load
-
     model = load(bf16)
     assert model.config.model.dtype == "bfloat16"
     out = model.generate_tokens([[5, 6, 7]], max_new_tokens=4, temperature=0.0)
@@ -205,14 +207,9 @@ def test_cli_subprocess_prints_one_line_and_exits_2(tmp_path):
 def test_remat_on_cpu_compiles_a_smaller_train_step():
     """model.remat lowers the train step's temporary memory on XLA's CPU runtime (it compiles
     with the memory-optimized scheduler, without which remat saved nothing here)."""
-    import jax.numpy as jnp
-
-    from gptjax import optim as optim_lib
-    from gptjax import sharding
-    from gptjax.model import GPTConfig, init_params
-
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    batch = {k: jax.ShapeDtypeStruct((1, 16, 128), d) for k, d in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
+    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
+    batch = {k: jax.ShapeDtypeStruct((1, 16, 128), d) for k, d in dtypes.items()}
     temp = {}
     for remat in (False, True):
         gpt = GPTConfig(vocab_size=256, n_layer=6, n_head=4, n_embd=64, block_size=128, remat=remat)
