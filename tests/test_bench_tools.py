@@ -35,3 +35,12 @@ def test_bench_quick_prints_the_table(tmp_path, extra):
     assert (tmp_path / "rows.json").exists()
     footer = out.stdout.strip().splitlines()[-1]
     assert ("; bfloat16, gptjax remat." in footer) == bool(extra) and ("; float32." in footer) != bool(extra)
+
+
+def test_bench_refuses_an_unknown_dtype_in_one_line():
+    out = subprocess.run(
+        [sys.executable, BENCH, "--dtype", "float16"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert "--dtype" in last and "float16" in last and "float32" in last and "bfloat16" in last

@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         help="KEY=VALUE compiler option for the JAX step only (repeatable), e.g. "
-        "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED; the trainer itself does not set it",
+        "xla_cpu_use_fusion_emitters=true; added to the trainer's own options (with --remat on CPU "
+        "it sets xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED itself)",
     )
     p.add_argument(
         "--dtype",
