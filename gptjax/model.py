@@ -237,12 +237,12 @@ class CausalSelfAttention(nn.Module):
             mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
             if token_mask is not None:
                 mask = mask & token_mask[:, None, None, :]
-        dt = cfg.compute_dtype
-        scores = matmul("bhqd,bhkd->bhqk", q, k.astype(dt))
+        # q, k, v (and the cache) are already in the compute dtype.
+        scores = matmul("bhqd,bhkd->bhqk", q, k)
         scores = jnp.where(mask, scores * (1.0 / math.sqrt(d)), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
-        y = matmul("bhqk,bhkd->bhqd", probs.astype(dt), v.astype(dt))
+        y = matmul("bhqk,bhkd->bhqd", probs.astype(cfg.compute_dtype), v)
         y = Projection(
             "bhtd,hdc->btc",
             kernel_shape=(h, d, cfg.n_embd),
