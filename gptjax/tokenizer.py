@@ -5,6 +5,8 @@ end-of-text id that joins documents in the token streams and stops sampling, and
 the *text* '<|endoftext|>' inside a document into that id: only the data pipeline inserts it.
 `save` writes a directory that `load_tokenizer` reads back; the GPT-2 directory is also a
 Hugging Face `GPT2TokenizerFast` directory, so `transformers.AutoTokenizer` can load it.
+`workdir_tokenizer` gives a run its tokenizer: the one saved in the run, or one trained on
+the run's training documents.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import hashlib
 import io
 import json
 import os
-from typing import Iterable, Iterator, Protocol, Sequence
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -295,4 +300,68 @@ def load_tokenizer(directory: str) -> Tokenizer:
     if tok.vocab_size != meta.get("vocab_size", tok.vocab_size) or tok.eot_id != meta.get("eot_id", tok.eot_id):
         raise UserError(f"{directory}: the tokenizer files do not match {META_FILE} "
                         f"(vocab_size {tok.vocab_size} vs {meta.get('vocab_size')}); save the tokenizer again")
+    return tok
+
+
+def describe(tok: Tokenizer) -> str:
+    """One line on what a tokenizer is, e.g. 'SentencePiece bpe, 2,048 pieces'."""
+    if tok.kind == SentencePieceTokenizer.kind:
+        return f"SentencePiece {tok.model_type}, {tok.vocab_size:,} pieces"
+    return f"GPT-2 byte-level BPE, {tok.vocab_size:,} ids"
+
+
+def training_texts(sources: Sequence[tuple[float, Iterable[str]]], max_chars: int) -> Iterator[str]:
+    """Texts to train on from weighted sources, each contributing max_chars in proportion to its weight."""
+    total_weight = sum(weight for weight, _ in sources)
+    for weight, texts in sources:
+        budget = max_chars * weight / total_weight
+        for text in texts:
+            yield text
+            budget -= len(text)
+            if budget <= 0:
+                break
+
+
+def workdir_tokenizer(directory: str, settings: Mapping[str, Any],
+                      sources: Sequence[tuple[float, Iterable[str]]], say: Callable[[str], None]) -> Tokenizer:
+    """The tokenizer saved in `directory`, else a SentencePiece model trained and saved there.
+
+    `settings` is config.tokenizer (vocab_size, model_type, max_chars); `sources` are (weight,
+    training texts) pairs, read only when a model is trained; `say` hears one line on what was done.
+    """
+    vocab_size = int(settings.get("vocab_size", 2048))
+    model_type = str(settings.get("model_type", "bpe"))
+    max_chars = int(settings.get("max_chars", 10_000_000))
+    if os.path.isdir(directory):
+        tok = load_tokenizer(directory)
+        if tok.kind == "sentencepiece" and (tok.vocab_size, tok.model_type) != (vocab_size, model_type):
+            raise UserError(f"{directory} holds a {tok.model_type} tokenizer of {tok.vocab_size} pieces but the config "
+                            f"asks for {model_type} with {vocab_size}; use a new workdir, or delete that directory "
+                            "to retrain")
+        say(f"tokenizer: {describe(tok)}, loaded from {directory}")
+        return tok
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    read = 0
+
+    def counted(texts: Iterable[str]) -> Iterator[str]:
+        nonlocal read
+        for text in texts:
+            read += len(text)
+            yield text
+
+    say(f"tokenizer: training SentencePiece {model_type} with {vocab_size:,} pieces "
+        f"on up to {max_chars:,} characters of the training documents")
+    start = time.perf_counter()
+    try:
+        tok = train_sentencepiece(counted(training_texts(sources, max_chars)), tmp, vocab_size, model_type, max_chars)
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process saved one first: use that (training is deterministic)
+            return load_tokenizer(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"tokenizer: trained on {min(read, max_chars):,} characters in {time.perf_counter() - start:.1f} s, "
+        f"saved to {directory}")
     return tok

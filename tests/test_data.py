@@ -12,6 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from gptjax import data
+from gptjax.data import cache as token_cache
+from gptjax.data import sources
 from gptjax import tokenizer as tk
 from gptjax.errors import UserError
 
@@ -105,8 +107,8 @@ def test_jsonl_one_document_per_line_with_configurable_field(tmp_path, tok):
 
 
 def test_long_text_file_is_read_in_pieces_and_round_trips(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(data, "_TEXT_CHUNK_CHARS", 1000)
-    monkeypatch.setattr(data, "_ENCODE_BATCH_CHARS", 3000)
+    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 1000)
+    monkeypatch.setattr(token_cache, "ENCODE_BATCH_CHARS", 3000)
     text = _write_txt(tmp_path / "one", 1, n_words=4000)[0]
     ds = data.prepare(_config(f"files:{tmp_path}/one/*.txt"), str(tmp_path / "run"), tokenizer=tok)
     assert _all_text(tok, ds) == text + tk.EOT  # one document: train is its head, val its tail
@@ -115,7 +117,7 @@ def test_long_text_file_is_read_in_pieces_and_round_trips(tmp_path, tok, monkeyp
 
 
 def test_a_single_document_hashed_to_validation_is_split_too(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(data, "_is_val", lambda key, fraction: True)
+    monkeypatch.setattr(sources, "is_val", lambda key, fraction: True)
     text = _write_txt(tmp_path / "one", 1, n_words=2000)[0]
     ds = data.prepare(_config(f"files:{tmp_path}/one/*.txt"), str(tmp_path / "run"), tokenizer=tok)
     assert _all_text(tok, ds) == text + tk.EOT
@@ -123,9 +125,9 @@ def test_a_single_document_hashed_to_validation_is_split_too(tmp_path, tok, monk
 
 
 def test_long_texts_are_cut_after_newlines(monkeypatch):
-    monkeypatch.setattr(data, "_TEXT_CHUNK_CHARS", 10)
+    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 10)
     text = "0123456789abc\nd\n" + "x" * 35
-    pieces = [p for p, trained in data._pieces(text)]
+    pieces = [p for p, trained in sources._pieces(text)]
     assert "".join(pieces) == text and pieces[0] == "0123456789abc\n" and all(len(p) <= 20 for p in pieces)
 
 
@@ -320,12 +322,12 @@ def test_cache_is_reused_and_a_damaged_cache_is_rebuilt(tmp_path, tok, monkeypat
     assert meta["source"] == f"files:{tmp_path}/txt/*.txt" and meta["key"]["tokenizer"] == tok.fingerprint()
     expected = np.asarray(first.train[0].tokens).copy()
 
-    real_write = data._write_streams
-    monkeypatch.setattr(data, "_write_streams", lambda *a: pytest.fail("the cache was not reused"))
+    real_write = token_cache.write_streams
+    monkeypatch.setattr(token_cache, "write_streams", lambda *a: pytest.fail("the cache was not reused"))
     np.testing.assert_array_equal(data.prepare(config, str(run), tokenizer=tok).train[0].tokens, expected)
 
     builds = []
-    monkeypatch.setattr(data, "_write_streams", lambda *a: builds.append(1) or real_write(*a))
+    monkeypatch.setattr(token_cache, "write_streams", lambda *a: builds.append(1) or real_write(*a))
     train_bin = run / "data" / cache / "train.bin"
     damage = [lambda: os.truncate(train_bin, os.path.getsize(train_bin) - 2),  # a partial file
               lambda: (run / "data" / cache / "meta.json").unlink(),  # interrupted before meta

@@ -1,0 +1,225 @@
+"""The token cache: each source's documents encoded once into binary token files on disk.
+
+Documents are read one at a time, encoded in groups and appended to binary token files (as in
+nanoGPT's train.bin / val.bin), each document followed by the end-of-text id, so a corpus need
+not fit in memory. The files of one source live in `<cache root>/<kind>-<fingerprint>/` with a
+meta.json that records what they were built from; they are built in a temporary directory and
+renamed into place, so a half-written cache is never trusted, and they are reused while the
+source files, settings and tokenizer stay the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from gptjax.data.progress import Progress, short_path
+from gptjax.data.sources import Advance, Source, split_of
+from gptjax.errors import UserError
+from gptjax.tokenizer import Tokenizer
+
+SPLITS = ("train", "val")
+_FORMAT = 1  # bump when the on-disk layout or the tokenization of documents changes
+ENCODE_BATCH_CHARS = 4 << 20  # text handed to encode_batch at once
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+class _SplitWriter:
+    """Appends one split's tokens (and loss-mask bytes) to files; remembers where the last doc began."""
+
+    def __init__(self, directory: str, split: str, dtype: np.dtype, with_mask: bool):
+        self.tokens_path = os.path.join(directory, f"{split}.bin")
+        self.mask_path = os.path.join(directory, f"{split}_mask.bin") if with_mask else None
+        self.dtype = dtype
+        self._tokens = open(self.tokens_path, "wb")
+        self._mask = open(self.mask_path, "wb") if self.mask_path else None
+        self.count = self.docs = self.last_doc_start = 0
+
+    def start_doc(self) -> None:
+        self.docs += 1
+        self.last_doc_start = self.count
+
+    def write(self, ids: list[int], trained: bool) -> None:
+        self._tokens.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        if self._mask:
+            self._mask.write((b"\x01" if trained else b"\x00") * len(ids))
+        self.count += len(ids)
+
+    def close(self) -> None:
+        self._tokens.close()
+        if self._mask:
+            self._mask.close()
+
+
+def _move_tail(src: _SplitWriter, dst: _SplitWriter, start: int) -> None:
+    """Move tokens [start:] of a closed split to the end of another closed split."""
+    pairs = [(src.tokens_path, dst.tokens_path, src.dtype)]
+    if src.mask_path and dst.mask_path:
+        pairs.append((src.mask_path, dst.mask_path, np.dtype(np.uint8)))
+    for a, b, dtype in pairs:
+        if start == 0 and dst.count == 0:  # everything: swap the files instead of copying
+            os.replace(a, b)
+            open(a, "wb").close()
+            continue
+        tail = np.fromfile(a, dtype=dtype, offset=start * dtype.itemsize)
+        os.truncate(a, start * dtype.itemsize)
+        with open(b, "ab") as f:
+            f.write(tail.tobytes())
+    moved = src.count - start
+    src.count, dst.count = start, dst.count + moved
+
+
+def _rebalance(writers: dict[str, _SplitWriter], val_fraction: float, name: str) -> None:
+    """Make sure both splits hold something: move the last document, or split the only one."""
+    train, val = writers["train"], writers["val"]
+    if train.docs + val.docs == 0:
+        raise UserError(f"data.source {name!r} has no text: every document is empty")
+    if train.docs and val.docs:
+        return
+    if train.docs + val.docs == 1:  # one document: its tail is the validation text
+        if val.docs:
+            _move_tail(val, train, 0)
+        if train.count < 2:
+            raise UserError(f"data.source {name!r} is too short to split into training and validation text")
+        _move_tail(train, val, train.count - max(1, int(train.count * val_fraction)))
+        train.docs = val.docs = 1
+        return
+    full, empty = (train, val) if train.docs else (val, train)
+    _move_tail(full, empty, full.last_doc_start)
+    full.docs, empty.docs = full.docs - 1, 1
+
+
+def write_streams(source: Source, tokenizer: Tokenizer, directory: str, val_fraction: float,
+                  advance: Advance) -> dict:
+    """Encode every document of `source` into directory/{train,val}[_mask].bin; return counts."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {s: _SplitWriter(directory, s, dtype, source.has_mask) for s in SPLITS}
+    pending: list[tuple[str, str | None, bool, bool]] = []  # (split, text or None for EOT, trained, starts doc)
+    pending_chars = documents = characters = 0
+
+    def flush() -> None:
+        encoded = iter(tokenizer.encode_batch([text for _, text, _, _ in pending if text is not None]))
+        for split, text, trained, starts in pending:
+            if starts:
+                writers[split].start_doc()
+            writers[split].write(next(encoded) if text is not None else [tokenizer.eot_id], trained)
+        pending.clear()
+
+    try:
+        for doc in source.documents(advance):
+            split, first = split_of(doc, val_fraction), True
+            for text, trained in doc.segments:
+                pending.append((split, text, trained, first))
+                first, pending_chars = False, pending_chars + len(text)
+                characters += len(text)
+                if pending_chars >= ENCODE_BATCH_CHARS:
+                    flush()
+                    pending_chars = 0
+            if not first:
+                pending.append((split, None, True, False))
+                documents += 1
+        flush()
+    finally:
+        for w in writers.values():
+            w.close()
+    _rebalance(writers, val_fraction, source.name)
+    return {"documents": documents, "characters": characters,
+            **{s: {"tokens": w.count, "docs": w.docs} for s, w in writers.items()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+    """One split of one source: memory-mapped token ids, and a loss mask where the source has one."""
+
+    tokens: np.ndarray
+    mask: np.ndarray | None = None
+
+
+def _stream_files(directory: str, meta: dict) -> dict[str, tuple[str, str | None]]:
+    return {s: (os.path.join(directory, f"{s}.bin"),
+                os.path.join(directory, f"{s}_mask.bin") if meta["has_mask"] else None) for s in SPLITS}
+
+
+def _read_valid_meta(directory: str, key: dict) -> dict | None:
+    """The cache's meta if it was built from `key` and its files have the recorded sizes, else None."""
+    try:
+        with open(os.path.join(directory, "meta.json")) as f:
+            meta = json.load(f)
+        if meta["key"] != key:
+            return None
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split, (tokens, mask) in _stream_files(directory, meta).items():
+            n = meta[split]["tokens"]
+            if n < 1 or os.path.getsize(tokens) != n * itemsize or (mask and os.path.getsize(mask) != n):
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta
+
+
+def _summary(meta: dict) -> str:
+    """'12 documents, 3,456 characters -> 1,000 train / 20 val tokens' (what meta.json recorded)."""
+    read = [f"{meta[k]:,} {k}" for k in ("documents", "characters") if k in meta]  # caches before these were kept
+    tokens = f"{meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens"
+    return ", ".join(read) + " -> " + tokens if read else tokens
+
+
+def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, val_fraction: float,
+           progress: Progress) -> dict:
+    """Write the cache of `source` into `directory` by way of a temporary directory; return its meta."""
+    cache_root = os.path.dirname(directory)
+    os.makedirs(cache_root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=cache_root)
+    start = time.perf_counter()
+    try:
+        with progress.bar(f"tokenizing {source.name}", source.size, source.unit) as bar:
+            counts = write_streams(source, tokenizer, tmp, val_fraction, bar.update)
+        meta = {"key": key, "source": source.name, "dtype": token_dtype(tokenizer.vocab_size).name,
+                "has_mask": source.has_mask, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+                **counts}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process on this host finished the same cache first
+            meta = _read_valid_meta(directory, key)
+            if meta is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress.say(f"{source.name}: {_summary(meta)} in {time.perf_counter() - start:.1f} s, "
+                 f"cached in {short_path(directory)}")
+    return meta
+
+
+def token_streams(source: Source, tokenizer: Tokenizer, cache_root: str, val_fraction: float,
+                  progress: Progress) -> list[TokenStream]:
+    """[train, val] streams of a source, from its cache when that is complete and current, else built."""
+    key = json.loads(json.dumps({"format": _FORMAT, "source": source.identity, "tokenizer": tokenizer.fingerprint(),
+                                 "val_fraction": float(val_fraction)}, sort_keys=True))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    directory = os.path.join(cache_root, f"{source.spec.kind}-{digest}")
+    meta = _read_valid_meta(directory, key)
+    if meta is not None:
+        progress.say(f"{source.name}: {_summary(meta)} (token cache reused: {short_path(directory)})")
+    else:
+        if os.path.exists(directory):
+            progress.say(f"{source.name}: token cache {short_path(directory)} is incomplete or stale; rebuilding it")
+            shutil.rmtree(directory)
+        meta = _build(source, tokenizer, directory, key, val_fraction, progress)
+    dtype = np.dtype(meta["dtype"])
+    # Plain ndarray views of the maps: indexing a np.memmap subclass is several times slower.
+    return [TokenStream(np.asarray(np.memmap(tokens, dtype=dtype, mode="r")),
+                        np.asarray(np.memmap(mask, dtype=np.uint8, mode="r")) if mask else None)
+            for tokens, mask in _stream_files(directory, meta).values()]

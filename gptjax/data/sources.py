@@ -1,0 +1,355 @@
+"""Sources: `data.source` parsed into specs, and each spec's documents read one at a time.
+
+    stdlib                      the running Python's standard library source (*.py, no tests)
+    files:GLOB[,GLOB...]        .jsonl/.ndjson: one document per line (field data.text_field);
+                                any other file is one document
+    tfds:NAME                   a TFDS dataset (data.tfds_split / tfds_feature / tfds_data_dir),
+                                read through array_record without TensorFlow
+    pairs:GLOB[,GLOB...]        .jsonl prompt/completion records: the loss counts only the
+                                completion and the end-of-text after it
+    A@3 + B@1                   a mixture: each batch row comes from A with probability 3/4
+
+Each document goes to validation or training by a stable hash of its name. A source also says
+what its token streams depend on (`identity`, the cache key) and how much input it has, so
+that reading can show progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import sysconfig
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from gptjax.errors import UserError
+
+SOURCE_KINDS = ("stdlib", "files", "tfds", "pairs")
+_SOURCE_HELP = ("allowed: 'stdlib', 'files:GLOB[,GLOB]', 'tfds:NAME', 'pairs:GLOB[,GLOB]', "
+                "or a mixture like 'files:a/*.txt@3 + stdlib@1'")
+STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+LINE_DELIMITED = (".jsonl", ".ndjson")
+# Long texts are read and encoded in pieces of about this many characters, cut after a newline:
+# SentencePiece encodes short strings faster, and the pieces spread over encode_batch's threads.
+TEXT_CHUNK_CHARS = 1 << 16
+_TFDS_READ_BATCH = 256
+
+Advance = Callable[[int], None]  # told how much more input (bytes or documents) has been read
+
+
+def _ignore(n: int) -> None:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """`config.data`: where the documents come from and how they are held out."""
+
+    source: str = "stdlib"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    tfds_split: str = "train"
+    tfds_val_split: str = ""  # '' holds out val_fraction of tfds_split; else this split is validation
+    tfds_feature: str = "text"
+    tfds_data_dir: str = ""
+    val_fraction: float = 0.02
+    cache_dir: str = ""  # '' means <workdir>/data; must be a local path (the streams are memory-mapped)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.val_fraction) < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    @classmethod
+    def from_config(cls, data_cfg: Mapping[str, Any]) -> "DataConfig":
+        """The fields this module reads; any that `data_cfg` lacks keep their defaults."""
+        return cls(**{f.name: data_cfg[f.name] for f in dataclasses.fields(cls) if f.name in data_cfg})
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One term of `data.source`: kind, argument and mixture weight."""
+
+    kind: str
+    arg: str
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg else self.kind
+
+
+def parse_source(source: str) -> list[SourceSpec]:
+    """Parse 'KIND[:ARG][@WEIGHT] + ...' into specs; weights must be >= 0 and not all zero."""
+    parts = [p.strip() for p in str(source).split("+")]
+    if not all(parts):
+        raise UserError(f"data.source {source!r} has an empty term; {_SOURCE_HELP}")
+    specs = []
+    for part in parts:
+        body, weight = part, 1.0
+        if "@" in part:
+            body, raw = part.rsplit("@", 1)
+            try:
+                weight = float(raw)
+            except ValueError:
+                raise UserError(f"data.source: weight {raw!r} in {part!r} is not a number; "
+                                "write SOURCE@WEIGHT, e.g. 'stdlib@2'") from None
+            if not math.isfinite(weight) or weight < 0:
+                raise UserError(f"data.source: weight {raw!r} in {part!r} must be a finite number >= 0")
+        kind, _, arg = body.strip().partition(":")
+        kind, arg = kind.strip(), arg.strip()
+        if kind not in SOURCE_KINDS:
+            raise UserError(f"data.source: unknown source kind {kind!r} in {part!r}; {_SOURCE_HELP}")
+        if kind == "stdlib" and arg:
+            raise UserError(f"data.source: 'stdlib' takes no argument, got {part!r}")
+        if kind != "stdlib" and not arg:
+            example = "NAME" if kind == "tfds" else "data/*.jsonl"
+            raise UserError(f"data.source: {kind!r} needs an argument, e.g. '{kind}:{example}'")
+        specs.append(SourceSpec(kind, arg, weight))
+    if sum(s.weight for s in specs) <= 0:
+        raise UserError(f"data.source {source!r}: all mixture weights are zero; give at least one a weight > 0")
+    return specs
+
+
+@dataclasses.dataclass
+class Doc:
+    """One document: its name, and its text as (text, counts in the loss) segments read lazily."""
+
+    key: str  # stable name: its hash decides train or validation
+    segments: Iterable[tuple[str, bool]]
+    split: str | None = None  # set when the source itself decides (a TFDS validation split)
+
+
+@dataclasses.dataclass
+class Source:
+    """A checked source: what its streams depend on, and how to read its documents."""
+
+    spec: SourceSpec
+    identity: dict  # everything the token streams depend on, besides the tokenizer and split
+    read: Callable[[Advance], Iterator[Doc]]
+    size: int | None  # input to read, in `unit`s (None: not known before reading)
+    unit: str  # "B" (bytes of files) or "doc"
+    has_mask: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def documents(self, advance: Advance = _ignore) -> Iterator[Doc]:
+        """The documents in a fixed order; `advance` hears how much input each step consumed."""
+        return self.read(advance)
+
+    def training_texts(self, val_fraction: float) -> Iterator[str]:
+        """Texts of the training documents' segments, in order (read lazily)."""
+        for doc in self.documents():
+            if split_of(doc, val_fraction) == "train":
+                for text, _ in doc.segments:
+                    yield text
+
+
+def stdlib_files() -> list[str]:
+    """Sorted paths of the running interpreter's standard library *.py files, tests excluded."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in STDLIB_EXCLUDED_DIRS]
+        paths += [os.path.join(directory, f) for f in files if f.endswith(".py")]
+    return sorted(paths)
+
+
+def _files_digest(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _total_bytes(paths: list[str]) -> int:
+    return sum(os.path.getsize(p) for p in paths)
+
+
+def _expand_globs(kind: str, arg: str) -> list[str]:
+    paths: set[str] = set()
+    for pattern in (p.strip() for p in arg.split(",")):
+        matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+        found = [os.path.normpath(p) for p in matches if os.path.isfile(p)]
+        if not found:
+            raise UserError(f"data.source '{kind}:{pattern}' matches no files (relative to {os.getcwd()}); "
+                            "give a path or glob of existing files, e.g. 'data/**/*.jsonl'")
+        paths.update(found)
+    return sorted(paths)
+
+
+class _BytesRead:
+    """Reports to `advance` how far reading an open text file has got, in bytes of the file."""
+
+    def __init__(self, f: Any, advance: Advance):
+        self._f, self._advance, self._pos = f, advance, 0
+
+    def update(self) -> None:
+        pos = self._f.buffer.tell()  # the decoder's position, ahead of the text by one read buffer at most
+        self._advance(pos - self._pos)
+        self._pos = pos
+
+
+def _text_chunks(path: str, advance: Advance) -> Iterator[tuple[str, bool]]:
+    """A text file in pieces of about TEXT_CHUNK_CHARS characters, cut after a newline."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        progress = _BytesRead(f, advance)
+        while chunk := f.read(TEXT_CHUNK_CHARS):
+            if not chunk.endswith("\n"):
+                chunk += f.readline(TEXT_CHUNK_CHARS)
+            progress.update()
+            yield chunk, True
+        progress.update()
+
+
+def _pieces(text: str) -> Iterator[tuple[str, bool]]:
+    """A long text in trained-on pieces of about TEXT_CHUNK_CHARS characters, cut after a newline."""
+    start = 0
+    while start < len(text):
+        end = start + TEXT_CHUNK_CHARS
+        newline = text.find("\n", end, end + TEXT_CHUNK_CHARS)
+        end = newline + 1 if newline >= 0 else end
+        yield text[start:end], True
+        start = end
+
+
+def _text_file_docs(paths: list[str], key: Callable[[str], str], advance: Advance) -> Iterator[Doc]:
+    for path in paths:
+        if os.path.getsize(path):
+            yield Doc(key(path), _text_chunks(path, advance))
+
+
+def _jsonl_records(path: str, advance: Advance) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        progress = _BytesRead(f, advance)
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                                "a .jsonl file holds one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+            progress.update()
+            yield lineno, record
+        progress.update()
+
+
+def _string_field(record: dict, name: str, setting: str, where: str) -> str:
+    value = record.get(name)
+    if not isinstance(value, str):
+        raise UserError(f"{where}: record has no string field {name!r} (fields: {sorted(record)}); "
+                        f"set {setting} to the field that holds it")
+    return value
+
+
+def _split_key(path: str) -> str:
+    """A file's name without its directory: moving the data does not change the split."""
+    return os.path.basename(path)
+
+
+def _files_docs(paths: list[str], text_field: str, advance: Advance) -> Iterator[Doc]:
+    for path in paths:
+        if not path.endswith(LINE_DELIMITED):
+            yield from _text_file_docs([path], _split_key, advance)
+            continue
+        for lineno, record in _jsonl_records(path, advance):
+            text = _string_field(record, text_field, "data.text_field", f"{path}:{lineno}")
+            if text:
+                yield Doc(f"{_split_key(path)}:{lineno}", _pieces(text))
+
+
+def _pairs_docs(paths: list[str], prompt_field: str, completion_field: str, advance: Advance) -> Iterator[Doc]:
+    for path in paths:
+        for lineno, record in _jsonl_records(path, advance):
+            where = f"{path}:{lineno}"
+            for name, setting in ((prompt_field, "data.prompt_field"), (completion_field, "data.completion_field")):
+                if not isinstance(record.get(name), str):
+                    raise UserError(f"{where}: pairs record lacks a string {name!r} (fields: {sorted(record)}); "
+                                    f"each line needs a prompt and a completion, named by {setting}")
+            yield Doc(f"{_split_key(path)}:{lineno}", [(record[prompt_field], False), (record[completion_field], True)])
+
+
+def _tfds_source(spec: SourceSpec, cfg: DataConfig) -> Source:
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.registered import DatasetNotFoundError
+
+    data_dir = os.path.expanduser(cfg.tfds_data_dir) or None
+    try:
+        builder = tfds.builder(spec.arg, data_dir=data_dir)
+    except DatasetNotFoundError:
+        raise UserError(f"data.source 'tfds:{spec.arg}': no such TFDS dataset (names look like 'tiny_shakespeare' "
+                        "or 'wiki40b/en:1.3.0'; one prepared elsewhere needs data.tfds_data_dir)") from None
+    if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+    feature = cfg.tfds_feature
+    if feature not in builder.info.features:
+        raise UserError(f"tfds:{spec.arg} has no feature {feature!r}; "
+                        f"set data.tfds_feature to one of {sorted(builder.info.features)}")
+    splits = [(cfg.tfds_split, "train" if cfg.tfds_val_split else None)]
+    if cfg.tfds_val_split:
+        splits.append((cfg.tfds_val_split, "val"))
+    for split, _ in splits:
+        if split.split("[")[0] not in builder.info.splits:
+            raise UserError(f"tfds:{spec.arg} has no split {split!r}; splits: {sorted(builder.info.splits)}")
+
+    def documents(advance: Advance) -> Iterator[Doc]:
+        for split, forced in splits:
+            ds = builder.as_data_source(split=split)
+            for start in range(0, len(ds), _TFDS_READ_BATCH):
+                rows = range(start, min(len(ds), start + _TFDS_READ_BATCH))
+                for i, example in zip(rows, ds.__getitems__(list(rows))):
+                    advance(1)
+                    text = example[feature]
+                    if isinstance(text, bytes):
+                        text = text.decode("utf-8", errors="replace")
+                    elif not isinstance(text, str):
+                        raise UserError(f"tfds:{spec.arg} feature {feature!r} is not text ({type(text).__name__}); "
+                                        "set data.tfds_feature")
+                    if text:
+                        yield Doc(f"{split}:{i}", _pieces(text), forced)
+
+    identity = {"kind": "tfds", "dataset": builder.info.full_name, "data_dir": str(builder.data_dir),
+                "split": cfg.tfds_split, "val_split": cfg.tfds_val_split, "feature": feature}
+    size = sum(builder.info.splits[split].num_examples for split, _ in splits)
+    return Source(spec, identity, documents, size, "doc")
+
+
+def resolve(spec: SourceSpec, cfg: DataConfig) -> Source:
+    """Check a source (paths exist, dataset found) and say how to read its documents."""
+    if spec.kind == "stdlib":
+        paths = stdlib_files()
+        root = sysconfig.get_paths()["stdlib"]
+        identity = {"kind": "stdlib", "python": sys.version, "files": _files_digest(paths)}
+        read = lambda advance: _text_file_docs(paths, lambda p: os.path.relpath(p, root), advance)
+        return Source(spec, identity, read, _total_bytes(paths), "B")
+    if spec.kind == "tfds":
+        return _tfds_source(spec, cfg)
+    paths = _expand_globs(spec.kind, spec.arg)
+    if spec.kind == "files":
+        identity = {"kind": "files", "files": _files_digest(paths), "text_field": cfg.text_field}
+        read = lambda advance: _files_docs(paths, cfg.text_field, advance)
+        return Source(spec, identity, read, _total_bytes(paths), "B")
+    identity = {"kind": "pairs", "files": _files_digest(paths), "fields": [cfg.prompt_field, cfg.completion_field]}
+    read = lambda advance: _pairs_docs(paths, cfg.prompt_field, cfg.completion_field, advance)
+    return Source(spec, identity, read, _total_bytes(paths), "B", has_mask=True)
+
+
+def is_val(key: str, val_fraction: float) -> bool:
+    """Stable pseudo-random choice of validation documents, from the document's name only."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return h < val_fraction * 2.0**64
+
+
+def split_of(doc: Doc, val_fraction: float) -> str:
+    """'train' or 'val': the source's choice where it made one, else the hash of the name."""
+    return doc.split or ("val" if is_val(doc.key, val_fraction) else "train")
