@@ -172,6 +172,10 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path, tok):
     ds = data.prepare(config, str(tmp_path / "run2"), tokenizer=tok)
     val = tok.decode(np.asarray(ds.val[0].tokens)).split(tk.EOT)[:-1]
     assert len(val) == 5 and all(p.startswith("doc 1-") for p in val)
+    source = sources.resolve(data.parse_source(config.data.source)[0], data.DataConfig.from_config(config.data))
+    steps = []
+    assert sum(1 for _ in source.documents(steps.append)) == 45 and source.unit == "doc"
+    assert source.size == sum(steps) == 45  # the progress bar's total, known before reading
 
     with pytest.raises(UserError, match="no feature 'text'"):
         config = _config("tfds:gptjax_tiny_text", tfds_data_dir=str(tmp_path / "tfds"))
@@ -210,6 +214,42 @@ def test_batches_depend_only_on_seed_and_step(txt_dataset):
     stream = np.asarray(a.train[0].tokens)
     row = np.concatenate([x["inputs"][0], x["targets"][0, -1:]])
     assert any(np.array_equal(stream[i : i + 33], row) for i in range(len(stream) - 32))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids and 256 as end-of-text: streams that do not depend on a trained model."""
+
+    kind, vocab_size, eot_id = "bytes", 257, 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return "".join("|" if i == self.eot_id else chr(i) for i in np.asarray(ids).tolist())
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+
+    def fingerprint(self) -> str:
+        return "bytes"
+
+
+def test_split_and_batches_are_pinned(tmp_path):
+    """The split of documents and the batch of a step, recorded once: a change here breaks the
+    resumption of runs prepared before it (raise the cache format when it is meant)."""
+    for i in range(10):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}: " + "abcdefghij"[i] * (20 + 3 * i) + "\n")
+    config = ml_collections.ConfigDict({"data": {"source": f"files:{tmp_path}/*.txt", "val_fraction": 0.2}})
+    ds = data.prepare(config, str(tmp_path / "run"), tokenizer=ByteTokenizer())
+    text = ds.tokenizer.decode
+    assert text(ds.val[0].tokens) == "document 5: " + "f" * 35 + "\n|"
+    assert text(ds.train[0].tokens).startswith("document 0: " + "a" * 20 + "\n|document 1: ")
+    batch = ds.get_batch(3, 4, 12, seed=7)
+    assert [text(row) for row in batch["inputs"]] == ["hhhh\n|docume", "j" * 12, "g" * 12, "ocument 9: j"]
+    assert text(ds.eval_batches(2, 8, 1)[0]["targets"][1]) == "5: fffff"
 
 
 def test_host_slices_concatenate_to_the_global_batch(txt_dataset):
@@ -344,6 +384,50 @@ def test_cache_is_reused_and_a_damaged_cache_is_rebuilt(tmp_path, tok, monkeypat
     (tmp_path / "txt" / "doc000.txt").write_text("changed text\n")  # a changed source is a new cache
     data.prepare(config, str(run), tokenizer=tok)
     assert len(_cache_dirs(run)) == 2
+
+
+def test_preparation_says_what_it_did_on_stderr(tmp_path, capfd):
+    _write_txt(tmp_path / "txt", 6)
+    (tmp_path / "txt" / "empty.txt").write_text("")  # not a document
+    config = _config(f"files:{tmp_path}/txt/*.txt")
+    name = f"files:{tmp_path}/txt/*.txt"
+    first = data.prepare(config, str(tmp_path / "run"))
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "tokenizer: training SentencePiece bpe with 300 pieces" in err and "tokenizer: trained on " in err
+    (line,) = [x for x in err.splitlines() if x.startswith(f"{name}: 6 documents, ")]
+    assert f"{first.train_tokens:,} train / {first.val_tokens:,} val tokens" in line and "cached in" in line
+    assert f"tokenizing {name}" in err  # the progress bar
+
+    data.prepare(config, str(tmp_path / "run"))
+    out, err = capfd.readouterr()
+    assert out == "" and "tokenizer: SentencePiece bpe, 300 pieces, loaded from" in err
+    (line,) = [x for x in err.splitlines() if x.startswith(f"{name}: ")]
+    assert line.startswith(f"{name}: 6 documents, ") and "token cache reused" in line
+    assert "tokenizing" not in err
+
+
+def test_only_process_zero_prints(tmp_path, tok, capfd, monkeypatch):
+    import jax
+
+    _write_txt(tmp_path / "txt", 3)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    data.prepare(_config(f"files:{tmp_path}/txt/*.txt"), str(tmp_path / "run"), tokenizer=tok)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_progress_counts_every_byte_of_the_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 100)
+    _write_txt(tmp_path / "files", 3, n_words=300)
+    (tmp_path / "files" / "ünïcode.txt").write_text("é€😀\n" * 50)
+    _write_jsonl(tmp_path / "files" / "a.jsonl", [{"text": "x" * i} for i in range(40)] + ["", ""])
+    _write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "p", "completion": "c" * i} for i in range(30)])
+    for spec in (f"files:{tmp_path}/files/*", f"pairs:{tmp_path}/qa.jsonl"):
+        source = sources.resolve(data.parse_source(spec)[0], data.DataConfig(source=spec))
+        seen, steps = [], []
+        for doc in source.documents(steps.append):
+            seen += [text for text, _ in doc.segments]
+        assert source.unit == "B" and sum(steps) == source.size and len(steps) > 10 and seen
 
 
 def test_workdir_tokenizer_must_match_the_config(tmp_path, tok):

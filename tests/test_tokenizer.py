@@ -175,3 +175,30 @@ def test_load_tokenizer_rejects_a_non_tokenizer_directory(tmp_path):
     (tmp_path / tk.META_FILE).write_text('{"kind": "wordpiece"}')
     with pytest.raises(UserError, match="unknown tokenizer kind"):
         tk.load_tokenizer(str(tmp_path))
+
+
+def test_training_texts_take_each_sources_share_of_max_chars():
+    a, b = ["a" * 10] * 100, ["b" * 10] * 100
+    texts = list(tk.training_texts([(3.0, iter(a)), (1.0, iter(b))], max_chars=400))
+    assert texts == a[:30] + b[:10]
+    assert list(tk.training_texts([(1.0, iter(["x" * 25] * 9))], max_chars=60)) == ["x" * 25] * 3
+
+
+def test_workdir_tokenizer_trains_once_then_loads(tmp_path):
+    said, reads = [], []
+
+    def texts():
+        reads.append(1)
+        yield from CORPUS
+
+    settings = {"vocab_size": 400, "model_type": "bpe", "max_chars": 2000}
+    directory = str(tmp_path / "run" / "tokenizer")
+    tok = tk.workdir_tokenizer(directory, settings, [(1.0, texts())], said.append)
+    assert tok.vocab_size == 400 and reads == [1] and os.listdir(tmp_path / "run") == ["tokenizer"]
+    assert said[0].startswith("tokenizer: training SentencePiece bpe with 400 pieces on up to 2,000 characters")
+    assert said[1].startswith("tokenizer: trained on 2,000 characters in ") and said[1].endswith(directory)
+    again = tk.workdir_tokenizer(directory, settings, [(1.0, texts())], said.append)
+    assert again.fingerprint() == tok.fingerprint() and reads == [1]  # the texts are not read
+    assert said[2] == f"tokenizer: SentencePiece bpe, 400 pieces, loaded from {directory}"
+    with pytest.raises(UserError, match="use a new workdir"):
+        tk.workdir_tokenizer(directory, {**settings, "vocab_size": 500}, [(1.0, texts())], said.append)
