@@ -12,6 +12,9 @@ key/value cache in the `cache` collection, writes the keys and values of the tok
 given at the cache's current index, and attends over everything written so far. Prefill
 passes a whole (padded) prompt at once; decoding then passes one token per call.
 
+Array names carry their shapes (`q_BxHxTxD`): B batch, T tokens of this call, S cache slots,
+H heads, D head_dim, C embed, M mlp, V vocabulary, O a layer's output width.
+
 Parameter names follow Hugging Face's GPT-2 (`wte`, `wpe`, `h_{i}`, `ln_1`, `attn`, `c_attn`,
 `c_proj`, `ln_2`, `mlp`, `c_fc`, `ln_f`) so that a reader can map the two by eye.
 """
@@ -34,14 +37,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-    """The shape and numerics of a GPT. Built from `config.model` with `GPTConfig.from_config`."""
+    """The shape and numerics of a GPT: the schema of `config.model` (its defaults are the
+    built-in CPU demo's). Built from a resolved `config.model` with `GPTConfig.from_config`;
+    `vocab_size` has no default because a GPTConfig always holds the resolved size (the
+    config's 0, "the tokenizer's", is resolved by `gptjax.run`)."""
 
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
     n_mlp: int = 0  # 0 means 4 * n_embd
-    block_size: int = 1024  # the longest context, and the number of learned positions
+    block_size: int = 128  # the longest context, and the number of learned positions
     dropout: float = 0.0
     ln_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype; parameters are always fp32
@@ -175,7 +181,8 @@ class Projection(nn.Module):
     """A linear map written as one einsum over a multi-axis kernel, plus a bias.
 
     The kernel keeps its natural axes (e.g. [heads, head_dim, embed] for the attention's
-    output projection) so each axis can carry its own logical name.
+    output projection) so each axis can carry its own logical name. With `decode_layout` the
+    kernel is instead one [out, in] matrix named `kernel_out_in` (see `to_decode_layout`).
     """
 
     equation: str
@@ -183,153 +190,193 @@ class Projection(nn.Module):
     kernel_axes: tuple[str, ...]
     std: float
     dtype: Any
+    decode_layout: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        out_axes = self.equation.split("->")[1]
-        in_axes = self.equation.split("->")[0].split(",")[1]
-        bias_dims = [i for i, a in enumerate(in_axes) if a in out_axes]
-        kernel = self.param("kernel", _init(self.std, self.kernel_axes), self.kernel_shape, jnp.float32)
-        bias = self.param(
-            "bias",
-            _zeros(tuple(self.kernel_axes[i] for i in bias_dims)),
-            tuple(self.kernel_shape[i] for i in bias_dims),
-            jnp.float32,
-        )
-        return matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + bias
+        inputs, out_spec = self.equation.split("->")
+        x_spec, k_spec = inputs.split(",")
+        out_dims = [i for i, a in enumerate(k_spec) if a in out_spec]
+        bias_shape = tuple(self.kernel_shape[i] for i in out_dims)
+        bias_init = _zeros(tuple(self.kernel_axes[i] for i in out_dims))
+        if not self.decode_layout:
+            kernel = self.param("kernel", _init(self.std, self.kernel_axes), self.kernel_shape, jnp.float32)
+            bias = self.param("bias", bias_init, bias_shape, jnp.float32)
+            return matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + bias
+        # x's own axes, then the contracted axes in the kernel's order: x[..., in] @ w[out, in]^T.
+        lead = [a for a in x_spec if a not in k_spec]
+        contracted = [a for a in k_spec if a in x_spec]
+        if out_spec != "".join(lead) + "".join(k_spec[i] for i in out_dims):
+            raise ValueError(f"decode layout: {self.equation!r} must write x's own axes, then the kernel's")
+        n_in = math.prod(self.kernel_shape[k_spec.index(a)] for a in contracted)
+        w_OxI = self.param("kernel_out_in", nn.initializers.normal(self.std), (math.prod(bias_shape), n_in), jnp.float32)
+        bias = self.param("bias", bias_init, bias_shape, jnp.float32)
+        x = jnp.transpose(x, [x_spec.index(a) for a in lead + contracted])
+        lead_shape = x.shape[: len(lead)]
+        y = _linear_out_in(x.reshape(*lead_shape, n_in), w_OxI, self.dtype) + bias.reshape(-1)
+        return y.reshape(*lead_shape, *bias_shape)
+
+
+def _linear_out_in(x: jax.Array, w_OxI: jax.Array, dtype: Any) -> jax.Array:
+    """x[..., in] @ w[out, in]^T in the compute dtype, accumulated in fp32 (no gradient rule)."""
+    return jax.lax.dot_general(
+        x.astype(dtype), w_OxI.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
 class QKVProjection(nn.Module):
     """The fused query/key/value projection: one kernel [embed, 3, heads, head_dim] (GPT-2's
     `c_attn`) and bias [3, heads, head_dim], applied as three einsums that each write
     [batch, heads, seq, head_dim] directly (on CPU, measured faster forward and backward than
-    one wide matmul followed by a transpose)."""
+    one wide matmul followed by a transpose). With `decode_layout` the kernel is one
+    [3 * heads * head_dim, embed] matrix `kernel_out_in`, applied as one matmul."""
 
     cfg: GPTConfig
+    decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x_BxTxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg = self.cfg
-        h, d = cfg.n_head, cfg.head_dim
+        h, d, dtype = cfg.n_head, cfg.head_dim, cfg.compute_dtype
         axes = ("embed", "qkv", "heads", "head_dim")
-        kernel = self.param("kernel", _init(0.02, axes), (cfg.n_embd, 3, h, d), jnp.float32)
-        bias = self.param("bias", _zeros(axes[1:]), (3, h, d), jnp.float32)
-        x, kernel = x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype)
+        if self.decode_layout:
+            w_OxC = self.param("kernel_out_in", nn.initializers.normal(0.02), (3 * h * d, cfg.n_embd), jnp.float32)
+            bias_3xHxD = self.param("bias", _zeros(axes[1:]), (3, h, d), jnp.float32)
+            y_BxTxO = (_linear_out_in(x_BxTxC, w_OxC, dtype) + bias_3xHxD.reshape(-1)).astype(dtype)
+            y_BxTx3xHxD = y_BxTxO.reshape(*x_BxTxC.shape[:2], 3, h, d)
+            return tuple(jnp.swapaxes(y_BxTx3xHxD[:, :, j], 1, 2) for j in range(3))
+        kernel_Cx3xHxD = self.param("kernel", _init(0.02, axes), (cfg.n_embd, 3, h, d), jnp.float32)
+        bias_3xHxD = self.param("bias", _zeros(axes[1:]), (3, h, d), jnp.float32)
+        x_BxTxC, kernel_Cx3xHxD = x_BxTxC.astype(dtype), kernel_Cx3xHxD.astype(dtype)
         return tuple(
-            (matmul("btc,chd->bhtd", x, kernel[:, j]) + bias[j][:, None, :]).astype(cfg.compute_dtype) for j in range(3)
+            (matmul("btc,chd->bhtd", x_BxTxC, kernel_Cx3xHxD[:, j]) + bias_3xHxD[j][:, None, :]).astype(dtype)
+            for j in range(3)
         )
 
 
 class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
+    decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
+    def __call__(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
         cfg = self.cfg
         h, d = cfg.n_head, cfg.head_dim
         # Head-major layout throughout: q, k, v and the cache are [batch, heads, seq, head_dim],
         # so the attention matmuls batch over leading axes and need no transposed copies.
-        q, k, v = QKVProjection(cfg, name="c_attn")(x)
-        t = x.shape[1]
-        if decode:
-            k, v, mask = self._update_cache(k, v, token_mask)
-        else:
-            mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+        q_BxHxTxD, k_BxHxSxD, v_BxHxSxD = QKVProjection(cfg, self.decode_layout, name="c_attn")(x_BxTxC)
+        t = x_BxTxC.shape[1]
+        if decode:  # S: the cache's slots
+            k_BxHxSxD, v_BxHxSxD, mask_BxHxTxS = self._update_cache(k_BxHxSxD, v_BxHxSxD, token_mask)
+        else:  # S == T
+            mask_BxHxTxS = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
             if token_mask is not None:
-                mask = mask & token_mask[:, None, None, :]
+                mask_BxHxTxS = mask_BxHxTxS & token_mask[:, None, None, :]
         # q, k, v (and the cache) are already in the compute dtype.
-        scores = matmul("bhqd,bhkd->bhqk", q, k)
-        scores = jnp.where(mask, scores * (1.0 / math.sqrt(d)), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
-        y = matmul("bhqk,bhkd->bhqd", probs.astype(cfg.compute_dtype), v)
-        y = Projection(
+        scores_BxHxTxS = matmul("bhqd,bhkd->bhqk", q_BxHxTxD, k_BxHxSxD)
+        scores_BxHxTxS = jnp.where(mask_BxHxTxS, scores_BxHxTxS * (1.0 / math.sqrt(d)), jnp.finfo(jnp.float32).min)
+        probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+        probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=deterministic)
+        y_BxHxTxD = matmul("bhqk,bhkd->bhqd", probs_BxHxTxS.astype(cfg.compute_dtype), v_BxHxSxD)
+        y_BxTxC = Projection(
             "bhtd,hdc->btc",
             kernel_shape=(h, d, cfg.n_embd),
             kernel_axes=("heads", "head_dim", "embed"),
             std=0.02 / math.sqrt(2 * cfg.n_layer),
             dtype=cfg.compute_dtype,
+            decode_layout=self.decode_layout,
             name="c_proj",
-        )(y)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        )(y_BxHxTxD)
+        return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
 
     def _update_cache(
-        self, k: jax.Array, v: jax.Array, token_mask: jax.Array | None
+        self, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.Array, token_mask: jax.Array | None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Write this chunk's keys/values at the cache index; return all keys, values and the mask.
 
-        The cache's length is the sequence length the cache was initialised with. A query at
+        The cache's length S is the sequence length the cache was initialised with. A query at
         slot i sees slots j <= i whose token was real (token_mask True when written).
         """
         is_initialized = self.has_variable("cache", "cached_key")
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        valid = self.variable("cache", "valid", jnp.zeros, (k.shape[0], k.shape[2]), jnp.bool_)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxHxTxD.shape, k_BxHxTxD.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxHxTxD.shape, v_BxHxTxD.dtype)
+        valid = self.variable("cache", "valid", jnp.zeros, (k_BxHxTxD.shape[0], k_BxHxTxD.shape[2]), jnp.bool_)
         index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
         if not is_initialized:  # model.init(decode=True) only shapes the cache
-            mask = jnp.ones((1, 1, k.shape[2], k.shape[2]), bool)
-            return k, v, mask
-        b, t = k.shape[0], k.shape[2]
-        length = cached_k.value.shape[2]
+            t = k_BxHxTxD.shape[2]
+            return k_BxHxTxD, v_BxHxTxD, jnp.ones((1, 1, t, t), bool)
+        b, t = k_BxHxTxD.shape[0], k_BxHxTxD.shape[2]
+        s = cached_k.value.shape[2]
         i = index.value
-        tm = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, 0, i, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, 0, i, 0))
-        valid.value = jax.lax.dynamic_update_slice(valid.value, tm, (0, i))
+        tm_BxT = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxHxTxD.astype(cached_k.value.dtype), (0, 0, i, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxHxTxD.astype(cached_v.value.dtype), (0, 0, i, 0))
+        valid.value = jax.lax.dynamic_update_slice(valid.value, tm_BxT, (0, i))
         index.value = i + t
-        q_slot = i + jnp.arange(t)[:, None]
-        k_slot = jnp.arange(length)[None, :]
-        mask = (k_slot <= q_slot)[None, None] & valid.value[:, None, None, :]
-        return cached_k.value, cached_v.value, mask
+        q_slot_Tx1 = i + jnp.arange(t)[:, None]
+        k_slot_1xS = jnp.arange(s)[None, :]
+        mask_BxHxTxS = (k_slot_1xS <= q_slot_Tx1)[None, None] & valid.value[:, None, None, :]
+        return cached_k.value, cached_v.value, mask_BxHxTxS
 
 
 class MLP(nn.Module):
     cfg: GPTConfig
+    decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x_BxTxC: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.cfg
-        x = Projection(
+        h_BxTxM = Projection(
             "btc,cm->btm",
             kernel_shape=(cfg.n_embd, cfg.mlp_dim),
             kernel_axes=("embed", "mlp"),
             std=0.02,
             dtype=cfg.compute_dtype,
+            decode_layout=self.decode_layout,
             name="c_fc",
-        )(x)
-        x = nn.gelu(x, approximate=True)
-        x = Projection(
+        )(x_BxTxC)
+        h_BxTxM = nn.gelu(h_BxTxM, approximate=True)
+        y_BxTxC = Projection(
             "btm,mc->btc",
             kernel_shape=(cfg.mlp_dim, cfg.n_embd),
             kernel_axes=("mlp", "embed"),
             std=0.02 / math.sqrt(2 * cfg.n_layer),
             dtype=cfg.compute_dtype,
+            decode_layout=self.decode_layout,
             name="c_proj",
-        )(x)
-        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        )(h_BxTxM)
+        return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
 
 
 class Block(nn.Module):
     cfg: GPTConfig
+    decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
-        cfg = self.cfg
-        x = x + CausalSelfAttention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), token_mask, deterministic, decode)
-        x = x + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic)
-        return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+    def __call__(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
+        cfg, layout = self.cfg, self.decode_layout
+        attn = CausalSelfAttention(cfg, layout, name="attn")
+        x_BxTxC = x_BxTxC + attn(_layer_norm(cfg, "ln_1")(x_BxTxC), token_mask, deterministic, decode)
+        x_BxTxC = x_BxTxC + MLP(cfg, layout, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxC), deterministic)
+        return nn.with_logical_constraint(x_BxTxC, ("batch", "seq", "act_embed"))
 
 
 class GPT(nn.Module):
-    """A GPT-2 language model: token ids [batch, seq] -> fp32 logits [batch, seq, vocab]."""
+    """A GPT-2 language model: token ids [batch, seq] -> fp32 logits [batch, seq, vocab].
+
+    decode_layout: every dense kernel is one [out, in] matrix (`to_decode_layout` makes such
+    parameters). With few rows per step, as in decoding, XLA's CPU matmuls read that layout up
+    to twice as fast as flax's [in, out]; the arithmetic is the same.
+    """
 
     cfg: GPTConfig
+    decode_layout: bool = False
 
     @nn.compact
     def __call__(
         self,
-        tokens: jax.Array,
-        positions: jax.Array | None = None,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
         token_mask: jax.Array | None = None,
         *,
         deterministic: bool = True,
@@ -338,16 +385,16 @@ class GPT(nn.Module):
     ) -> jax.Array:
         """Logits for every position.
 
-        positions: [batch, seq] position ids (default 0..seq-1).
+        positions_BxT: position ids (default 0..seq-1).
         token_mask: [batch, seq], False for padding; padded keys are never attended to.
         decode: use and update the key/value cache (see the module docstring).
         return_hidden: return the final LayerNorm's output [batch, seq, n_embd] instead of the
             logits, for a loss that applies the tied head itself (`gptjax.train.head_cross_entropy`).
         """
         cfg = self.cfg
-        b, t = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+        b, t = tokens_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         wte = nn.Embed(
             cfg.vocab_size,
             cfg.n_embd,
@@ -364,19 +411,47 @@ class GPT(nn.Module):
             embedding_init=_init(0.01, ("pos", "embed")),
             name="wpe",
         )
-        x = wte(tokens) + wpe(positions)
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+        x_BxTxC = wte(tokens_BxT) + wpe(positions_BxT)
+        x_BxTxC = nn.Dropout(cfg.dropout)(x_BxTxC, deterministic=deterministic)
+        x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "seq", "act_embed"))
         block = nn.remat(Block, static_argnums=(3, 4)) if cfg.remat else Block
         for i in range(cfg.n_layer):
-            x = block(cfg, name=f"h_{i}")(x, token_mask, deterministic, decode)
-        x = _layer_norm(cfg, "ln_f")(x)
+            x_BxTxC = block(cfg, self.decode_layout, name=f"h_{i}")(x_BxTxC, token_mask, deterministic, decode)
+        x_BxTxC = _layer_norm(cfg, "ln_f")(x_BxTxC)
         if return_hidden:
-            return x.astype(cfg.compute_dtype)
-        return matmul("btc,vc->btv", x.astype(cfg.compute_dtype), wte.embedding.astype(cfg.compute_dtype))
+            return x_BxTxC.astype(cfg.compute_dtype)
+        # The tied head reads the [vocab, embed] table as stored: already the [out, in] layout.
+        dtype = cfg.compute_dtype
+        return matmul("btc,vc->btv", x_BxTxC.astype(dtype), wte.embedding.astype(dtype))
 
 
 def init_params(cfg: GPTConfig, rng: jax.Array) -> Any:
     """Unboxed fp32 parameters (no sharding; see `gptjax.train` for the sharded version)."""
     variables = GPT(cfg).init(rng, jnp.zeros((1, min(8, cfg.block_size)), jnp.int32))
     return nn.meta.unbox(variables["params"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def to_decode_layout(cfg: GPTConfig, params: Any) -> Any:
+    """The parameters of `GPT(cfg, decode_layout=True)`: every dense kernel as [out, in].
+
+    Each `kernel` is replaced by `kernel_out_in`, the kernel reshaped to [in, out] (its
+    contracted leading axes merged) and transposed; embeddings, LayerNorms and biases are
+    shared. A tree that is not a GPT's parameters raises (KeyError, or flax's shape check).
+    """
+
+    def out_in(layer: Mapping[str, Any], n_in: int) -> dict[str, Any]:
+        kernel = layer["kernel"]
+        return {"kernel_out_in": kernel.reshape(math.prod(kernel.shape[:n_in]), -1).T, "bias": layer["bias"]}
+
+    out = {k: params[k] for k in ("wte", "wpe", "ln_f")}
+    for i in range(cfg.n_layer):
+        block = params[f"h_{i}"]
+        attn, mlp = block["attn"], block["mlp"]
+        out[f"h_{i}"] = {
+            "ln_1": block["ln_1"],
+            "ln_2": block["ln_2"],
+            "attn": {"c_attn": out_in(attn["c_attn"], 1), "c_proj": out_in(attn["c_proj"], 2)},
+            "mlp": {"c_fc": out_in(mlp["c_fc"], 1), "c_proj": out_in(mlp["c_proj"], 1)},
+        }
+    return out

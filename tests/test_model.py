@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig, init_params, matmul
+from gptjax.model import GPT, GPTConfig, init_params, matmul, to_decode_layout
 
 CFG = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=32, block_size=48)
 
@@ -52,6 +52,44 @@ def test_padding_mask_hides_padded_keys(params):
     positions = jnp.maximum(jnp.arange(15)[None] - 5, 0)
     out = model.apply({"params": params}, padded, positions, mask)
     np.testing.assert_allclose(out[:, 5:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_layout_computes_the_same_logits(params, dtype):
+    """GPT(decode_layout=True) over `to_decode_layout` params gives the standard model's logits,
+    in a full forward pass and through the cache (prefill, then single-token steps)."""
+    cfg = GPTConfig(**{**CFG.__dict__, "dtype": dtype})
+    std, dec = GPT(cfg), GPT(cfg, decode_layout=True)
+    dparams = to_decode_layout(cfg, params)
+    assert dparams["h_0"]["attn"]["c_attn"]["kernel_out_in"].shape == (3 * 32, 32)
+    assert dparams["h_0"]["attn"]["c_proj"]["kernel_out_in"].shape == (32, 32)
+    assert dparams["h_1"]["mlp"]["c_fc"]["kernel_out_in"].shape == (128, 32)
+    tol = 1e-5 if dtype == "float32" else 0.05
+    tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 12), 0, CFG.vocab_size)
+    full = std.apply({"params": params}, tokens)
+    np.testing.assert_allclose(dec.apply({"params": dparams}, tokens), full, atol=tol)
+    cache = std.init(jax.random.PRNGKey(0), jnp.zeros((2, 12), jnp.int32), decode=True)["cache"]
+    cache = jax.tree_util.tree_map(jnp.zeros_like, cache)
+    logits, v = dec.apply({"params": dparams, "cache": cache}, tokens[:, :8], decode=True, mutable=["cache"])
+    np.testing.assert_allclose(logits, full[:, :8], atol=tol)
+    for i in range(8, 12):
+        pos = jnp.full((2, 1), i, jnp.int32)
+        step, v = dec.apply({"params": dparams, "cache": v["cache"]}, tokens[:, i : i + 1], pos, decode=True, mutable=["cache"])
+        np.testing.assert_allclose(step[:, 0], full[:, i], atol=tol)
+
+
+def test_decode_layout_refuses_the_standard_parameters(params):
+    """No silent fallback: the two layouts name their kernels differently, even when square."""
+    square = GPTConfig(**{**CFG.__dict__, "n_mlp": CFG.n_embd})
+    sq_params = init_params(square, jax.random.PRNGKey(0))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    for cfg, p in ((CFG, params), (square, sq_params)):
+        with pytest.raises(Exception, match="kernel_out_in"):
+            GPT(cfg, decode_layout=True).apply({"params": p}, tokens)
+        with pytest.raises(Exception, match="kernel"):
+            GPT(cfg).apply({"params": to_decode_layout(cfg, p)}, tokens)
+    with pytest.raises(KeyError):
+        to_decode_layout(CFG, {"wte": params["wte"]})
 
 
 def test_parameter_names_shapes_and_count(params):
