@@ -420,8 +420,8 @@ def test_progress_counts_every_byte_of_the_input(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 100)
     _write_txt(tmp_path / "files", 3, n_words=300)
     (tmp_path / "files" / "ünïcode.txt").write_text("é€😀\n" * 50)
-    _write_jsonl(tmp_path / "files" / "a.jsonl", [{"text": "x" * i} for i in range(40)] + ["", ""])
-    _write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "p", "completion": "c" * i} for i in range(30)])
+    _write_jsonl(tmp_path / "files" / "a.jsonl", [{"text": "x" * (i % 50)} for i in range(1000)] + ["", ""])
+    _write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "p", "completion": "c" * (i % 50)} for i in range(1000)])
     for spec in (f"files:{tmp_path}/files/*", f"pairs:{tmp_path}/qa.jsonl"):
         source = sources.resolve(data.parse_source(spec)[0], data.DataConfig(source=spec))
         seen, steps = [], []
