@@ -31,5 +31,6 @@ class Progress:
         """A tqdm bar (a no-op one on other processes); `unit` 'B' counts bytes with k/M/G prefixes."""
         from tqdm import tqdm
 
-        return tqdm(desc=desc, total=total, unit=unit, unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
+        in_bytes = unit == "B"
+        return tqdm(desc=desc, total=total, unit=unit, unit_scale=in_bytes, unit_divisor=1024 if in_bytes else 1000,
                     file=sys.stderr, disable=not self.enabled, leave=False, dynamic_ncols=True)
