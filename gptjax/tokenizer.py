@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -322,16 +322,13 @@ def training_texts(sources: Sequence[tuple[float, Iterable[str]]], max_chars: in
                 break
 
 
-def workdir_tokenizer(directory: str, settings: Mapping[str, Any],
+def workdir_tokenizer(directory: str, vocab_size: int, model_type: str, max_chars: int,
                       sources: Sequence[tuple[float, Iterable[str]]], say: Callable[[str], None]) -> Tokenizer:
     """The tokenizer saved in `directory`, else a SentencePiece model trained and saved there.
 
-    `settings` is config.tokenizer (vocab_size, model_type, max_chars); `sources` are (weight,
-    training texts) pairs, read only when a model is trained; `say` hears one line on what was done.
+    The settings are config.tokenizer's; `sources` are (weight, training texts) pairs, read only
+    when a model is trained; `say` hears one line on what was done.
     """
-    vocab_size = int(settings.get("vocab_size", 2048))
-    model_type = str(settings.get("model_type", "bpe"))
-    max_chars = int(settings.get("max_chars", 10_000_000))
     if os.path.isdir(directory):
         tok = load_tokenizer(directory)
         if tok.kind == "sentencepiece" and (tok.vocab_size, tok.model_type) != (vocab_size, model_type):

@@ -193,12 +193,12 @@ def test_workdir_tokenizer_trains_once_then_loads(tmp_path):
 
     settings = {"vocab_size": 400, "model_type": "bpe", "max_chars": 2000}
     directory = str(tmp_path / "run" / "tokenizer")
-    tok = tk.workdir_tokenizer(directory, settings, [(1.0, texts())], said.append)
+    tok = tk.workdir_tokenizer(directory, **settings, sources=[(1.0, texts())], say=said.append)
     assert tok.vocab_size == 400 and reads == [1] and os.listdir(tmp_path / "run") == ["tokenizer"]
     assert said[0].startswith("tokenizer: training SentencePiece bpe with 400 pieces on up to 2,000 characters")
     assert said[1].startswith("tokenizer: trained on 2,000 characters in ") and said[1].endswith(directory)
-    again = tk.workdir_tokenizer(directory, settings, [(1.0, texts())], said.append)
+    again = tk.workdir_tokenizer(directory, **settings, sources=[(1.0, texts())], say=said.append)
     assert again.fingerprint() == tok.fingerprint() and reads == [1]  # the texts are not read
     assert said[2] == f"tokenizer: SentencePiece bpe, 400 pieces, loaded from {directory}"
     with pytest.raises(UserError, match="use a new workdir"):
-        tk.workdir_tokenizer(directory, {**settings, "vocab_size": 500}, [(1.0, texts())], said.append)
+        tk.workdir_tokenizer(directory, **{**settings, "vocab_size": 500}, sources=[(1.0, texts())], say=said.append)

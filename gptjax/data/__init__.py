@@ -40,8 +40,9 @@ def prepare(config: Any, workdir: str, *, tokenizer: Tokenizer | None = None) ->
     run, progress = RunDir.at(workdir), Progress()
     if tokenizer is None:
         texts = [(s.spec.weight, s.training_texts(cfg.val_fraction)) for s in sources]
-        settings = config.get("tokenizer", None) or {}
-        tokenizer = workdir_tokenizer(short_path(run.tokenizer), settings, texts, progress.say)
+        t = config.tokenizer
+        tokenizer = workdir_tokenizer(short_path(run.tokenizer), int(t.vocab_size), str(t.model_type),
+                                      int(t.max_chars), texts, progress.say)
     elif not os.path.isdir(run.tokenizer):
         tokenizer.save(run.tokenizer)
         progress.say(f"tokenizer: {describe(tokenizer)}, given; saved to {short_path(run.tokenizer)}")
