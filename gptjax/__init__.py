@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
+
+    from gptjax.sampling import LoadedModel
 
 __version__ = "0.1.0"
 
 
-def load(path: str, **kwargs: Any) -> Any:
-    """Load a run directory or checkpoint for sampling; see `gptjax.sampling.load`."""
+def load(path: str, device: "jax.Device | None" = None) -> "LoadedModel":
+    """Load a run directory or checkpoint for sampling; see `gptjax.sampling.load`.
+
+    Imports JAX on first call, so `import gptjax` stays light.
+    """
     from gptjax.sampling import load as _load
 
-    return _load(path, **kwargs)
+    return _load(path, device=device)

@@ -13,6 +13,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from gptjax import sampling
 from gptjax.errors import UserError
+from gptjax.sampling.filters import num_candidates
 from gptjax.model import GPT, GPTConfig, init_params
 
 TEXT = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine! " * 4
@@ -239,12 +240,80 @@ def test_same_seed_same_text_and_streaming_equals_one_call(trained):
 
 
 def test_prompt_cut_from_the_left_when_asked(trained):
+    """A prompt must fit the window; with truncate_prompt it keeps its last block_size tokens."""
     decoder = sampling.Decoder(CFG, trained)
-    long = encode(TEXT)[:120]
+    long = encode(TEXT)[:150]
     with pytest.raises(UserError, match="truncate"):
         decoder.generate_tokens([long], max_new_tokens=20, temperature=0)
     cut = decoder.generate_tokens([long], max_new_tokens=20, temperature=0, truncate_prompt=True).tokens
-    assert cut == decoder.generate_tokens([long[-(CFG.block_size - 20):]], max_new_tokens=20, temperature=0).tokens
+    assert cut == decoder.generate_tokens([long[-CFG.block_size:]], max_new_tokens=20, temperature=0).tokens
+
+
+# ------------------------------------------------------------------------ past the context window
+
+WIN = GPTConfig(**{**CFG.__dict__, "block_size": 32})
+
+
+def window_params(trained):
+    """The trained model with a 32-token window (its first 32 learned positions)."""
+    return {**trained, "wpe": {"embedding": trained["wpe"]["embedding"][:32]}}
+
+
+def by_the_cropping_rule(params, prompts, n, choose):
+    """Reference: each step runs the full forward pass, without a cache, over exactly the
+    context the documented rule gives: the row's newest c tokens, c growing by one per token
+    and dropping to block_size // 2 when one more would not fit."""
+    fwd = jax.jit(lambda p, t: GPT(WIN).apply({"params": p}, t))
+    keep = WIN.block_size // 2
+    seqs = [list(p) for p in prompts]
+    lengths = [len(p) for p in prompts]
+    for t in range(n):
+        padded = np.zeros((len(seqs), WIN.block_size), np.int32)  # right padding: causal, so harmless
+        for i, (seq, c) in enumerate(zip(seqs, lengths)):
+            padded[i, :c] = seq[-c:]
+        logits = fwd(params, jnp.asarray(padded))
+        last = jnp.stack([logits[i, c - 1] for i, c in enumerate(lengths)])
+        for i, tok in enumerate(np.asarray(choose(last, t))):
+            seqs[i].append(int(tok))
+            lengths[i] = lengths[i] + 1 if lengths[i] + 1 <= WIN.block_size else keep
+    return [seq[len(p):] for seq, p in zip(seqs, prompts)]
+
+
+# Lengths 32 (a full window at once), 11 and 4: the rows reach a full window at different steps.
+WINDOW_PROMPTS = [encode(TEXT[3:35]), encode("a stitch in"), encode("lazy")]
+
+
+def test_past_the_window_greedy_equals_full_forward_over_the_cropped_context(trained):
+    params = window_params(trained)
+    assert sampling.keep_length(WIN.block_size) == WIN.block_size // 2
+    got = sampling.generate_tokens(WIN, params, WINDOW_PROMPTS, max_new_tokens=100, temperature=0)
+    want = by_the_cropping_rule(params, WINDOW_PROMPTS, 100, lambda logits, t: jnp.argmax(logits, axis=-1))
+    assert got == want
+    assert all(len(set(row[-40:])) > 5 for row in got)  # still text after three crops
+
+
+def test_past_the_window_sampled_equals_full_forward_over_the_cropped_context(trained):
+    params = window_params(trained)
+    controls = dict(temperature=1.0, top_k=12, top_p=0.9)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(4), i))(jnp.arange(len(WINDOW_PROMPTS)))
+    choose = jax.jit(
+        lambda logits, keys: sampling.choose_tokens(
+            logits, keys, jnp.float32(1.0), jnp.int32(12), jnp.float32(1.0 - 0.9),
+            greedy=False, use_k=True, use_p=True, m=num_candidates(WIN.vocab_size, 12),
+        )
+    )
+
+    def step(logits, t):
+        return choose(logits, jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys))
+
+    decoder = sampling.Decoder(WIN, params)
+    got = decoder.generate_tokens(WINDOW_PROMPTS, max_new_tokens=90, seed=4, **controls).tokens
+    assert got == by_the_cropping_rule(params, WINDOW_PROMPTS, 90, step)
+    pieces = [[] for _ in WINDOW_PROMPTS]
+    for new, _ in decoder.stream(WINDOW_PROMPTS, seed=4, chunk=7, max_new_tokens=90, **controls):
+        for i, row in enumerate(new):
+            pieces[i].extend(row)
+    assert pieces == got
 
 
 @pytest.mark.parametrize(
@@ -257,7 +326,6 @@ def test_prompt_cut_from_the_left_when_asked(trained):
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(max_new_tokens=0), "max_new_tokens"),
-        (dict(max_new_tokens=CFG.block_size), "max_new_tokens"),
         (dict(stop_tokens=[CFG.vocab_size]), "stop token"),
     ],
 )

@@ -1,0 +1,95 @@
+"""Text in, text out: `load` a run, then `generate` or `stream` strings.
+
+`LoadedModel` wraps a `Decoder` with the run's tokenizer: prompts are encoded (an empty
+prompt means the start of a document), the end-of-text token stops a row by default, and
+streamed token chunks are turned into text pieces that never split a multi-byte character.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+
+from gptjax.errors import UserError
+from gptjax.model import GPTConfig
+from gptjax.sampling.decode import Decoder, Generation
+
+
+class LoadedModel:
+    """A run's config, parameters and tokenizer, ready to generate text.
+
+    `generate(prompts, **controls)` returns one string per prompt (the new text only);
+    `generate_tokens` works on token ids. Controls: max_new_tokens, temperature (0 = greedy),
+    top_k (0 = off), top_p (1.0 = off), stop_tokens (default: the tokenizer's end-of-text),
+    seed, truncate_prompt (cut a prompt longer than the context window to its last tokens).
+    """
+
+    def __init__(self, config: Any, params: Any, tokenizer: Any, model_config: GPTConfig | None = None):
+        self.config = config
+        self.model_config = model_config or GPTConfig.from_config(config.model)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.decoder = Decoder(self.model_config, params)
+
+    def _controls(self, controls: dict[str, Any]) -> dict[str, Any]:
+        controls = dict(controls)
+        if controls.get("stop_tokens") is None:
+            controls["stop_tokens"] = (self.tokenizer.eot_id,)
+        return controls
+
+    def encode(self, prompts: str | Sequence[str]) -> list[list[int]]:
+        """Token ids per prompt; '' becomes the end-of-text token (the start of a document)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise UserError("prompts must be a string or a list of strings")
+        if not prompts:
+            raise UserError("give at least one prompt (a non-empty list)")
+        return [self.tokenizer.encode(p) or [self.tokenizer.eot_id] for p in prompts]
+
+    def stream(self, prompts: str | Sequence[str], chunk: int = 16, **controls: Any) -> Iterator[tuple[list[str], Generation]]:
+        """Yield (new text per row since the last yield, result so far) every `chunk` tokens."""
+        encoded = self.encode(prompts)
+        decoded: list[list[int]] = [[] for _ in encoded]
+        shown = [""] * len(encoded)
+        for new_rows, result in self.decoder.stream(encoded, chunk=chunk, **self._controls(controls)):
+            pieces = []
+            for i, row in enumerate(new_rows):
+                decoded[i].extend(row)
+                text = self.tokenizer.decode(decoded[i])
+                # Hold back a trailing replacement character (a multi-byte character split
+                # between chunks) until the end; if decoding more tokens changed text already
+                # shown, continue from the common prefix.
+                stable = text if result.finished else text.rstrip("\ufffd")
+                common = os.path.commonprefix([shown[i], stable])
+                pieces.append(stable[len(common):])
+                shown[i] = stable
+            yield pieces, result
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], **controls: Any) -> list[list[int]]:
+        """New token ids per prompt (lists of ids); the stop token is not included."""
+        return self.decoder.generate_tokens(prompts, **self._controls(controls)).tokens
+
+    def generate(self, prompts: str | Sequence[str], **controls: Any) -> list[str]:
+        """New text per prompt, cut at the first stop token."""
+        result = self.decoder.generate_tokens(self.encode(prompts), **self._controls(controls))
+        return [self.tokenizer.decode(t) for t in result.tokens]
+
+
+def load(path: str, device: jax.Device | None = None) -> LoadedModel:
+    """Load a workdir or one of its checkpoint step directories for sampling.
+
+    The parameters go to `device` (default: the default backend's first device), whatever
+    mesh the run was trained on.
+    """
+    from gptjax.checkpoint import load_for_inference
+    from gptjax.layout import find_run
+    from gptjax.tokenizer import load_tokenizer
+
+    run, _ = find_run(str(path))
+    if not os.path.isdir(run.tokenizer):
+        raise UserError(f"{run.root!r} has no tokenizer directory; is it a gptjax run?")
+    config, params = load_for_inference(str(path), device=device or jax.devices()[0])
+    return LoadedModel(config, params, load_tokenizer(run.tokenizer))
