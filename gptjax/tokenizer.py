@@ -6,7 +6,8 @@ the *text* '<|endoftext|>' inside a document into that id: only the data pipelin
 `save` writes a directory that `load_tokenizer` reads back; the GPT-2 directory is also a
 Hugging Face `GPT2TokenizerFast` directory, so `transformers.AutoTokenizer` can load it.
 `workdir_tokenizer` gives a run its tokenizer: the one saved in the run, or one trained on
-the run's training documents.
+the run's training documents. Directories may be URLs (gs://...): files go through etils.epath,
+and `tokenizer_meta.json` is written last, so a directory with it is complete.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import hashlib
 import io
 import json
 import os
+import contextlib
 import shutil
 import tempfile
 import time
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
+from etils import epath
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 import tokenizers
@@ -65,9 +68,50 @@ class Tokenizer(Protocol):
         """A short hash of the vocabulary and rules: equal fingerprints encode equally."""
 
 
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
 def _write_meta(directory: str, meta: dict) -> None:
-    with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    epath.Path(directory, META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _upload(local: str, directory: str) -> None:
+    """Copy the files of a local directory into `directory` (a URL), META_FILE last."""
+    dest = epath.Path(directory)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(local), key=lambda n: n == META_FILE):
+        (dest / name).write_bytes(epath.Path(local, name).read_bytes())
+
+
+@contextlib.contextmanager
+def _local_dir(directory: str) -> Iterator[str]:
+    """A local directory to write `directory`'s files into: itself, or for a URL a temporary
+    one whose files are uploaded when the block ends without an error."""
+    if not _is_url(directory):
+        os.makedirs(directory, exist_ok=True)
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="gptjax-tokenizer-") as local:
+        yield local
+        _upload(local, directory)
+
+
+@contextlib.contextmanager
+def _local_copy(directory: str, names: Sequence[str]) -> Iterator[str]:
+    """A local directory holding `names` from `directory` (itself when it is local)."""
+    if not _is_url(directory):
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="gptjax-tokenizer-") as local:
+        for name in names:
+            epath.Path(local, name).write_bytes(epath.Path(directory, name).read_bytes())
+        yield local
+
+
+def tokenizer_saved(directory: str) -> bool:
+    """Whether `directory` holds a saved tokenizer (a local directory, or a URL with its meta file)."""
+    return epath.Path(directory, META_FILE).exists() if _is_url(directory) else os.path.isdir(directory)
 
 
 class SentencePieceTokenizer:
@@ -120,9 +164,8 @@ class SentencePieceTokenizer:
         return EOT.join(pieces)
 
     def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, SPM_FILE), "wb") as f:
-            f.write(self._proto)
+        epath.Path(directory).mkdir(parents=True, exist_ok=True)
+        epath.Path(directory, SPM_FILE).write_bytes(self._proto)
         _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
                                 "model_type": self.model_type, "model_file": SPM_FILE,
                                 "fingerprint": self.fingerprint()})
@@ -223,15 +266,17 @@ class GPT2BPETokenizer:
     @classmethod
     def from_files(cls, directory: str) -> "GPT2BPETokenizer":
         """Read `directory`/tokenizer.json, or else vocab.json + merges.txt."""
-        path = os.path.join(directory, "tokenizer.json")
-        vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
-        if os.path.isfile(path):
-            tok = tokenizers.Tokenizer.from_file(path)
+        path = epath.Path(directory, "tokenizer.json")
+        vocab, merges = epath.Path(directory, "vocab.json"), epath.Path(directory, "merges.txt")
+        if path.is_file():
+            tok = tokenizers.Tokenizer.from_str(path.read_text())
             model_type = json.loads(tok.to_str())["model"]["type"]
             if model_type != "BPE":
                 raise UserError(f"{path} holds a {model_type} model; a GPT-2 tokenizer must be byte-level BPE")
-        elif os.path.isfile(vocab) and os.path.isfile(merges):
-            tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab, merges))
+        elif vocab.is_file() and merges.is_file():
+            with _local_copy(directory, [vocab.name, merges.name]) as local:
+                bpe = tokenizers.models.BPE.from_file(os.path.join(local, vocab.name), os.path.join(local, merges.name))
+            tok = tokenizers.Tokenizer(bpe)
             tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = tokenizers.decoders.ByteLevel()
             tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
@@ -250,23 +295,23 @@ class GPT2BPETokenizer:
 
     def save(self, directory: str) -> None:
         """Write tokenizer.json, vocab.json, merges.txt and the transformers configs, then meta."""
-        os.makedirs(directory, exist_ok=True)
-        self._tok.save(os.path.join(directory, "tokenizer.json"))
-        self._tok.model.save(directory)
-        special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-        with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
-            json.dump(special, f, indent=2)
-        config = {
-            **special,
-            "tokenizer_class": "GPT2Tokenizer",
-            "add_prefix_space": False,
-            "add_bos_token": False,
-            "clean_up_tokenization_spaces": False,
-            "errors": "replace",
-        }
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+        with _local_dir(directory) as local:
+            self._tok.save(os.path.join(local, "tokenizer.json"))
+            self._tok.model.save(local)
+            special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+            with open(os.path.join(local, "special_tokens_map.json"), "w") as f:
+                json.dump(special, f, indent=2)
+            config = {
+                **special,
+                "tokenizer_class": "GPT2Tokenizer",
+                "add_prefix_space": False,
+                "add_bos_token": False,
+                "clean_up_tokenization_spaces": False,
+                "errors": "replace",
+            }
+            with open(os.path.join(local, "tokenizer_config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            _write_meta(local, {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
                                 "fingerprint": self.fingerprint()})
 
     def fingerprint(self) -> str:
@@ -275,24 +320,22 @@ class GPT2BPETokenizer:
 
 def load_tokenizer(directory: str) -> Tokenizer:
     """Load what `save` wrote; a Hugging Face GPT-2 tokenizer directory also loads."""
-    meta_path = os.path.join(directory, META_FILE)
-    if not os.path.isfile(meta_path):
-        if any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "vocab.json")):
+    meta_path = epath.Path(directory, META_FILE)
+    if not meta_path.is_file():
+        if any(epath.Path(directory, f).is_file() for f in ("tokenizer.json", "vocab.json")):
             return GPT2BPETokenizer.from_files(directory)
         raise UserError(f"{directory} is not a tokenizer directory: expected {META_FILE} (written by gptjax) "
                         "or tokenizer.json / vocab.json + merges.txt (Hugging Face GPT-2)")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(meta_path.read_text())
         kind = meta["kind"]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{meta_path} is not a valid tokenizer meta file (expected JSON with 'kind')") from None
     if kind == SentencePieceTokenizer.kind:
-        path = os.path.join(directory, meta.get("model_file", SPM_FILE))
-        if not os.path.isfile(path):
+        path = epath.Path(directory, meta.get("model_file", SPM_FILE))
+        if not path.is_file():
             raise UserError(f"{directory}: {META_FILE} names a SentencePiece model but {path} is missing")
-        with open(path, "rb") as f:
-            tok: Tokenizer = SentencePieceTokenizer(f.read())
+        tok: Tokenizer = SentencePieceTokenizer(path.read_bytes())
     elif kind == GPT2BPETokenizer.kind:
         tok = GPT2BPETokenizer.from_files(directory)
     else:
@@ -329,7 +372,7 @@ def workdir_tokenizer(directory: str, vocab_size: int, model_type: str, max_char
     The settings are config.tokenizer's; `sources` are (weight, training texts) pairs, read only
     when a model is trained; `say` hears one line on what was done.
     """
-    if os.path.isdir(directory):
+    if tokenizer_saved(directory):
         tok = load_tokenizer(directory)
         if tok.kind == "sentencepiece" and (tok.vocab_size, tok.model_type) != (vocab_size, model_type):
             raise UserError(f"{directory} holds a {tok.model_type} tokenizer of {tok.vocab_size} pieces but the config "
@@ -337,8 +380,9 @@ def workdir_tokenizer(directory: str, vocab_size: int, model_type: str, max_char
                             "to retrain")
         say(f"tokenizer: {describe(tok)}, loaded from {directory}")
         return tok
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
+    parent = None if _is_url(directory) else os.path.dirname(directory)
+    if parent is not None:
+        os.makedirs(parent or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     read = 0
 
@@ -353,10 +397,13 @@ def workdir_tokenizer(directory: str, vocab_size: int, model_type: str, max_char
     start = time.perf_counter()
     try:
         tok = train_sentencepiece(counted(training_texts(sources, max_chars)), tmp, vocab_size, model_type, max_chars)
-        try:
-            os.rename(tmp, directory)
-        except OSError:  # another process saved one first: use that (training is deterministic)
-            return load_tokenizer(directory)
+        if parent is None:
+            _upload(tmp, directory)
+        else:
+            try:
+                os.rename(tmp, directory)
+            except OSError:  # another process saved one first: use that (training is deterministic)
+                return load_tokenizer(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"tokenizer: trained on {min(read, max_chars):,} characters in {time.perf_counter() - start:.1f} s, "

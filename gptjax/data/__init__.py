@@ -4,51 +4,80 @@
                  each source's documents, split into training and validation by name
     cache.py     the token cache: documents encoded once into train/val .bin files + meta.json
     batches.py   Dataset: the batch for a step as a function of (seed, step), and eval batches
-    progress.py  what preparation prints (stderr, process 0): one line per source, a bar
+    progress.py  what preparation prints (stderr, process 0): one line per source, progress
+    hosts.py     a pod prepares once: host 0 builds the tokenizer and caches, the others wait
+    storage.py   paths that may be URLs (gs://...), and the host-local copy of a bucket's cache
 
 `prepare` ties them together for a run: the run's tokenizer (see gptjax.tokenizer) and one
 cached token stream per source.
+
+What a pod's hosts must share: the workdir (its tokenizer/ and data/) and data.cache_dir,
+local paths on a shared file system or gs:// URLs; host 0 writes them, the others read them.
+What may be host-local: the copies of a gs:// token cache that each host memory-maps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
+from gptjax.data import storage
 from gptjax.data.batches import Dataset
 from gptjax.data.cache import TokenStream, token_dtype, token_streams
+from gptjax.data.hosts import Beacon, Hosts, wait_for
 from gptjax.data.progress import Progress, short_path
 from gptjax.data.sources import DataConfig, SourceSpec, parse_source, resolve, stdlib_files
 from gptjax.layout import RunDir
-from gptjax.tokenizer import Tokenizer, describe, workdir_tokenizer
+from gptjax.tokenizer import Tokenizer, describe, load_tokenizer, tokenizer_saved, workdir_tokenizer
 
 __all__ = ["DataConfig", "Dataset", "SourceSpec", "TokenStream", "parse_source", "prepare", "stdlib_files",
            "token_dtype"]
 
 
-def prepare(config: Any, workdir: str, *, tokenizer: Tokenizer | None = None) -> Dataset:
+def prepare(config: Any, workdir: str, *, tokenizer: Tokenizer | None = None,
+            process_index: int | None = None, process_count: int | None = None) -> Dataset:
     """Tokenizer and token streams for `config.data.source`, built once and cached under workdir.
 
     Without `tokenizer`, `<workdir>/tokenizer/` is loaded, or a SentencePiece model is trained
     (config.tokenizer.vocab_size / model_type / max_chars) and saved there. A given tokenizer
     (e.g. GPT-2's, from an imported checkpoint) is used as is and saved there when none is.
-    What is done is printed to stderr on process 0.
+    Of a pod's processes (default: jax.process_index() of jax.process_count()) only process 0
+    trains, saves and tokenizes; the others wait for its results (see gptjax.data.hosts).
+    What is done is printed to stderr on process 0. `workdir` and data.cache_dir may be URLs.
     """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
     cfg = DataConfig.from_config(config.data)
+    hosts = Hosts(int(process_index), int(process_count), float(cfg.host_wait_s))
     specs = [s for s in parse_source(cfg.source) if s.weight > 0]
     sources = [resolve(s, cfg) for s in specs]
-    run, progress = RunDir.at(workdir), Progress()
+    run = RunDir(workdir) if storage.is_url(workdir) else RunDir.at(workdir)
+    progress = Progress(process_index == 0)
     if tokenizer is None:
-        texts = [(s.spec.weight, s.training_texts(cfg.val_fraction)) for s in sources]
-        t = config.tokenizer
-        tokenizer = workdir_tokenizer(short_path(run.tokenizer), int(t.vocab_size), str(t.model_type),
-                                      int(t.max_chars), texts, progress.say)
-    elif not os.path.isdir(run.tokenizer):
+        tokenizer = _workdir_tokenizer(config, cfg, run.tokenizer, sources, progress, hosts)
+    elif hosts.builds and not tokenizer_saved(run.tokenizer):
         tokenizer.save(run.tokenizer)
         progress.say(f"tokenizer: {describe(tokenizer)}, given; saved to {short_path(run.tokenizer)}")
     else:
         progress.say(f"tokenizer: {describe(tokenizer)}, given")
-    cache_root = os.path.expanduser(cfg.cache_dir) or run.data_cache
-    streams = [token_streams(s, tokenizer, cache_root, cfg.val_fraction, progress) for s in sources]
+    cache_root = (cfg.cache_dir if storage.is_url(cfg.cache_dir) else os.path.expanduser(cfg.cache_dir)) \
+        or run.data_cache
+    streams = [token_streams(s, tokenizer, cache_root, cfg.val_fraction, progress, hosts) for s in sources]
     return Dataset(tokenizer, [s.name for s in specs], [s.weight for s in specs],
                    [t for t, _ in streams], [v for _, v in streams])
+
+
+def _workdir_tokenizer(config: Any, cfg: DataConfig, directory: str, sources: list, progress: Progress,
+                       hosts: Hosts) -> Tokenizer:
+    """The run's tokenizer: trained and saved by process 0 unless saved already; the others wait."""
+    if not hosts.builds:
+        wait_for(lambda: tokenizer_saved(directory), directory, "the tokenizer", hosts)
+        return load_tokenizer(directory)
+    texts = [(s.spec.weight, s.training_texts(cfg.val_fraction)) for s in sources]
+    t = config.tokenizer
+    with contextlib.nullcontext() if tokenizer_saved(directory) else Beacon(directory, hosts):
+        return workdir_tokenizer(short_path(directory), int(t.vocab_size), str(t.model_type), int(t.max_chars),
+                                 texts, progress.say)

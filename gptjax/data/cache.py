@@ -6,6 +6,12 @@ not fit in memory. The files of one source live in `<cache root>/<kind>-<fingerp
 meta.json that records what they were built from; they are built in a temporary directory and
 renamed into place, so a half-written cache is never trusted, and they are reused while the
 source files, settings and tokenizer stay the same.
+
+A cache root may be a URL (gs://...), shared by a pod's hosts. The files are still built on
+local disk, then uploaded with meta.json last (an object store has no rename). Every host
+copies the finished files once into a host-local directory (`storage.host_cache_root()`) and
+memory-maps them there: a batch reads random windows of the streams, which a local map serves
+at memory speed and a bucket would serve one request per row.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import tempfile
 import time
 
 import numpy as np
+from etils import epath
 
+from gptjax.data import storage
+from gptjax.data.hosts import Beacon, Hosts, wait_for
 from gptjax.data.progress import Progress, short_path
 from gptjax.data.sources import Advance, Source, split_of
 from gptjax.errors import UserError
@@ -147,25 +156,71 @@ class TokenStream:
 
 
 def _stream_files(directory: str, meta: dict) -> dict[str, tuple[str, str | None]]:
-    return {s: (os.path.join(directory, f"{s}.bin"),
-                os.path.join(directory, f"{s}_mask.bin") if meta["has_mask"] else None) for s in SPLITS}
+    return {s: (storage.join(directory, f"{s}.bin"),
+                storage.join(directory, f"{s}_mask.bin") if meta["has_mask"] else None) for s in SPLITS}
 
 
 def _read_valid_meta(directory: str, key: dict) -> dict | None:
     """The cache's meta if it was built from `key` and its files have the recorded sizes, else None."""
     try:
-        with open(os.path.join(directory, "meta.json")) as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(storage.join(directory, "meta.json")))
         if meta["key"] != key:
             return None
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split, (tokens, mask) in _stream_files(directory, meta).items():
             n = meta[split]["tokens"]
-            if n < 1 or os.path.getsize(tokens) != n * itemsize or (mask and os.path.getsize(mask) != n):
+            if n < 1 or storage.size(tokens) != n * itemsize or (mask and storage.size(mask) != n):
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return meta
+
+
+def _cache_files(directory: str, meta: dict) -> list[str]:
+    """Names of a cache's files, meta.json last (written last: it marks the cache complete)."""
+    streams = [os.path.basename(p) for pair in _stream_files(directory, meta).values() for p in pair if p]
+    return streams + ["meta.json"]
+
+
+def _place(tmp: str, directory: str, key: dict, meta: dict) -> dict:
+    """Rename a finished local cache `tmp` (of `meta`) to `directory`, unless another process got
+    there first; the meta of the cache in place."""
+    try:
+        os.rename(tmp, directory)
+    except OSError:  # another process on this host finished the same cache first
+        meta = _read_valid_meta(directory, key)
+        if meta is None:
+            raise
+    return meta
+
+
+def _local_dir(directory: str, key: dict) -> str:
+    """Where the host-local copy of the cache at URL `directory` lives; a stale copy is removed."""
+    local = os.path.join(storage.host_cache_root(), os.path.basename(directory.rstrip("/")))
+    if os.path.exists(local) and _read_valid_meta(local, key) is None:
+        shutil.rmtree(local)
+    return local
+
+
+def _host_copy(directory: str, key: dict, meta: dict, progress: Progress) -> str:
+    """A host-local copy of the finished cache at URL `directory` (made now unless present)."""
+    local = _local_dir(directory, key)
+    if os.path.exists(local):
+        return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(local)}.tmp-", dir=os.path.dirname(local))
+    names = _cache_files(directory, meta)
+    try:
+        sizes = [storage.size(storage.join(directory, n)) for n in names]
+        with progress.bar(f"copying {directory}", sum(sizes), "B") as bar:
+            for name, n in zip(names, sizes):
+                storage.copy_file(storage.join(directory, name), os.path.join(tmp, name))
+                bar.update(n)
+        _place(tmp, local, key, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress.say(f"{meta['source']}: token cache copied to {local}")
+    return local
 
 
 def _summary(meta: dict) -> str:
@@ -177,10 +232,13 @@ def _summary(meta: dict) -> str:
 
 def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, val_fraction: float,
            progress: Progress) -> dict:
-    """Write the cache of `source` into `directory` by way of a temporary directory; return its meta."""
-    cache_root = os.path.dirname(directory)
+    """Write the cache of `source` into `directory` by way of a temporary directory; return its meta.
+
+    For a URL `directory` the files are built in the host-local cache, uploaded, and kept there."""
+    local = _local_dir(directory, key) if storage.is_url(directory) else directory
+    cache_root = os.path.dirname(local)
     os.makedirs(cache_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=cache_root)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(local)}.tmp-", dir=cache_root)
     start = time.perf_counter()
     try:
         with progress.bar(f"tokenizing {source.name}", source.size, source.unit) as bar:
@@ -190,12 +248,10 @@ def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, val_
                 **counts}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
-        try:
-            os.rename(tmp, directory)
-        except OSError:  # another process on this host finished the same cache first
-            meta = _read_valid_meta(directory, key)
-            if meta is None:
-                raise
+        if local != directory:
+            for name in _cache_files(tmp, meta):
+                storage.copy_file(os.path.join(tmp, name), storage.join(directory, name))
+        meta = _place(tmp, local, key, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     progress.say(f"{source.name}: {_summary(meta)} in {time.perf_counter() - start:.1f} s, "
@@ -203,21 +259,36 @@ def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, val_
     return meta
 
 
+def _remove_tree(directory: str) -> None:
+    if storage.is_url(directory):
+        epath.Path(directory).rmtree(missing_ok=True)
+    else:
+        shutil.rmtree(directory)
+
+
 def token_streams(source: Source, tokenizer: Tokenizer, cache_root: str, val_fraction: float,
-                  progress: Progress) -> list[TokenStream]:
-    """[train, val] streams of a source, from its cache when that is complete and current, else built."""
+                  progress: Progress, hosts: Hosts) -> list[TokenStream]:
+    """[train, val] streams of a source, from its cache when that is complete and current, else
+    built (by host 0 of a pod; the other hosts wait for it)."""
     key = json.loads(json.dumps({"format": _FORMAT, "source": source.identity, "tokenizer": tokenizer.fingerprint(),
                                  "val_fraction": float(val_fraction)}, sort_keys=True))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    directory = os.path.join(cache_root, f"{source.spec.kind}-{digest}")
+    directory = storage.join(cache_root, f"{source.spec.kind}-{digest}")
     meta = _read_valid_meta(directory, key)
     if meta is not None:
         progress.say(f"{source.name}: {_summary(meta)} (token cache reused: {short_path(directory)})")
+    elif not hosts.builds:
+        wait_for(lambda: _read_valid_meta(directory, key) is not None, directory,
+                 f"the token cache of {source.name}", hosts)
+        meta = _read_valid_meta(directory, key)
     else:
-        if os.path.exists(directory):
+        if storage.exists(directory):
             progress.say(f"{source.name}: token cache {short_path(directory)} is incomplete or stale; rebuilding it")
-            shutil.rmtree(directory)
-        meta = _build(source, tokenizer, directory, key, val_fraction, progress)
+            _remove_tree(directory)
+        with Beacon(directory, hosts):
+            meta = _build(source, tokenizer, directory, key, val_fraction, progress)
+    if storage.is_url(directory):
+        directory = _host_copy(directory, key, meta, progress)
     dtype = np.dtype(meta["dtype"])
     # Plain ndarray views of the maps: indexing a np.memmap subclass is several times slower.
     return [TokenStream(np.asarray(np.memmap(tokens, dtype=dtype, mode="r")),

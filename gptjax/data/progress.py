@@ -1,16 +1,65 @@
-"""What data preparation tells the user: lines and a progress bar on stderr, from process 0 only."""
+"""What data preparation tells the user: lines and progress on stderr, from process 0 only.
+
+On a terminal progress is a tqdm bar; otherwise (a pod's log, a file, a pipe) it is plain
+lines, one every LINE_EVERY_S seconds, which read well in a log without carriage returns.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
+
+LINE_EVERY_S = 30.0
 
 
 def short_path(path: str) -> str:
-    """`path` relative to the working directory when it lies below it, else as given."""
+    """`path` relative to the working directory when it lies below it, else as given (URLs too)."""
+    if "://" in path:
+        return path
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
+
+
+def _amount(n: float, unit: str) -> str:
+    from tqdm import tqdm
+
+    if unit == "B":
+        return tqdm.format_sizeof(n, "B", 1024)
+    return f"{int(n):,} {unit}"
+
+
+class _Lines:
+    """A progress report as plain lines: one when it starts, then at most one per `every_s` seconds."""
+
+    def __init__(self, say: Any, desc: str, total: int | None, unit: str, every_s: float):
+        self._say, self._desc, self._total, self._unit, self._every_s = say, desc, total, unit, every_s
+        self._done = 0
+        self._start = self._last = time.monotonic()
+
+    def __enter__(self) -> "_Lines":
+        size = f" ({_amount(self._total, self._unit)})" if self._total else ""
+        self._say(f"{self._desc}{size}")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        self._done += n
+        now = time.monotonic()
+        if now - self._last < self._every_s:
+            return
+        self._last = now
+        rate = self._done / max(now - self._start, 1e-9)
+        done = _amount(self._done, self._unit)
+        if self._total:
+            eta = (self._total - self._done) / rate if rate > 0 else float("inf")
+            self._say(f"{self._desc}: {done} of {_amount(self._total, self._unit)} "
+                      f"({100 * self._done / self._total:.0f}%), {_amount(rate, self._unit)}/s, ETA {eta:.0f} s")
+        else:
+            self._say(f"{self._desc}: {done}, {_amount(rate, self._unit)}/s")
 
 
 class Progress:
@@ -28,7 +77,10 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
     def bar(self, desc: str, total: int | None, unit: str) -> Any:
-        """A tqdm bar (a no-op one on other processes); `unit` 'B' counts bytes with k/M/G prefixes."""
+        """A tqdm bar on a terminal, else plain lines (nothing on other processes); `unit` 'B'
+        counts bytes with k/M/G prefixes."""
+        if self.enabled and not sys.stderr.isatty():
+            return _Lines(self.say, desc, total, unit, LINE_EVERY_S)
         from tqdm import tqdm
 
         in_bytes = unit == "B"

@@ -17,7 +17,6 @@ that reading can show progress.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import math
@@ -26,6 +25,7 @@ import sys
 import sysconfig
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from gptjax.data import storage
 from gptjax.errors import UserError
 
 SOURCE_KINDS = ("stdlib", "files", "tfds", "pairs")
@@ -58,11 +58,14 @@ class DataConfig:
     tfds_feature: str = "text"
     tfds_data_dir: str = ""
     val_fraction: float = 0.02
-    cache_dir: str = ""  # '' means <workdir>/data; must be a local path (the streams are memory-mapped)
+    cache_dir: str = ""  # '' means <workdir>/data; shared by a pod's hosts like the workdir (may be gs://)
+    host_wait_s: float = 600.0  # how long other hosts wait without a sign of progress from host 0's preparation
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.val_fraction) < 1.0:
             raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not float(self.host_wait_s) > 0:
+            raise UserError(f"data.host_wait_s must be a positive number of seconds, got {self.host_wait_s}")
 
     @classmethod
     def from_config(cls, data_cfg: Mapping[str, Any]) -> "DataConfig":
@@ -164,22 +167,24 @@ def stdlib_files() -> list[str]:
 def _files_digest(paths: list[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{storage.fingerprint(p)}\n".encode())
     return h.hexdigest()[:16]
 
 
 def _total_bytes(paths: list[str]) -> int:
-    return sum(os.path.getsize(p) for p in paths)
+    return sum(storage.size(p) for p in paths)
 
 
 def _expand_globs(kind: str, arg: str) -> list[str]:
     paths: set[str] = set()
     for pattern in (p.strip() for p in arg.split(",")):
-        matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-        found = [os.path.normpath(p) for p in matches if os.path.isfile(p)]
+        if storage.is_url(pattern) and "**" in pattern:
+            raise UserError(f"data.source '{kind}:{pattern}': '**' is not supported in a URL (each level is "
+                            "listed separately); write one '*' per directory level, e.g. 'gs://b/data/*/*.jsonl'")
+        found = storage.glob_files(pattern)
         if not found:
-            raise UserError(f"data.source '{kind}:{pattern}' matches no files (relative to {os.getcwd()}); "
+            where = "" if storage.is_url(pattern) else f" (relative to {os.getcwd()})"
+            raise UserError(f"data.source '{kind}:{pattern}' matches no files{where}; "
                             "give a path or glob of existing files, e.g. 'data/**/*.jsonl'")
         paths.update(found)
     return sorted(paths)
@@ -199,7 +204,7 @@ class _BytesRead:
 
 def _text_chunks(path: str, advance: Advance) -> Iterator[tuple[str, bool]]:
     """A text file in pieces of about TEXT_CHUNK_CHARS characters, cut after a newline."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with storage.open_text(path, encoding="utf-8", errors="replace", newline="") as f:
         progress = _BytesRead(f, advance)
         while chunk := f.read(TEXT_CHUNK_CHARS):
             if not chunk.endswith("\n"):
@@ -222,12 +227,12 @@ def _pieces(text: str) -> Iterator[tuple[str, bool]]:
 
 def _text_file_docs(paths: list[str], key: Callable[[str], str], advance: Advance) -> Iterator[Doc]:
     for path in paths:
-        if os.path.getsize(path):
+        if storage.size(path):
             yield Doc(key(path), _text_chunks(path, advance))
 
 
 def _jsonl_records(path: str, advance: Advance) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with storage.open_text(path, encoding="utf-8", errors="replace") as f:
         progress = _BytesRead(f, advance)
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -284,7 +289,8 @@ def _tfds_source(spec: SourceSpec, cfg: DataConfig) -> Source:
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.registered import DatasetNotFoundError
 
-    data_dir = os.path.expanduser(cfg.tfds_data_dir) or None
+    data_dir = cfg.tfds_data_dir if storage.is_url(cfg.tfds_data_dir) else os.path.expanduser(cfg.tfds_data_dir)
+    data_dir = data_dir or None
     try:
         builder = tfds.builder(spec.arg, data_dir=data_dir)
     except DatasetNotFoundError:
