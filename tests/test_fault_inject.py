@@ -8,6 +8,7 @@ which strict turns into a failure: remove the marker then.
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -113,3 +114,39 @@ def test_stderr_lines_drop_progress_bars():
     text = (" 10%|#  | 1/10 [00:01<00:09, 1.00step/s]\r 20%|## | 2/10 [00:02<00:08, 1.00step/s]\n"
             "step 10: val_loss 2.0\nerror: disk full at /x\n")
     assert fi.stderr_lines(text) == ["step 10: val_loss 2.0", "error: disk full at /x"]
+
+
+def test_watch_classifies_moments_from_the_workdir(tmp_path):
+    wd = tmp_path / "run"
+    (wd / "checkpoints").mkdir(parents=True)
+    (wd / ".tokenizer.tmp-old").mkdir()  # left by an earlier, killed attempt: not this one's
+    (wd / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    watch = fi.Watch(str(wd), None, time.time_ns())
+
+    def log(record):
+        with open(wd / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    assert watch.moment() == "startup"
+    (wd / "data").mkdir()
+    (wd / "data" / ".files-123.tmp-x").mkdir()
+    assert watch.moment() == "prepare"
+    (wd / "data" / ".files-123.tmp-x").rmdir()
+    train = {"steps": 20, "eval_every": 10, "eval_batches": 2, "checkpoint_every": 10}
+    (wd / "config.json").write_text(json.dumps({"train": train}))
+    assert watch.moment() == "compile"
+    log({"step": 1, "loss": 1.0})
+    assert (watch.moment(), watch.last_step) == ("step", 1)
+    log({"step": 10, "loss": 1.0})
+    assert watch.moment() == "eval"
+    log({"step": 10, "val_loss": 1.0})
+    assert watch.moment() == "save"
+    (wd / "checkpoints" / "10.orbax-checkpoint-tmp-5").mkdir()
+    log({"step": 11, "loss": 1.0})
+    assert (watch.moment(), watch.last_step) == ("save", 11)
+    (wd / "checkpoints" / "10.orbax-checkpoint-tmp-5").rename(wd / "checkpoints" / "10")
+    assert watch.moment() == "step"
+    log({"step": 20, "loss": 1.0})
+    log({"step": 20, "val_loss": 1.0})
+    (wd / "checkpoints" / "20").mkdir()
+    assert watch.moment() == "shutdown"

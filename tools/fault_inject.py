@@ -26,19 +26,30 @@ moment the kills hit. Each kill is classified from what the workdir showed when 
 Single-trial scenarios follow (--scenarios), each reported as ok, FAILED or skipped, with one
 line why:
 
-    sigterm    SIGTERM mid-step: exit 0 within --sigterm_bound seconds, a checkpoint at the step
-               it stopped, and a restart that finishes identically
-    truncated  the files of the newest checkpoint cut to half: the restart names the skipped
-               step in one line, falls back to the previous checkpoint and finishes identically
-    diverge    a restart with --diverge_lr: exit 1 with one line, no traceback, no checkpoint
-               with a non-finite value, the last good checkpoint kept unchanged
-    disk       training into a tmpfs that holds one checkpoint: exit 1, one line naming the
-               place, no traceback, the previous checkpoint intact (needs root for mount)
+    sigterm          SIGTERM mid-step: exit 0 within --sigterm_bound seconds, a checkpoint at
+                     the step it stopped, and a restart that finishes identically
+    sigterm-twice    SIGTERM, then SIGINT 50 ms later: out within the bound, no traceback, the
+                     newest finished checkpoint intact, a restart that finishes identically
+    sigterm-prepare  SIGTERM while the tokenizer or token cache is built, and
+    sigterm-compile  while the state is built and the step compiled: exit 0 within the bound,
+                     no traceback, no tmp directory left, a restart that finishes identically
+    truncated        the files of the newest checkpoint cut to half: the restart names the
+                     skipped step in one line, falls back to the previous checkpoint and
+                     finishes identically
+    diverge          a restart with --diverge_lr: exit 1, the last line `error: ...` naming the
+                     last good checkpoint's step, no traceback, no checkpoint with a non-finite
+                     value, the last good checkpoint kept unchanged
+    disk             training into a tmpfs that holds one checkpoint: exit 1, the last line
+                     `error: ...` naming the place, no traceback, the previous checkpoint
+                     intact (needs root for mount; skipped otherwise)
 
-Unless --shape config is given, a tiny model on a small generated corpus is trained (TINY), so
-a restart costs seconds; overrides after `--` are passed to every run and win. Compilations go
-to a compilation cache private to this invocation. Exit status 0 when every trial is identical
-and no scenario failed.
+truncated and diverge restart a copy of the reference's workdir taken at one of its checkpoints
+(what a run killed just after that save leaves), so each costs one run.
+
+Unless --shape config is given, a tiny model on a small generated corpus is trained
+(tiny_overrides), so a restart costs seconds; overrides after `--` are passed to every run and
+win. Compilations go to a compilation cache private to this invocation. Exit status 0 when every
+trial is identical and no scenario failed.
 """
 
 from __future__ import annotations
@@ -67,8 +78,8 @@ KINDS = ("startup", "prepare", "compile", "step", "eval", "save", "shutdown")
 # Trial i's first kill aims at TARGETS[i % len(TARGETS)] ("random": a uniform time), so any
 # run of len(TARGETS) trials covers every kind; later kills draw from LATER_TARGETS.
 TARGETS = ("prepare", "step", "save", "eval", "random", "compile")
-LATER_TARGETS = ("random", "step", "save", "eval", "compile")
-SCENARIOS = ("sigterm", "truncated", "diverge", "disk")
+LATER_TARGETS = ("random", "step", "save", "eval")
+SCENARIOS = ("sigterm", "sigterm-twice", "sigterm-prepare", "sigterm-compile", "truncated", "diverge", "disk")
 
 POLL_S = 0.003
 TRACEBACK = "Traceback (most recent call last)"
@@ -498,7 +509,7 @@ def compare_metrics(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> lis
     differing = [k[0] for k, r in zip(ref_keys, ref) if k in last and last[k] != _canonical(r)]
     if differing:
         problems.append(f"metrics.jsonl values differ at steps {_spans(differing)}")
-    return problems
+    return problems or ["metrics.jsonl holds the reference's records in another order"]
 
 
 # -- the reference and the comparison -------------------------------------------------------------
@@ -668,57 +679,126 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _run_until(h: Harness, workdir: str, ready: Callable[[Watch], bool]) -> tuple[Attempt, Watch] | None:
-    """Start a fresh run and poll it until `ready(watch)`; None if it ended first."""
+@dataclasses.dataclass
+class Stopped:
+    """A run stopped by signals: how it ended and what the workdir showed."""
+
+    workdir: str
+    rc: int | None
+    exit_s: float  # from the first signal to the process's end
+    saved_s: float | None  # from the first signal to a new finished checkpoint, if one came
+    stop_step: int | None  # the last step it logged
+    stderr: str
+
+
+def _stop_with(h: Harness, name: str, ready: Callable[[Watch], bool], signals: list[int],
+               limit_s: float) -> Stopped | None:
+    """Start a fresh run, wait until `ready(watch)`, send `signals` 50 ms apart and wait for
+    the end (killing it after limit_s); None if the run finished before it was ready."""
+    workdir = h.workdir(name)
     attempt = h.start(workdir)
     watch = h.watch(attempt)
     if h.poll_until(attempt, watch, lambda m: ready(watch)) is None:
         attempt.wait(h.attempt_timeout)
         return None
-    return attempt, watch
+    before = set(finished_steps(workdir))
+    t0 = time.monotonic()
+    saved_s = None
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(0.05)
+        attempt.kill(sig)
+    while attempt.proc.poll() is None and time.monotonic() - t0 < limit_s:
+        if saved_s is None and set(finished_steps(workdir)) - before:
+            saved_s = time.monotonic() - t0
+        time.sleep(POLL_S)
+    rc = attempt.wait(limit_s - (time.monotonic() - t0))
+    exit_s = time.monotonic() - t0
+    watch.moment()
+    return Stopped(workdir, rc, exit_s, saved_s, watch.last_step, attempt.stderr())
+
+
+def _stop_problems(stopped: Stopped, bound_s: float, want_rc: int | None) -> list[str]:
+    problems = []
+    if stopped.rc is None:
+        problems.append("hung")
+    elif want_rc is not None and stopped.rc != want_rc:
+        problems.append(f"exit {stopped.rc}, not {want_rc}: {_last_line(stopped.stderr)!r}")
+    if stopped.exit_s > bound_s:
+        problems.append(f"took {stopped.exit_s:.1f} s to exit (bound {bound_s:g} s)")
+    if TRACEBACK in stopped.stderr:
+        problems.append("a traceback on stderr")
+    return problems
+
+
+def _restart_problems(h: Harness, workdir: str, metrics: bool) -> list[str]:
+    """Run the workdir to the end; what differs from the reference (metrics.jsonl too if asked)."""
+    rc, err = h.run_to_end(workdir)
+    if rc != 0:
+        return [f"the restart failed ({'hung' if rc is None else f'exit {rc}: {_last_line(err)}'})"]
+    ref = h.reference
+    return compare_state(ref, workdir) + (compare_metrics(ref.metrics, read_metrics(workdir)) if metrics else [])
+
+
+def _mid_interval(h: Harness) -> Callable[[Watch], bool]:
+    """Ready when a step after the first checkpoint and away from the next one is running."""
+    ce = h.reference.settings.checkpoint_every
+
+    def ready(w: Watch) -> bool:
+        s = w.last_step
+        return w.moment() == "step" and s is not None and s > ce and s % ce not in (0, ce - 1)
+
+    return ready
 
 
 def scenario_sigterm(h: Harness, bound_s: float) -> Outcome:
     """SIGTERM mid-step: exit 0 within bound_s, a checkpoint at the stop step, identical resume."""
-    name, ref = "sigterm", h.reference
-    ce = ref.settings.checkpoint_every
-    workdir = h.workdir("sigterm")
-
-    def mid_interval(w: Watch) -> bool:
-        s = w.last_step
-        return w.moment() == "step" and s is not None and s > ce and s % ce not in (0, ce - 1)
-
-    started = _run_until(h, workdir, mid_interval)
-    if started is None:
+    name = "sigterm"
+    stopped = _stop_with(h, name, _mid_interval(h), [signal.SIGTERM], bound_s + 60.0)
+    if stopped is None:
         return Outcome(name, "FAILED", "the run ended before a mid-interval step")
-    attempt, watch = started
-    t0 = time.monotonic()
-    before = set(finished_steps(workdir))
-    attempt.kill(signal.SIGTERM)
-    saved_after = None
-    while attempt.proc.poll() is None and time.monotonic() - t0 < bound_s + 60.0:
-        if saved_after is None and set(finished_steps(workdir)) - before:
-            saved_after = time.monotonic() - t0
-        time.sleep(POLL_S)
-    rc = attempt.wait(bound_s + 60.0 - (time.monotonic() - t0))
-    latency = time.monotonic() - t0
-    watch.moment()
-    stop, problems = watch.last_step, []
-    if rc != 0:
-        problems.append("hung" if rc is None else f"exit {rc}: {_last_line(attempt.stderr())}")
-    if latency > bound_s:
-        problems.append(f"took {latency:.1f} s to exit (bound {bound_s:g} s)")
-    if TRACEBACK in attempt.stderr():
-        problems.append("a traceback on stderr")
-    if stop not in finished_steps(workdir):
-        problems.append(f"no checkpoint at the stop step {stop} (have {finished_steps(workdir)})")
-    rc, err = h.run_to_end(workdir)
-    if rc != 0:
-        problems.append(f"the restart failed ({'hung' if rc is None else f'exit {rc}: {_last_line(err)}'})")
-    else:
-        problems += compare_state(ref, workdir) + compare_metrics(ref.metrics, read_metrics(workdir))
-    saved = "" if saved_after is None else f"checkpoint {stop} final after {saved_after:.1f} s, "
-    return _outcome(name, problems, f"{saved}exit 0 after {latency:.1f} s; resumed identically")
+    problems = _stop_problems(stopped, bound_s, want_rc=0)
+    have = finished_steps(stopped.workdir)
+    if stopped.stop_step not in have:
+        problems.append(f"no checkpoint at the stop step {stopped.stop_step} (have {have})")
+    problems += _restart_problems(h, stopped.workdir, metrics=True)
+    saved = "" if stopped.saved_s is None else f"checkpoint {stopped.stop_step} final after {stopped.saved_s:.1f} s, "
+    return _outcome(name, problems, f"{saved}exit 0 after {stopped.exit_s:.1f} s; resumed identically")
+
+
+def scenario_sigterm_twice(h: Harness, bound_s: float) -> Outcome:
+    """SIGTERM then SIGINT 50 ms later, mid-step: out within bound_s, no traceback, the newest
+    finished checkpoint equal to the reference's, identical resume (checkpoints)."""
+    name = "sigterm-twice"
+    stopped = _stop_with(h, name, _mid_interval(h), [signal.SIGTERM, signal.SIGINT], bound_s + 60.0)
+    if stopped is None:
+        return Outcome(name, "FAILED", "the run ended before a mid-interval step")
+    problems = _stop_problems(stopped, bound_s, want_rc=None)
+    have = finished_steps(stopped.workdir)
+    if have and os.path.isdir(os.path.join(h.reference.workdir, "checkpoints", str(have[-1]))):
+        try:
+            got = read_checkpoint(os.path.join(stopped.workdir, "checkpoints", str(have[-1])))
+            problems += [f"checkpoint {have[-1]}: {p}" for p in compare_checkpoints(h.reference.checkpoint(have[-1]), got)]
+        except Exception as e:  # an unreadable checkpoint is a finding, not a harness error
+            problems.append(f"checkpoint {have[-1]} unreadable ({type(e).__name__})")
+    problems += _restart_problems(h, stopped.workdir, metrics=False)
+    return _outcome(name, problems, f"exit {stopped.rc} after {stopped.exit_s:.1f} s, checkpoint {have[-1:]} intact; "
+                                    "resumed identically")
+
+
+def scenario_sigterm_early(h: Harness, kind: str, bound_s: float) -> Outcome:
+    """SIGTERM during `kind` ('prepare' or 'compile'): exit 0 within bound_s, no traceback, no
+    tmp directory left, identical resume."""
+    name = f"sigterm-{kind}"
+    stopped = _stop_with(h, name, lambda w: w.moment() == kind, [signal.SIGTERM], bound_s + 60.0)
+    if stopped is None:
+        return Outcome(name, "FAILED", f"the run ended before a {kind} moment")
+    problems = _stop_problems(stopped, bound_s, want_rc=0)
+    left = sorted(set().union(*_tmp_entries(stopped.workdir)))
+    if left:
+        problems.append(f"tmp directories left: {left}")
+    problems += _restart_problems(h, stopped.workdir, metrics=True)
+    return _outcome(name, problems, f"exit 0 after {stopped.exit_s:.1f} s; resumed identically")
 
 
 def _truncate_files(directory: str) -> int:
@@ -796,8 +876,9 @@ def scenario_diverge(h: Harness, lr: str) -> Outcome:
         problems.append(f"the last good checkpoint {good} changed")
     last = _last_line(err)
     finite_steps = [s for s in steps if s not in nonfinite]
-    if rc == 1 and finite_steps and not _names_step(last, finite_steps[-1]):
-        problems.append(f"the last line does not name the last good checkpoint {finite_steps[-1]}: {last!r}")
+    if rc == 1 and finite_steps and not (last.startswith("error:") and _names_step(last, finite_steps[-1])):
+        problems.append(f"the last line is not 'error: ...' naming the last good checkpoint {finite_steps[-1]}: "
+                        f"{last[:160]!r}")
     return _outcome(name, problems, f"exit 1: '{last}'; checkpoint {good} kept")
 
 
@@ -825,8 +906,8 @@ def scenario_disk(h: Harness) -> Outcome:
         if TRACEBACK in err:
             problems.append("a traceback on stderr")
         last = _last_line(err)
-        if mount not in last:
-            problems.append(f"the last line does not name the place: {last!r}")
+        if not (last.startswith("error:") and mount in last):
+            problems.append(f"the last line is not 'error: ...' naming the place: {last[:160]!r}")
         steps = finished_steps(workdir)
         if not steps:
             problems.append(f"no checkpoint finished before the disk filled ({size_kb} KiB)")
@@ -924,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = []
         for s in scenarios:
             outcome = {"sigterm": lambda: scenario_sigterm(h, args.sigterm_bound),
+                       "sigterm-twice": lambda: scenario_sigterm_twice(h, args.sigterm_bound),
+                       "sigterm-prepare": lambda: scenario_sigterm_early(h, "prepare", args.sigterm_bound),
+                       "sigterm-compile": lambda: scenario_sigterm_early(h, "compile", args.sigterm_bound),
                        "truncated": lambda: scenario_truncated(h),
                        "diverge": lambda: scenario_diverge(h, args.diverge_lr),
                        "disk": lambda: scenario_disk(h)}[s]()
