@@ -12,6 +12,7 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -160,7 +161,7 @@ def test_a_waiting_host_keeps_waiting_while_host_0_shows_progress(tmp_path):
 
     t = threading.Thread(target=waiter)
     with hosts_lib.Beacon(item, hosts0):
-        status = json.loads(open(hosts_lib.status_path(item)).read())
+        status = json.loads(Path(hosts_lib.status_path(item)).read_text())
         assert status["state"] == "building" and status["host"] == 0
         t.start()
         time.sleep(2.0)  # four times the bound: the heartbeat keeps the waiter patient
