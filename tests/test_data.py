@@ -416,6 +416,21 @@ def test_only_process_zero_prints(tmp_path, tok, capfd, monkeypatch):
     assert capfd.readouterr() == ("", "")
 
 
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, tok, capfd, monkeypatch):
+    from gptjax.data import progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 200)
+    _write_txt(tmp_path / "txt", 4)
+    name = f"files:{tmp_path}/txt/*.txt"
+    data.prepare(_config(name), str(tmp_path / "run"), tokenizer=tok)
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    lines = [x for x in err.splitlines() if x.startswith(f"tokenizing {name}")]
+    assert lines[0].endswith("B)") and len(lines) > 4
+    assert lines[-1].startswith(f"tokenizing {name}: ") and "(100%)" in lines[-1] and "/s, ETA 0 s" in lines[-1]
+
+
 def test_progress_counts_every_byte_of_the_input(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 100)
     _write_txt(tmp_path / "files", 3, n_words=300)

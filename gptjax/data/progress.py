@@ -26,7 +26,8 @@ def _amount(n: float, unit: str) -> str:
     from tqdm import tqdm
 
     if unit == "B":
-        return tqdm.format_sizeof(n, "B", 1024)
+        size = tqdm.format_sizeof(n, divisor=1024)
+        return size[:-1] + size[-1].upper() + "iB" if size[-1].isalpha() else size + " B"
     return f"{int(n):,} {unit}"
 
 
