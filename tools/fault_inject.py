@@ -573,7 +573,11 @@ def compare_state(ref: Reference, workdir: str) -> list[str]:
     problems = []
     for step in steps:
         if os.path.isdir(os.path.join(ref.workdir, "checkpoints", str(step))):
-            got = read_checkpoint(os.path.join(workdir, "checkpoints", str(step)))
+            try:
+                got = read_checkpoint(os.path.join(workdir, "checkpoints", str(step)))
+            except Exception as e:  # an unreadable checkpoint is a finding, not a harness error
+                problems.append(f"step {step} unreadable ({type(e).__name__}: {str(e)[:80]})")
+                continue
             problems += [f"step {step} {p}" for p in compare_checkpoints(ref.checkpoint(step), got)]
     return problems
 
@@ -583,6 +587,8 @@ def compare_state(ref: Reference, workdir: str) -> list[str]:
 
 @dataclasses.dataclass
 class TrialResult:
+    """What one kill trial hit and how its end differs from the reference."""
+
     index: int
     kills: list[str]  # the moment each kill hit, e.g. "save@30" (kind@last step logged)
     state_problems: list[str]
@@ -635,7 +641,7 @@ def kill_trial(h: Harness, index: int, targets: list[str]) -> TrialResult:
     workdir = h.workdir(f"trial{index:03d}")
     kills: list[str] = []
     pending = list(targets)
-    for _ in range(len(targets) + 3):
+    while True:  # each pass either kills (one target fewer) or runs to the end
         attempt = h.start(workdir)
         if pending:
             hit = _kill_on(h, attempt, pending.pop(0))
@@ -662,6 +668,8 @@ def plan_trial(rng: random.Random, index: int, max_kills: int) -> list[str]:
 
 @dataclasses.dataclass
 class Outcome:
+    """A scenario's verdict and its one-line reason."""
+
     name: str
     status: str  # "ok", "FAILED" or "skipped"
     why: str
