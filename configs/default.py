@@ -2,7 +2,7 @@
 
 Runs in a few minutes on 2 CPU cores, tokenizer training and compilation included:
 
-    python -m gptjax.train --workdir runs/default
+    python -m gptjax.train                  # in runs/default
 """
 
 from gptjax.config import base_config

@@ -1,12 +1,12 @@
 """Fine-tune a pretrained GPT-2 on news text with layer-wise learning-rate decay.
 
     # the Hugging Face files (config.json, model.safetensors, vocab.json, merges.txt) in ./gpt2
-    python -m gptjax.train --config configs/gpt2_finetune_news.py --workdir runs/news
+    python -m gptjax.train --config configs/gpt2_finetune_news.py      # in runs/gpt2_finetune_news
 
 By default the text is TFDS `ag_news_subset` (feature `description`). Offline, on your own
 articles in a jsonl file with one {"text": ...} per line:
 
-    python -m gptjax.train --config configs/gpt2_finetune_news.py --workdir runs/news \
+    python -m gptjax.train --config configs/gpt2_finetune_news.py \
         --config.data.source=files:my_news.jsonl
 
 The model shape and the GPT-2 tokenizer come from the imported checkpoint. The top block

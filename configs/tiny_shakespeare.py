@@ -1,6 +1,6 @@
 """Character-rich Shakespeare from TFDS (`tiny_shakespeare`, ~1 MB), nanoGPT's classic first run.
 
-    python -m gptjax.train --config configs/tiny_shakespeare.py --workdir runs/shakespeare
+    python -m gptjax.train --config configs/tiny_shakespeare.py      # in runs/tiny_shakespeare
 
 TFDS downloads and prepares the dataset on first use (array_record format; no TensorFlow
 needed), or reads it from --config.data.tfds_data_dir when it is already prepared there.

@@ -1,63 +1,57 @@
-"""Checkpoints: an orbax CheckpointManager under `<workdir>/checkpoints`.
+"""Checkpoints: an orbax CheckpointManager over a run directory's `checkpoints/`.
 
-A run directory holds:
+Each `checkpoints/<step>/` holds three items:
 
-    config.json        the resolved config of the run
-    tokenizer/         the tokenizer the run trains with
-    checkpoints/<step>/params     model parameters (sharded arrays, any mesh can restore them)
-                      /opt_state  optimizer state
-                      /data       JSON: the step and the data position (seed, batches drawn)
-    metrics.jsonl, tb/ metrics
+    params      model parameters (sharded arrays; any mesh can restore them)
+    opt_state   optimizer state
+    data        JSON: {"step": step}, the data position (the batch for step s depends only on
+                (seed, s)); checkpoints written before this format also hold `seed` and
+                `batches_drawn`, which are ignored
 
 Parameters and optimizer state are separate items so that sampling restores the parameters
-alone, onto whatever devices it has, without knowing the optimizer.
+alone, onto whatever devices it has, without knowing the optimizer. The run's config.json
+(read and written here) is the resolved config of the run (see `gptjax.run`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from gptjax.config import ConfigDict, from_json
+from gptjax.config import ConfigDict, from_json, to_json
 from gptjax.errors import UserError
+from gptjax.layout import RunDir, find_run
+
+ITEMS = ("params", "opt_state", "data")
 
 
 class Checkpointer:
-    """Save and restore (params, opt_state, data position) every N steps, keeping the last K."""
+    """Save and restore (params, opt_state, step) every N steps, keeping the last K."""
 
-    def __init__(self, workdir: str, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-        )
-        self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("params", "opt_state", "data"), options=options
-        )
+    def __init__(self, run_dir: RunDir, keep: int, async_save: bool = True):
+        self.directory = run_dir.checkpoints
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, params: Any, opt_state: Any, data: dict[str, Any]) -> None:
+    def save(self, step: int, params: Any, opt_state: Any) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
                 opt_state=ocp.args.StandardSave(opt_state),
-                data=ocp.args.JsonSave(data),
+                data=ocp.args.JsonSave({"step": int(step)}),
             ),
             force=True,
         )
 
-    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
-        """Restore onto the shardings carried by the abstract trees (ShapeDtypeStructs)."""
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, int]:
+        """(params, opt_state, data step), onto the shardings the abstract trees carry."""
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -66,90 +60,60 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(),
             ),
         )
-        return out["params"], out["opt_state"], dict(out["data"])
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+        return out["params"], out["opt_state"], int(out["data"]["step"])
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
 
-def read_run_config(workdir: str) -> ConfigDict | None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+def read_run_config(run_dir: RunDir) -> ConfigDict | None:
+    """The run's saved config.json, or None where there is none."""
+    if not run_dir.exists():
         return None
-    with open(path) as f:
+    with open(run_dir.config) as f:
         return from_json(f.read())
 
 
-def has_checkpoint(workdir: str) -> bool:
-    """Whether `workdir` holds at least one saved step (read without opening a manager)."""
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-
-
-def resolve_run(path: str) -> tuple[str, int | None]:
-    """(workdir, step) for a run directory or one of its checkpoint step directories."""
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path, None
-    parent = os.path.dirname(path)
-    if os.path.basename(parent) == "checkpoints" and os.path.isfile(os.path.join(os.path.dirname(parent), "config.json")):
-        name = os.path.basename(path)
-        if name.isdigit():
-            return os.path.dirname(parent), int(name)
-    raise UserError(
-        f"{path!r} is not a gptjax run or checkpoint (expected a workdir with config.json, "
-        f"or <workdir>/checkpoints/<step>)"
-    )
+def save_config(run_dir: RunDir, config: Any) -> None:
+    """Write config.json atomically."""
+    tmp = run_dir.config + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_json(config))
+    os.replace(tmp, run_dir.config)
 
 
 def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[ConfigDict, Any]:
-    """(config, params) from a run directory or checkpoint, on one device (the CPU by default).
+    """(config, params) from a run directory or checkpoint, on one device (default: the
+    default backend's first).
 
     Works whatever mesh the run was trained on: orbax reassembles the sharded arrays.
     """
-    from gptjax.model import GPT, GPTConfig  # here to keep this module light for tools
+    from gptjax.model import GPTConfig  # here to keep this module light for tools
+    from gptjax.step import param_shapes
 
-    workdir, step = resolve_run(path)
-    config = read_run_config(workdir)
+    run_dir, step = find_run(str(path))
+    config = read_run_config(run_dir)
     assert config is not None
     manager = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        item_names=("params", "opt_state", "data"),
+        run_dir.checkpoints,
+        item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(create=False, save_interval_steps=0),
     )
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
-        raise UserError(f"{workdir!r} has no checkpoint{'' if step is None else f' at step {step}'} yet")
-    cfg = GPTConfig.from_config(config.model)
-    device = device or jax.devices("cpu")[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+        raise UserError(f"{run_dir.root!r} has no checkpoint{'' if step is None else f' at step {step}'} yet")
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     shapes = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        nn.meta.unbox(shapes),
+        param_shapes(GPTConfig.from_config(config.model)),
     )
     params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))["params"]
     manager.close()
     return config, params
 
 
-def save_config(workdir: str, text: str) -> None:
-    """Write config.json atomically."""
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(workdir, "config.json"))
-
-
-def model_shape(config: ConfigDict) -> dict[str, Any]:
-    """The fields of config.model that fix parameter shapes."""
+def model_shape(model: Any) -> dict[str, Any]:
+    """The fields of a model config (a GPTConfig or config.model) that fix parameter shapes."""
     keys = ("vocab_size", "n_layer", "n_head", "n_embd", "n_mlp", "block_size")
-    return {k: config.model[k] for k in keys}
-
-
-def describe_shape(shape: dict[str, Any]) -> str:
-    return json.dumps(shape, sort_keys=True)
+    return {k: (model[k] if hasattr(model, "keys") else getattr(model, k)) for k in keys}

@@ -2,13 +2,20 @@
 
 A config file is a Python file with `get_config() -> ConfigDict` (see configs/). Recipes start
 from `base_config()` and change what they need, so every field exists in every run and a typo
-on the command line is caught. Overrides look like `--config.optim.lr=3e-4` (or
+on the command line is caught.
+
+The schema of each section is a frozen dataclass (`schema()`: GPTConfig, OptimConfig,
+DataConfig and the ones below) that holds the fields, their defaults and their validation;
+`base_config()` is built from those defaults, and `section()` builds a dataclass back from a
+ConfigDict. The ConfigDict is what files and the command line edit; the dataclasses are what
+the code reads. Overrides look like `--config.optim.lr=3e-4` (or
 `--config.optim.lr 3e-4`) and are converted to the type of the field they replace.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -21,87 +28,114 @@ from gptjax.errors import UserError
 ConfigDict = ml_collections.ConfigDict
 
 
-def base_config() -> ConfigDict:
-    """Every field a run has, with the built-in CPU demo's values."""
-    c = ConfigDict()
-    c.seed = 0
+@dataclasses.dataclass(frozen=True)
+class TopConfig:
+    """The config's top-level fields."""
+
+    seed: int = 0  # parameter initialisation, dropout and the batches drawn
     # '' trains from scratch; 'hf:/path/to/gpt2' starts from a local Hugging Face GPT-2
     # directory (model shape and tokenizer come from it).
-    c.init_from = ""
+    init_from: str = ""
 
-    c.model = ConfigDict(
-        dict(
-            vocab_size=0,  # 0: the tokenizer's vocabulary size
-            n_layer=4,
-            n_head=4,
-            n_embd=128,
-            n_mlp=0,  # 0: 4 * n_embd
-            block_size=128,
-            dropout=0.0,
-            ln_eps=1e-5,
-            dtype="float32",
-            remat=False,
-        )
-    )
-    c.tokenizer = ConfigDict(
-        dict(
-            vocab_size=2048,
-            model_type="bpe",  # sentencepiece model type: 'bpe' or 'unigram'
-            max_chars=10_000_000,  # characters sampled from the training text to train it
-        )
-    )
-    c.data = ConfigDict(
-        dict(
-            # 'stdlib' | 'files:GLOB[,GLOB]' | 'tfds:NAME' | 'pairs:GLOB', or a weighted
-            # mixture such as 'files:news/*.jsonl@3 + pairs:qa.jsonl@1'.
-            source="stdlib",
-            text_field="text",
-            prompt_field="prompt",
-            completion_field="completion",
-            tfds_split="train",
-            tfds_val_split="",  # '' holds out val_fraction of tfds_split; else this split validates
-            tfds_feature="text",
-            tfds_data_dir="",
-            val_fraction=0.02,
-            cache_dir="",  # tokenized streams; '' means <workdir>/data (a local path)
-        )
-    )
-    c.optim = ConfigDict(
-        dict(
-            lr=3e-3,
-            schedule="cosine",
-            warmup_steps=50,
-            min_lr_ratio=0.1,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            weight_decay=0.1,
-            grad_clip=1.0,
-            no_decay="*bias,*ln_*,ln_f/*,wte/*,wpe/*",
-            freeze="",
-            train_only="",
-            train_last_blocks=0,
-            layer_decay=1.0,
-            lr_rules="",
-        )
-    )
-    c.train = ConfigDict(
-        dict(
-            steps=1000,
-            batch_size=16,  # global batch (sequences per optimizer step)
-            seq_len=128,
-            grad_accum=1,  # micro-batches per step; batch_size must be divisible by it
-            eval_every=250,
-            eval_batches=8,
-            log_every=10,
-            checkpoint_every=250,
-            keep_checkpoints=3,
-            peak_tflops=0.0,  # per device, for MFU; 0: measured (CPU) or looked up (GPU/TPU)
-        )
-    )
-    # Mesh axis sizes; one may be -1 for "all remaining devices".
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """`config.tokenizer`: the SentencePiece model a run trains when its workdir has none."""
+
+    vocab_size: int = 2048
+    model_type: str = "bpe"  # 'bpe' or 'unigram'
+    max_chars: int = 10_000_000  # characters sampled from the training text to train it
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`config.train`: the loop's length, batch, and how often it evaluates, logs and saves."""
+
+    steps: int = 1000
+    batch_size: int = 16  # global batch (sequences per optimizer step)
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
+    eval_every: int = 250
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    peak_tflops: float = 0.0  # per device, for MFU; 0: measured (CPU) or looked up (GPU/TPU)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_batches < 0:
+            raise UserError(f"train.eval_batches must be >= 0, got {self.eval_batches}")
+        if self.peak_tflops < 0:
+            raise UserError(f"train.peak_tflops must be >= 0 (0: measured or looked up), got {self.peak_tflops}")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}")
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per micro-batch (one forward and backward pass)."""
+        return self.batch_size // self.grad_accum
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """`config.mesh`: device mesh axis sizes; one may be -1 for "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+# config.model.vocab_size = 0 means "the tokenizer's": a GPTConfig always holds the resolved
+# size, so the field has no dataclass default and its config default lives here.
+MODEL_VOCAB_FROM_TOKENIZER = 0
+
+
+def schema() -> dict[str, type]:
+    """The dataclass of each config section: its fields, defaults and validation."""
+    from gptjax.data import DataConfig  # here: config files import this module, light
+    from gptjax.model import GPTConfig
+    from gptjax.optim import OptimConfig
+
+    return {
+        "model": GPTConfig,
+        "tokenizer": TokenizerConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+        "mesh": MeshConfig,
+    }
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def base_config() -> ConfigDict:
+    """Every field a run has, with its default (the built-in CPU demo), from `schema()`."""
+    c = ConfigDict(_defaults(TopConfig))
+    for name, cls in schema().items():
+        c[name] = ConfigDict(_defaults(cls))
+    c.model.vocab_size = MODEL_VOCAB_FROM_TOKENIZER
     return c
+
+
+def section(config: Any, name: str) -> Any:
+    """The section `name` of `config` as its schema dataclass (validated); '' for the top level.
+
+    `model` is built by `gptjax.run`, which resolves its vocabulary size first.
+    """
+    cls = TopConfig if not name else schema()[name]
+    node = config if not name else config[name]
+    return cls(**{f.name: node[f.name] for f in dataclasses.fields(cls) if f.name in node})
 
 
 def load_config(path: str | None) -> ConfigDict:

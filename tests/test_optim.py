@@ -16,7 +16,8 @@ import pytest
 
 from gptjax import optim
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig
+from gptjax.model import GPTConfig
+from gptjax.step import init_boxed_params
 
 CFG = GPTConfig(vocab_size=96, n_layer=3, n_head=2, n_embd=16, block_size=16)
 # Plain updates: constant lr from step 0, no clipping, no weight decay unless a test sets it.
@@ -26,7 +27,7 @@ PLAIN = dict(lr=1e-2, schedule="constant", warmup_steps=0, weight_decay=0.0, gra
 @jax.jit
 def boxed_init(rng: jax.Array) -> Any:
     """Parameters boxed with their logical axis names, as `GPT.init` returns them."""
-    return GPT(CFG).init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+    return init_boxed_params(CFG, rng)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
     python tools/bench_train.py --shapes nanogpt --steps 20
     python tools/bench_train.py --config configs/tiny_shakespeare.py --batch 8 --seq 128
 
-For each shape it reports, for gptjax's jitted train step (`Trainer._train_step`: forward,
+For each shape it reports, for gptjax's jitted train step (`gptjax.step.Trainer.train_step_fn`: forward,
 backward, global-norm clip and AdamW, state donated) and for transformers'
 `GPT2LMHeadModel` (forward with labels, backward, `clip_grad_norm_`, `torch.optim.AdamW`):
 
@@ -56,22 +56,50 @@ DEFAULT_SHAPES = ("default", "nanogpt", "gpt2_124m")
 
 
 def shape_from_config(path: str, batch: int | None = None, seq: int | None = None) -> dict[str, int]:
-    """The model and batch shape of a config file (vocab 0 takes the tokenizer's size)."""
+    """The model and batch shape of a config file, as a run of it resolves them (the
+    vocabulary included: model.vocab_size 0 takes the tokenizer's)."""
     sys.path.insert(0, REPO)
+    import jax
+
     from gptjax import config as config_lib
+    from gptjax.run import resolve
 
     c = config_lib.load_config(path)
-    m, t = c.model, c.train
+    c.mesh.update(data=1, fsdp=1, tensor=1)
+    run = resolve(c, None, devices=jax.devices()[:1])
+    m, t = run.model, run.train
     return dict(
         n_layer=m.n_layer,
         n_head=m.n_head,
         n_embd=m.n_embd,
         n_mlp=m.n_mlp,
         block_size=m.block_size,
-        vocab_size=m.vocab_size or c.tokenizer.vocab_size,
+        vocab_size=m.vocab_size,
         batch=batch or t.batch_size,
         seq=seq or t.seq_len,
     )
+
+
+def spec_config(spec: dict[str, Any]) -> Any:
+    """The gptjax config of a benchmark shape: the base config (its optimizer) with the
+    shape's model and batch, dropout 0, on one device."""
+    from gptjax import config as config_lib
+
+    c = config_lib.base_config()
+    c.model.update(
+        vocab_size=spec["vocab_size"],
+        n_layer=spec["n_layer"],
+        n_head=spec["n_head"],
+        n_embd=spec["n_embd"],
+        n_mlp=spec.get("n_mlp", 0),
+        block_size=spec["block_size"],
+        dropout=0.0,
+        dtype=spec.get("dtype", "float32"),
+        remat=bool(spec.get("remat", False)),
+    )
+    c.train.update(batch_size=spec["batch"], seq_len=spec["seq"], grad_accum=1)
+    c.mesh.update(data=1, fsdp=1, tensor=1)
+    return c
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -124,49 +152,28 @@ def _time_steps(step, warmup: int, steps: int) -> list[float]:
 
 def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import flax.linen as nn
 
     sys.path.insert(0, REPO)
-    from gptjax import config as config_lib
-    from gptjax import optim as optim_lib
-    from gptjax import sharding
-    from gptjax.model import GPT, GPTConfig
-    from gptjax.train import Trainer
+    from gptjax.metrics import measure_matmul_flops
+    from gptjax.run import resolve
 
     dtype = spec.get("dtype", "float32")
-    peak_flops = measure_matmul_peak(spec["matmul_n"], spec["matmul_repeats"], dtype)
+    peak_flops = measure_matmul_flops(spec["matmul_n"], spec["matmul_repeats"], dtype)
     _trim()
     base_kb = _status_kb("VmRSS")
 
-    gpt = GPTConfig(
-        vocab_size=spec["vocab_size"],
-        n_layer=spec["n_layer"],
-        n_head=spec["n_head"],
-        n_embd=spec["n_embd"],
-        n_mlp=spec.get("n_mlp", 0),
-        block_size=spec["block_size"],
-        dropout=0.0,
-        dtype=dtype,
-        remat=bool(spec.get("remat", False)),
-    )
+    run = resolve(spec_config(spec), None, devices=jax.devices()[:1])
+    gpt, trainer = run.model, run.trainer
     b, t = spec["batch"], spec["seq"]
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    abstract = nn.meta.unbox(
-        jax.eval_shape(lambda: GPT(gpt).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    )
-    optim_cfg = config_lib.base_config().optim
-    optimizer = optim_lib.make_optimizer(optim_cfg, abstract, 1000)
-    trainer = Trainer(gpt, optimizer, mesh, seed=0)
     state = trainer.init_state()
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, gpt.vocab_size, (b, t + 1), dtype=np.int32)
     host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}
-    with trainer._context():
-        batch = trainer._to_global(host, trainer.batch_sharding, accum=True)
+    with trainer.context():
+        batch = trainer.to_global(host, accum=True)
         t0 = time.perf_counter()
-        compiled = trainer._train_step.lower(state, batch).compile(compiler_options=spec.get("xla_options") or None)
+        compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=spec.get("xla_options") or None)
         compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     compile_kb = _status_kb("VmHWM") - base_kb
@@ -194,23 +201,6 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
         flops_per_token=gpt.flops_per_token(t),
         loss=loss,
     )
-
-
-def measure_matmul_peak(n: int, repeats: int, dtype: str = "float32") -> float:
-    """FLOP/s of an n x n jnp matmul in `dtype` (median of `repeats` after a warm-up)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))  # as gptjax.model.matmul
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    del a
-    return 2.0 * n**3 / _median(times)
 
 
 def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
@@ -383,10 +373,11 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def _count_params(shape: dict[str, int]) -> int:
-    c, v, L, P = shape["n_embd"], shape["vocab_size"], shape["n_layer"], shape["block_size"]
-    m = shape.get("n_mlp", 0) or 4 * c
-    block = 4 * c + (3 * c * c + 3 * c) + (c * c + c) + (c * m + m) + (m * c + c)
-    return v * c + P * c + L * block + 2 * c
+    sys.path.insert(0, REPO)
+    from gptjax.model import GPTConfig
+
+    fields = ("vocab_size", "n_layer", "n_head", "n_embd", "n_mlp", "block_size")
+    return GPTConfig(**{k: shape[k] for k in fields if k in shape}).num_params()
 
 
 def format_table(rows: list[dict[str, str]]) -> str:

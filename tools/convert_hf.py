@@ -26,8 +26,7 @@ from gptjax.model import GPTConfig
 from gptjax.tokenizer import Tokenizer, load_tokenizer
 
 
-def _describe(fields: dict, tokenizer: Tokenizer) -> str:
-    cfg = GPTConfig(**fields)
+def _describe(cfg: GPTConfig, tokenizer: Tokenizer) -> str:
     return (
         f"{cfg.num_params() / 1e6:.2f}M params: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, "
         f"context {cfg.block_size}, vocab {cfg.vocab_size} "
@@ -38,40 +37,44 @@ def _describe(fields: dict, tokenizer: Tokenizer) -> str:
 def import_hf(hf_dir: str, out: str) -> None:
     """Check and load `hf_dir`, then write it as the gptjax run `out` at step 0.
 
-    The run's config is the base config with the imported model shape (`init_from` records the
-    source); the checkpoint holds the parameters and the matching fresh optimizer state, as a
-    training run with that config would have saved them before its first step.
+    The run is the base config with `init_from` set to `hf_dir`, resolved as training resolves
+    it (model shape and tokenizer from the import); the checkpoint holds the parameters and
+    the matching fresh optimizer state, as a training run with that config would have saved
+    them before its first step.
     """
+    import jax
+
     from gptjax import checkpoint as ckpt
     from gptjax import config as config_lib
-    from gptjax import optim
+    from gptjax.run import resolve
 
     out = hf.require_new_dir(out)
-    fields, params, tokenizer = hf.load_hf_dir(hf_dir)
     config = config_lib.base_config()
     config.init_from = f"hf:{os.path.abspath(os.path.expanduser(hf_dir))}"
-    config.model.update(fields)
-    opt_state = optim.make_optimizer(config.optim, params, config.train.steps).tx.init(params)
-    os.makedirs(out, exist_ok=True)
-    ckpt.save_config(out, config_lib.to_json(config))
-    tokenizer.save(os.path.join(out, "tokenizer"))
-    checkpointer = ckpt.Checkpointer(out, keep=1, async_save=False)
-    checkpointer.save(0, params, opt_state, {"step": 0, "seed": config.seed, "batches_drawn": 0})
+    block_size = hf.read_hf_config(os.path.abspath(os.path.expanduser(hf_dir)))["block_size"]
+    config.train.seq_len = min(config.train.seq_len, block_size)  # a run that trains as saved
+    run = resolve(config, out, devices=jax.devices("cpu")[:1]).prepare(data=False)
+    state = run.trainer.state_from_params(run.pretrained)
+    ckpt.save_config(run.run_dir, run.config)
+    run.tokenizer.save(run.run_dir.tokenizer)
+    checkpointer = ckpt.Checkpointer(run.run_dir, keep=1, async_save=False)
+    checkpointer.save(0, state.params, state.opt_state)
     checkpointer.close()
-    print(f"wrote {out}: {_describe(fields, tokenizer)}")
+    print(f"wrote {out}: {_describe(run.model, run.tokenizer)}")
 
 
 def export_hf(workdir: str, out: str) -> None:
     """Write the run's latest (or given) checkpoint and tokenizer as a Hugging Face GPT-2 directory."""
-    from gptjax.checkpoint import load_for_inference, resolve_run
+    from gptjax.checkpoint import load_for_inference
+    from gptjax.layout import find_run
 
     hf.require_new_dir(out)
-    run_dir, _ = resolve_run(workdir)
+    run_dir, _ = find_run(workdir)
     config, params = load_for_inference(workdir)
-    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    tokenizer = load_tokenizer(run_dir.tokenizer)
     fields = config.model.to_dict()
     hf.export_hf_dir(fields, params, tokenizer, out)
-    print(f"wrote {out}: {_describe(fields, tokenizer)}")
+    print(f"wrote {out}: {_describe(GPTConfig.from_config(fields), tokenizer)}")
     if tokenizer.kind != "gpt2":
         print(
             f"note: the run's tokenizer is {tokenizer.kind}; {out} holds its model for gptjax and sentencepiece, "

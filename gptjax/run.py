@@ -1,0 +1,207 @@
+"""One resolved run: `resolve(config, workdir)` -> `Run`, the frozen object everything starts from.
+
+Training, `--dry_run`, resume, the converters and the benchmarks all take a `Run`; none of them
+works a setting out again. Resolving happens in two stages:
+
+- `resolve(config, workdir, devices)` checks every section against its schema, builds the
+  mesh, the model config (`model_config`: an imported checkpoint's shape, and vocab_size 0
+  meaning the tokenizer's), the optimizer and the trainer (abstract train state, shardings,
+  jitted steps). It writes nothing and reads only small files: the workdir's config.json and
+  tokenizer, and an `init_from` directory's config.json. Without a workdir it reads no run
+  directory at all, so it serves ahead-of-time compilation for devices this host lacks.
+- `Run.prepare()` then does the work on disk: it creates the workdir, reads the `init_from`
+  weights and tokenizer for a new run, and tokenizes the data (training the tokenizer if the
+  workdir has none). The model does not change: its vocabulary size was known before.
+
+The input config is read, never written; `Run.config` is the resolved config (the model
+section as the run builds it), which is what the run saves as config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any, Mapping, Sequence
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from gptjax import checkpoint as ckpt
+from gptjax import config as config_lib
+from gptjax import data as data_lib
+from gptjax import optim as optim_lib
+from gptjax import sharding
+from gptjax.errors import UserError
+from gptjax.layout import RunDir
+from gptjax.model import GPTConfig
+from gptjax.step import Trainer, param_shapes
+from gptjax.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A fully resolved run. Built by `resolve`; `prepare` adds what needs the disk."""
+
+    config: ml_collections.FrozenConfigDict  # the resolved config: what config.json holds
+    run_dir: RunDir | None  # None: resolved without a run directory (ahead-of-time compilation)
+    seed: int
+    init_from: str
+    model: GPTConfig
+    data: data_lib.DataConfig
+    train: config_lib.TrainConfig
+    optimizer: optim_lib.Optimizer  # built once; `optimizer.config` is the OptimConfig
+    mesh: Mesh
+    trainer: Trainer  # abstract train state, its shardings, and the jitted steps
+    resuming: bool  # the workdir holds a checkpoint: weights come from it, not init_from
+    tokenizer: Tokenizer | None = None  # None until prepared when the workdir has none yet
+    dataset: data_lib.Dataset | None = None  # set by prepare()
+    pretrained: Any = None  # init_from's host parameters, for a new run (set by prepare())
+
+    def prepare(self, data: bool = True) -> "Run":
+        """The run with its workdir created, init_from's weights and tokenizer read (a new run),
+        and (`data`) the data tokenized. A UserError leaves no new workdir behind."""
+        if self.run_dir is None:
+            raise ValueError("Run.prepare needs a run resolved with a workdir")
+        created = not os.path.exists(self.run_dir.root)
+        try:
+            os.makedirs(self.run_dir.root, exist_ok=True)
+            pretrained, given = None, None
+            if self.init_from and not self.resuming:
+                _, pretrained, given = _read_init_from(self.init_from, weights=True)
+            tokenizer, dataset = given or self.tokenizer, None
+            if data:
+                dataset = data_lib.prepare(self.config, self.run_dir.root, tokenizer=given)
+                dataset.check(self.train.seq_len)
+                tokenizer = dataset.tokenizer
+            if tokenizer is not None:
+                _check_vocab(self.model, tokenizer)
+        except UserError:
+            if created:
+                shutil.rmtree(self.run_dir.root, ignore_errors=True)
+            raise
+        return dataclasses.replace(self, tokenizer=tokenizer, dataset=dataset, pretrained=pretrained)
+
+
+def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: Sequence[jax.Device] | None = None) -> Run:
+    """Check `config` and resolve the run in `workdir` on `devices` (default: all); write nothing.
+
+    With `workdir=None` no run directory is read: the vocabulary comes from model.vocab_size,
+    an init_from checkpoint's config.json, or else tokenizer.vocab_size (the size a tokenizer
+    would be trained to).
+    """
+    config_lib.check_types(config)
+    top = config_lib.section(config, "")
+    train = config_lib.section(config, "train")
+    data = config_lib.section(config, "data")
+    optim_cfg = config_lib.section(config, "optim")
+    mesh = sharding.make_mesh(dataclasses.asdict(config_lib.section(config, "mesh")), devices)
+    _check_batch(train, mesh)
+    data_lib.parse_source(data.source)
+
+    run_dir = None if workdir is None else RunDir.at(workdir)
+    resuming = run_dir is not None and bool(run_dir.steps())
+    imported = _read_init_from(top.init_from, weights=False)[0] if top.init_from else None
+    tokenizer = None
+    if run_dir is not None and os.path.isdir(run_dir.tokenizer):
+        tokenizer = load_tokenizer(run_dir.tokenizer)
+    if tokenizer is not None:
+        tokenizer_vocab = tokenizer.vocab_size
+    else:  # the size a tokenizer will be trained to; an imported one comes with its model's size
+        tokenizer_vocab = None if imported else config.tokenizer.vocab_size
+    gpt = model_config(config.model.to_dict(), tokenizer_vocab, imported, fit=run_dir is not None)
+    if train.seq_len > gpt.block_size:
+        raise UserError(f"train.seq_len={train.seq_len} is longer than model.block_size={gpt.block_size}")
+    if resuming:
+        _check_same_shape(run_dir, gpt)
+    # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
+    optimizer = optim_lib.make_optimizer(optim_cfg, param_shapes(gpt), train.steps)
+    trainer = Trainer(gpt, optimizer, mesh, top.seed, train.grad_accum)
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        resolved.model = ml_collections.ConfigDict(dataclasses.asdict(gpt))
+    return Run(
+        config=ml_collections.FrozenConfigDict(resolved),
+        run_dir=run_dir,
+        seed=top.seed,
+        init_from=top.init_from,
+        model=gpt,
+        data=data,
+        train=train,
+        optimizer=optimizer,
+        mesh=mesh,
+        trainer=trainer,
+        resuming=resuming,
+        tokenizer=tokenizer,
+    )
+
+
+def model_config(
+    model: Mapping[str, Any], tokenizer_vocab: int | None, imported: Mapping[str, Any] | None = None, fit: bool = True
+) -> GPTConfig:
+    """The run's GPTConfig: `config.model`, with an imported checkpoint's shape fields over it,
+    and `vocab_size` 0 meaning the tokenizer's (`tokenizer_vocab`). The one place that rule lives.
+
+    `fit`: the model's vocabulary must hold the tokenizer's (off where `tokenizer_vocab` only
+    stands in, as without a run directory). `tokenizer_vocab` None: not known yet (an imported
+    tokenizer, checked when it is read).
+    """
+    fields = {**dict(model), **dict(imported or {})}
+    if fields["vocab_size"] < 0:
+        raise UserError(f"model.vocab_size must be >= 0 (0: the tokenizer's), got {fields['vocab_size']}")
+    if fields["vocab_size"] == config_lib.MODEL_VOCAB_FROM_TOKENIZER:
+        fields["vocab_size"] = tokenizer_vocab
+    gpt = GPTConfig.from_config(fields)
+    if fit and tokenizer_vocab is not None and gpt.vocab_size < tokenizer_vocab:
+        raise UserError(
+            f"model.vocab_size={gpt.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab}); use 0 to take the tokenizer's"
+        )
+    return gpt
+
+
+def _check_vocab(gpt: GPTConfig, tokenizer: Tokenizer) -> None:
+    """The tokenizer the data pass used fits the model that was resolved before it."""
+    if tokenizer.vocab_size > gpt.vocab_size:
+        raise UserError(
+            f"the run's tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{gpt.vocab_size}; use a new workdir"
+        )
+
+
+def _check_batch(train: config_lib.TrainConfig, mesh: Mesh) -> None:
+    micro, dp = train.micro_batch, sharding.data_parallel_size(mesh)
+    if micro % dp:
+        raise UserError(
+            f"the micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by the "
+            f"data-parallel size data*fsdp = {dp}"
+        )
+    if micro % jax.process_count():
+        raise UserError(f"the micro-batch {micro} must be divisible by the number of hosts {jax.process_count()}")
+
+
+def _check_same_shape(run_dir: RunDir, gpt: GPTConfig) -> None:
+    saved = ckpt.read_run_config(run_dir)
+    if saved is None:
+        return
+    mine, theirs = ckpt.model_shape(gpt), ckpt.model_shape(saved.model)
+    if mine != theirs:
+        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+        raise UserError(
+            f"workdir {run_dir.root!r} holds a checkpoint of a different model shape "
+            f"(field: (saved, requested) = {diff}); use a new --workdir or the saved shape"
+        )
+
+
+def _read_init_from(init_from: str, weights: bool) -> tuple[dict[str, Any], Any, Tokenizer | None]:
+    """(model fields, host params, tokenizer) of `init_from=hf:DIR`; without weights, the
+    fields alone (read from config.json) and None, None."""
+    kind, _, path = init_from.partition(":")
+    if kind != "hf" or not path:
+        raise UserError(f"init_from must be '' or 'hf:/path/to/gpt2-dir', got {init_from!r}")
+    from gptjax import hf
+
+    if weights:
+        return hf.load_hf_dir(path)
+    return hf.read_hf_config(os.path.abspath(os.path.expanduser(path))), None, None

@@ -1,0 +1,237 @@
+"""The train state and the jitted, sharded train and eval steps of a run (`Trainer`).
+
+Parameter shapes come from `param_shapes` alone (abstract: nothing is allocated); the
+trainer derives from them the shardings of the parameters (their logical axis names through
+`gptjax.sharding.RULES`), of the optimizer state (by parameter path) and of the batch, and
+jits its steps with those shardings and the state donated. `lower_train_step` and
+`lower_eval_step` lower them from abstract inputs alone, for ahead-of-time compilation on
+devices this process cannot run on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from gptjax import optim as optim_lib
+from gptjax import sharding
+from gptjax.loss import cross_entropy, head_cross_entropy
+from gptjax.model import GPT, GPTConfig
+
+BATCH_KEYS = ("inputs", "targets", "weights")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def init_boxed_params(gpt: GPTConfig, rng: jax.Array) -> Any:
+    """Fresh parameters, each boxed with its logical axis names (flax `LogicallyPartitioned`)."""
+    return GPT(gpt).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def param_shapes(gpt: GPTConfig, boxed: bool = False) -> Any:
+    """ShapeDtypeStructs of the parameters (boxed: with their logical axis names); nothing is allocated."""
+    shapes = jax.eval_shape(lambda rng: init_boxed_params(gpt, rng), jax.random.PRNGKey(0))
+    return shapes if boxed else nn.meta.unbox(shapes)
+
+
+def train_compiler_options(gpt: GPTConfig, mesh: Mesh) -> dict[str, Any] | None:
+    """XLA options for the train step.
+
+    With `model.remat` on CPU: the memory-optimized scheduler. XLA's default CPU scheduler
+    runs the rematerialized forward ops as early as it can, which keeps their results alive
+    as long as without remat; this scheduler frees them.
+    """
+    if gpt.remat and mesh.devices.flat[0].platform == "cpu":
+        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    return None
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` carrying `shardings` (a tree of the same structure)."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Trainer:
+    """The model, optimizer and mesh of a run, and its jitted, sharded functions."""
+
+    def __init__(self, gpt: GPTConfig, optimizer: optim_lib.Optimizer, mesh: Mesh, seed: int, grad_accum: int = 1):
+        self.gpt, self.optimizer, self.mesh, self.seed, self.grad_accum = gpt, optimizer, mesh, seed, grad_accum
+        self.model = GPT(gpt)
+        self.tx = optimizer.tx
+        boxed = param_shapes(gpt, boxed=True)
+        self.param_shardings = sharding.logical_shardings(mesh, boxed)
+        self.abstract_params = nn.meta.unbox(boxed)
+        self.abstract_opt_state = jax.eval_shape(self.tx.init, self.abstract_params)
+        self.opt_shardings = sharding.match_by_path(
+            self.abstract_opt_state, self.abstract_params, self.param_shardings, sharding.replicated(mesh)
+        )
+        self.state_shardings = TrainState(
+            step=sharding.replicated(mesh), params=self.param_shardings, opt_state=self.opt_shardings
+        )
+        self.batch_sharding = sharding.batch_sharding(mesh, ndim=3)  # [accum, micro-batch, seq]
+        self.eval_sharding = sharding.batch_sharding(mesh, ndim=2)  # [batch, seq]
+        rep = sharding.replicated(mesh)
+        self.train_step_fn = jax.jit(
+            self._step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, rep),
+            donate_argnums=(0,),
+            compiler_options=train_compiler_options(gpt, mesh),
+        )
+        self.eval_step_fn = jax.jit(
+            self._eval, in_shardings=(self.param_shardings, self.eval_sharding), out_shardings=(rep, rep)
+        )
+
+    # -- state -----------------------------------------------------------------------------
+
+    def abstract_state(self) -> TrainState:
+        """The train state as ShapeDtypeStructs with their shardings (for restore and lowering)."""
+        return TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.state_shardings.step),
+            params=abstract(self.abstract_params, self.param_shardings),
+            opt_state=abstract(self.abstract_opt_state, self.opt_shardings),
+        )
+
+    def init_state(self) -> TrainState:
+        """Fresh parameters and optimizer state, created directly in their shardings."""
+
+        def init(rng: jax.Array) -> TrainState:
+            params = nn.meta.unbox(init_boxed_params(self.gpt, rng))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+        # No mesh context here: flax's DenseGeneral initialises a flat kernel before reshaping
+        # it, and a logical constraint on that flat value would not fit; out_shardings places
+        # the results.
+        return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.seed))
+
+    def state_from_params(self, params: Any) -> TrainState:
+        """A step-0 state around given host parameters (an imported checkpoint)."""
+        params = jax.tree_util.tree_map(
+            lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x, np.float32)[idx]),
+            params,
+            self.param_shardings,
+        )
+        with self.context():
+            opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def context(self) -> contextlib.ExitStack:
+        """The mesh and the logical-axis rules, which the steps run (and lower) under."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(sharding.RULES))
+        return stack
+
+    def _loss_sums(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        deterministic = self.gpt.dropout == 0.0
+        hidden_BxTxC = self.model.apply(
+            {"params": params}, batch["inputs"], deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True
+        )
+        return head_cross_entropy(hidden_BxTxC, params["wte"]["embedding"], batch["targets"], batch["weights"])
+
+    def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step over `grad_accum` micro-batches (batch arrays are [accum, micro, seq]).
+
+        Gradients of the summed token losses are accumulated and divided by the total weight,
+        so the update equals that of one big batch whatever the accumulation.
+        """
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), state.step)
+
+        def one(mb: Any, r: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+            (loss_sum, weight_sum), grads = jax.value_and_grad(self._loss_sums, has_aux=True)(state.params, mb, r)
+            return grads, loss_sum, weight_sum
+
+        if self.grad_accum == 1:
+            grads, loss_sum, weight_sum = one(jax.tree_util.tree_map(lambda x: x[0], batch), rng)
+        else:
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+
+            def body(carry: Any, xs: Any) -> tuple[Any, None]:
+                g_acc, l_acc, w_acc = carry
+                mb, i = xs
+                g, l, w = one(mb, jax.random.fold_in(rng, i))
+                return (jax.tree_util.tree_map(jnp.add, g_acc, g), l_acc + l, w_acc + w), None
+
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, loss_sum, weight_sum), _ = jax.lax.scan(body, init, (batch, jnp.arange(self.grad_accum)))
+        denom = jnp.maximum(weight_sum, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": self.optimizer.schedule(state.step),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _eval(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        logits_BxTxV = self.model.apply({"params": params}, batch["inputs"], deterministic=True)
+        return cross_entropy(logits_BxTxV, batch["targets"], batch["weights"])
+
+    def train_step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, jax.Array]]:
+        """Run one step on this host's rows of the global batch ([rows, seq] numpy arrays)."""
+        with self.context():
+            return self.train_step_fn(state, self.to_global(batch, accum=True))
+
+    def evaluate(self, params: Any, batches: Iterable[dict[str, np.ndarray]]) -> float:
+        """Mean token loss over the given (host-local) batches."""
+        total, count = 0.0, 0.0
+        with self.context():
+            for batch in batches:
+                loss_sum, weight_sum = self.eval_step_fn(params, self.to_global(batch, accum=False))
+                total += float(loss_sum)
+                count += float(weight_sum)
+        return total / max(count, 1.0)
+
+    def to_global(self, batch: dict[str, np.ndarray], accum: bool) -> dict[str, jax.Array]:
+        """Global arrays from this host's rows: [accum, micro, seq] for a train step, else [rows, seq]."""
+        target = self.batch_sharding if accum else self.eval_sharding
+        out = {}
+        for key in BATCH_KEYS:
+            x = np.asarray(batch[key])
+            if accum:
+                x = x.reshape(self.grad_accum, x.shape[0] // self.grad_accum, *x.shape[1:])
+                global_shape = (x.shape[0], x.shape[1] * jax.process_count(), *x.shape[2:])
+            else:
+                global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+            out[key] = jax.make_array_from_process_local_data(target, x, global_shape)
+        return out
+
+    # -- ahead of time ---------------------------------------------------------------------
+
+    def abstract_batch(self, batch_size: int, seq_len: int, accum: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch as ShapeDtypeStructs: [grad_accum, batch_size / grad_accum, seq_len]
+        for a train step (accum), else [batch_size, seq_len]."""
+        if accum:
+            shape, target = (self.grad_accum, batch_size // self.grad_accum, seq_len), self.batch_sharding
+        else:
+            shape, target = (batch_size, seq_len), self.eval_sharding
+        dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
+        return {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=target) for k in BATCH_KEYS}
+
+    def lower_train_step(self, batch_size: int, seq_len: int) -> jax.stages.Lowered:
+        """The train step lowered from abstract inputs (`.compile()` it for the mesh's devices)."""
+        with self.context():
+            return self.train_step_fn.lower(self.abstract_state(), self.abstract_batch(batch_size, seq_len))
+
+    def lower_eval_step(self, batch_size: int, seq_len: int) -> jax.stages.Lowered:
+        """The eval step lowered from abstract inputs."""
+        with self.context():
+            params = abstract(self.abstract_params, self.param_shardings)
+            return self.eval_step_fn.lower(params, self.abstract_batch(batch_size, seq_len, accum=False))

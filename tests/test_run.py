@@ -1,0 +1,136 @@
+"""The resolved run: resolve() reads the config and writes nothing, the vocabulary rule, the
+abstract train step for a mesh without data, and the default workdir per config."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gptjax import config as C
+from gptjax import layout, train
+from gptjax.errors import UserError
+from gptjax.run import model_config, resolve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _corpus(directory) -> str:
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta"]
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in range(12):
+        lines = [f"def g{d}_{i}({rng.choice(words)}):\n    return {rng.choice(words)} * {i}\n" for i in range(12)]
+        (directory / f"d{d}.txt").write_text("".join(lines))
+    return str(directory / "*.txt")
+
+
+def _tiny(corpus: str) -> C.ConfigDict:
+    c = C.base_config()
+    c.data.source = f"files:{corpus}"
+    c.data.val_fraction = 0.2
+    c.tokenizer.vocab_size = 300
+    c.model.update(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    c.train.update(steps=2, batch_size=4, seq_len=16, eval_every=2, eval_batches=1, log_every=1, checkpoint_every=2)
+    c.optim.update(warmup_steps=1)
+    return c
+
+
+def test_model_config_is_where_vocab_size_0_means_the_tokenizers():
+    base = C.base_config().model.to_dict()
+    assert base["vocab_size"] == 0
+    assert model_config(base, 300).vocab_size == 300
+    assert model_config({**base, "vocab_size": 512}, 300).vocab_size == 512
+    with pytest.raises(UserError, match="smaller than the tokenizer's vocabulary"):
+        model_config({**base, "vocab_size": 100}, 300)
+    imported = {"vocab_size": 700, "n_layer": 2, "n_head": 4, "n_embd": 64, "n_mlp": 0, "block_size": 128, "ln_eps": 1e-5}
+    gpt = model_config(base, None, imported)
+    assert (gpt.vocab_size, gpt.n_embd, gpt.dtype) == (700, 64, base["dtype"])
+
+
+def test_base_config_defaults_are_the_schemas():
+    c = C.base_config()
+    for name, cls in C.schema().items():
+        section = C.section(c, name) if name != "model" else model_config(c.model.to_dict(), 300)
+        assert isinstance(section, cls)
+        for key, value in c[name].items():
+            if (name, key) != ("model", "vocab_size"):
+                assert getattr(section, key) == value, (name, key)
+    assert C.section(c, "").seed == c.seed
+
+
+def test_resolve_writes_nothing_and_leaves_the_config_alone(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    config = _tiny(corpus)
+    before = config.to_dict()
+    workdir = tmp_path / "run"
+    run = resolve(config, str(workdir), devices=jax.devices()[:1])
+    assert not workdir.exists() and config.to_dict() == before
+    assert run.model.vocab_size == 300 and run.config.model.vocab_size == 300
+    assert run.tokenizer is None and run.dataset is None
+    prepared = run.prepare()
+    assert prepared.tokenizer.vocab_size == 300 and prepared.model is run.model
+    assert workdir.is_dir() and config.to_dict() == before
+    with pytest.raises(Exception):
+        run.config.model.vocab_size = 1  # the resolved config is frozen
+
+
+def test_abstract_train_and_eval_steps_lower_for_a_mesh_without_data():
+    config = C.base_config()
+    config.model.update(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    config.tokenizer.vocab_size = 300  # stands in for vocab_size 0: no tokenizer is read or trained
+    config.train.update(batch_size=8, seq_len=16, grad_accum=2)
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    run = resolve(config, None, devices=jax.devices()[:8])
+    assert run.model.vocab_size == 300
+    state = run.trainer.abstract_state()
+    assert state.params["wte"]["embedding"].sharding.spec == run.trainer.param_shardings["wte"]["embedding"].spec
+    compiled = run.trainer.lower_train_step(8, 16).compile()
+    assert compiled.memory_analysis() is not None
+    run.trainer.lower_eval_step(8, 16).compile()
+
+
+def _write_config(path, corpus: str, steps: int) -> str:
+    path.write_text(
+        "from gptjax.config import base_config\n\n\ndef get_config():\n"
+        "    c = base_config()\n"
+        f"    c.data.source = 'files:{corpus}'\n"
+        "    c.data.val_fraction = 0.2\n"
+        "    c.tokenizer.vocab_size = 300\n"
+        "    c.model.update(n_layer=1, n_head=2, n_embd=16, block_size=16)\n"
+        f"    c.train.update(steps={steps}, batch_size=8, seq_len=16, eval_every=2, eval_batches=1, log_every=1,"
+        " checkpoint_every=2)\n"
+        "    c.optim.update(warmup_steps=1)\n"
+        "    return c\n"
+    )
+    return str(path)
+
+
+def test_default_workdir_is_per_config_and_a_second_run_resumes(tmp_path, monkeypatch, capsys):
+    corpus = _corpus(tmp_path / "corpus")
+    alpha = _write_config(tmp_path / "alpha.py", corpus, steps=2)
+    beta = _write_config(tmp_path / "beta.py", corpus, steps=2)
+    assert layout.default_workdir(None) == os.path.join("runs", "default")
+    monkeypatch.chdir(tmp_path)
+    train.main(["--config", alpha])
+    out = capsys.readouterr().out
+    assert "workdir runs/alpha: a new run" in out
+    train.main(["--config", beta])
+    assert "workdir runs/beta: a new run" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "runs")) == ["alpha", "beta"]
+    train.main(["--config", alpha, "--config.train.steps=4"])
+    out = capsys.readouterr().out
+    assert "workdir runs/alpha: resuming from step 2" in out
+    assert layout.RunDir.at(tmp_path / "runs" / "alpha").steps()[-1] == 4
+    # The last line says how to sample; it runs as printed.
+    sample = out.strip().splitlines()[-1]
+    assert sample.startswith("sample:")
+    argv = shlex.split(sample.split(":", 1)[1])
+    assert argv[:3] == ["python", "-m", "gptjax.sample"] and argv[argv.index("--workdir") + 1] == "runs/alpha"
+    argv += ["--max_new_tokens", "16"]  # shorter than printed (tests/test_readme.py runs it in full)
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
