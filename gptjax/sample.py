@@ -3,16 +3,22 @@
     python -m gptjax.sample --workdir runs/default --prompt "def " --num_samples 3 \\
         --max_new_tokens 200 --temperature 0.8 --top_k 50 --top_p 0.95 --seed 0
 
-Text is printed as it is generated (decoded in chunks of --chunk tokens); with several
-samples or prompts each row's text is printed under its own header once the call ends, and
-with a single row it streams. The speed goes to stderr at the end. Row i uses the key
-fold_in(PRNGKey(seed), i), so the same seed gives the same text.
+Text is printed as it is generated (decoded in chunks of --chunk tokens). With several
+samples the rows are decoded together, in one batch, and printed one after another, each
+under its own header: the row being printed streams; when it ends (its stop token, or the
+last token), the next row's text so far is printed at once and that row streams on. Rows
+are not interleaved because chunks of several texts mixed on one terminal cannot be read;
+they are not decoded one after another because a batch costs little more than one row.
+The speed goes to stderr at the end. Row i uses the key fold_in(PRNGKey(seed), i), so the
+same seed gives the same text. --max_new_tokens is not limited by the model's context
+window (see `gptjax.sampling.decode` for how the context is cropped).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Iterable, TextIO
 
 from gptjax.errors import UserError, run_cli
 
@@ -30,9 +36,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0, help="1.0 turns it off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop_tokens", default=None, help="comma-separated stop token ids (default: end of text); '' for none")
-    p.add_argument("--truncate_prompt", action="store_true", help="cut a prompt too long for the context from the left")
+    p.add_argument("--truncate_prompt", action="store_true", help="cut a prompt longer than the context window from the left")
     p.add_argument("--chunk", type=int, default=16, help="decode steps per call between prints")
     return p.parse_args(argv)
+
+
+def print_rows(stream: Iterable[tuple[list[str], Any]], prompt: str, rows: int, out: TextIO) -> Any:
+    """Print `rows` texts from `stream` one after another as they arrive; return the last result.
+
+    One row is printed bare (the prompt, then its text); several each get a header. The row
+    being printed streams; once it has ended (`result.stopped[i]` or the call finished), the
+    next row's buffered text follows at once.
+    """
+    pending = [""] * rows
+    current = 0
+    result = None
+
+    def start(i: int) -> None:
+        if rows > 1:
+            out.write(f"---------- sample {i} ----------\n")
+        out.write(prompt)
+
+    start(0)
+    out.flush()
+    for pieces, result in stream:
+        for i, piece in enumerate(pieces):
+            pending[i] += piece
+        while True:
+            out.write(pending[current])
+            pending[current] = ""
+            if current == rows - 1 or not (result.finished or result.stopped[current]):
+                break
+            out.write("\n")
+            current += 1
+            start(current)
+        out.flush()
+    out.write("\n")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"--stop_tokens must be comma-separated token ids, got {args.stop_tokens!r}") from None
         model = gptjax.load(args.workdir)
         prompts = [prompt] * args.num_samples
-        controls = dict(
+        stream = model.stream(
+            prompts,
+            chunk=args.chunk,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
@@ -70,28 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             stop_tokens=stop,
             truncate_prompt=args.truncate_prompt,
         )
-        single = len(prompts) == 1
-        texts = [""] * len(prompts)
-        result = None
-        if single:
-            sys.stdout.write(prompt)
-        for pieces, result in model.stream(prompts, chunk=args.chunk, **controls):
-            for i, piece in enumerate(pieces):
-                texts[i] += piece
-            if single:
-                sys.stdout.write(pieces[0])
-                sys.stdout.flush()
-            else:
-                done = sum(len(t) for t in result.tokens)
-                print(f"\r[{done} tokens]", end="", file=sys.stderr, flush=True)
-        assert result is not None
-        if single:
-            print()
-        else:
-            print(file=sys.stderr)
-            for i, tokens in enumerate(result.tokens):
-                print(f"---------- sample {i} ----------")
-                print(prompt + model.tokenizer.decode(tokens))
+        result = print_rows(stream, prompt, len(prompts), sys.stdout)
         decode_s = max(result.seconds - result.seconds_to_first_token, 1e-9)
         print(
             f"{result.new_tokens} new tokens in {result.seconds:.2f} s ({result.new_tokens / result.seconds:.1f} tokens/s; "

@@ -1,8 +1,11 @@
 """`gptjax.load` and `python -m gptjax.sample` on a real (tiny) run, trained on an 8-device mesh."""
 
+import inspect
+import io
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 
 import gptjax
 from gptjax import config as C
-from gptjax import sample, train
+from gptjax import sample, sampling, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +53,14 @@ def test_load_workdir_and_checkpoint_generate(workdir):
     assert model.generate("def ", max_new_tokens=10, temperature=0) == [model.tokenizer.decode(ids[0])]
     step10 = gptjax.load(os.path.join(workdir, "checkpoints", "10"))
     assert step10.generate("def ", max_new_tokens=5, temperature=0)[0] is not None
+
+
+def test_gptjax_load_takes_what_sampling_load_takes(workdir):
+    assert inspect.signature(gptjax.load).parameters.keys() == inspect.signature(sampling.load).parameters.keys()
+    device = jax.devices()[3]
+    model = gptjax.load(workdir, device=device)
+    assert {d for x in jax.tree_util.tree_leaves(model.params) for d in x.devices()} == {device}
+    assert model.generate("def ", max_new_tokens=5, temperature=0) == gptjax.load(workdir).generate("def ", max_new_tokens=5, temperature=0)
 
 
 def run_cli(args, capsys):
@@ -108,3 +119,69 @@ def test_cli_refuses_a_path_that_is_not_a_run(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "not a gptjax run" in r.stderr
+
+
+def test_cli_default_max_new_tokens_runs_past_the_window(workdir, capsys):
+    """The CLI's default --max_new_tokens (200) on a 64-token model: the context is cropped."""
+    sample.main(["--workdir", workdir, "--prompt", "def ", "--temperature", "0", "--stop_tokens", ""])
+    out = capsys.readouterr()
+    assert out.err.startswith("200 new tokens in ")
+    model = gptjax.load(workdir)
+    assert out.out == "def " + model.generate("def ", max_new_tokens=200, temperature=0, stop_tokens=[])[0] + "\n"
+
+
+def test_cli_streams_every_row(workdir, capsys, monkeypatch):
+    """With several samples, text is printed while decoding goes on, and all rows come out whole."""
+    printed_before_yield = []
+    real_stream = sampling.LoadedModel.stream
+
+    def spy(self, *args, **kwargs):
+        def wrapped():
+            for item in real_stream(self, *args, **kwargs):
+                printed_before_yield.append(capsys.readouterr().out)
+                yield item
+
+        return wrapped()
+
+    monkeypatch.setattr(sampling.LoadedModel, "stream", spy)
+    args = ["--workdir", workdir, "--prompt", "def ", "--num_samples", "3", "--max_new_tokens", "40",
+            "--chunk", "4", "--temperature", "0.8", "--stop_tokens", "", "--seed", "2"]
+    sample.main(args)
+    printed = printed_before_yield + [capsys.readouterr().out]
+    assert len(printed) == 12  # the first token, then 10 chunks of 4, then the end
+    assert printed[0] == "---------- sample 0 ----------\ndef "  # before any token
+    # Row 0's text arrives chunk by chunk while the batch is decoded.
+    assert sum(1 for p in printed[1:-1] if p) >= 5
+    texts = gptjax.load(workdir).generate(["def "] * 3, max_new_tokens=40, temperature=0.8, stop_tokens=[], seed=2)
+    assert "".join(printed) == "".join(f"---------- sample {i} ----------\ndef {t}\n" for i, t in enumerate(texts))
+
+
+def test_print_rows_moves_to_the_next_row_when_one_ends():
+    """Row 0 stops at the second chunk: row 1's text so far follows at once and then streams."""
+
+    def step(pieces, stopped, finished=False):
+        return pieces, SimpleNamespace(stopped=stopped, finished=finished)
+
+    chunks = [
+        step(["a", "x", "p"], [False, False, False]),
+        step(["b", "y", "q"], [True, False, False]),
+        step(["", "z", "r"], [True, False, False]),
+        step(["", "w", "s"], [True, True, True], finished=True),
+    ]
+    out = io.StringIO()
+    seen = []
+
+    def stream():
+        for c in chunks:
+            yield c
+            seen.append(out.getvalue())
+
+    sample.print_rows(stream(), ">", 3, out)
+    h = lambda i: f"---------- sample {i} ----------\n>"
+    assert seen[0] == h(0) + "a"
+    assert seen[1] == h(0) + "ab\n" + h(1) + "xy"
+    assert seen[2] == h(0) + "ab\n" + h(1) + "xyz"
+    assert out.getvalue() == h(0) + "ab\n" + h(1) + "xyzw\n" + h(2) + "pqrs\n"
+    single = io.StringIO()
+    sample.print_rows(iter([step(["a"], [False]), step(["b"], [False], finished=True)]), ">", 1, single)
+    assert single.getvalue() == ">ab\n"

@@ -2,6 +2,7 @@
 
     python tools/bench_sample.py                      # default model and GPT-2 124M, batch 1/8/32
     python tools/bench_sample.py --shapes 124m --batches 1 --repeats 5
+    python tools/bench_sample.py --shapes default --new 512 --no_hf   # past the 128-token window
 
 For each model shape (random weights) and batch size it measures, in the same run:
 
@@ -14,6 +15,9 @@ For each model shape (random weights) and batch size it measures, in the same ru
   embedding included, plus the keys and values of the context so far, averaged over the
   call), divided by the read bandwidth measured here with a large fp32 reduction; as tokens/s
   it is batch / (bytes / bandwidth).
+
+With --new past the window (prompt + new > block_size) the decoder crops and re-prefills
+(see `gptjax.sampling.decode`); the bound then counts the context the cropping rule gives.
 
 Every figure is the median of --repeats runs after a warm-up; it prints a table with ratios.
 """
@@ -33,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gptjax.model import GPTConfig, init_params  # noqa: E402
-from gptjax.sampling import Decoder  # noqa: E402
+from gptjax.sampling import Decoder, keep_length  # noqa: E402
 
 SHAPES = {
     # configs/default.py: 4 x 128, block 128, a 2048-token SentencePiece vocabulary.
@@ -67,11 +71,19 @@ def measure_bandwidth(repeats: int = 7) -> float:
     return 256 * 1024 * 1024 * 4 / min(t_jax, t_torch)
 
 
+def mean_context(cfg: GPTConfig, prompt: int, new: int) -> float:
+    """The mean number of tokens a step attends over, by the decoder's cropping rule."""
+    total, c = 0, prompt
+    for _ in range(new):
+        total += c
+        c = c + 1 if c + 1 <= cfg.block_size else keep_length(cfg.block_size)
+    return total / new
+
+
 def step_bytes(cfg: GPTConfig, batch: int, prompt: int, new: int) -> float:
     """Bytes a decode step must read: all weights but the position table, plus the average KV context."""
     weights = (cfg.num_params() - cfg.block_size * cfg.n_embd) * 4
-    context = prompt + new / 2
-    kv = batch * cfg.n_layer * 2 * context * cfg.n_embd * 4
+    kv = batch * cfg.n_layer * 2 * mean_context(cfg, prompt, new) * cfg.n_embd * 4
     return weights + kv
 
 
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top_k", type=int, default=50)
     ap.add_argument("--top_p", type=float, default=0.95)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new", type=int, default=0, help="new tokens per row (default: the shape's, 64)")
     ap.add_argument("--no_hf", action="store_true", help="skip the transformers reference")
     args = ap.parse_args(argv)
 
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(header))
     for name in args.shapes.split(","):
         spec = SHAPES[name]
-        cfg, prompt, new = spec["cfg"], spec["prompt"], spec["new"]
+        cfg, prompt, new = spec["cfg"], spec["prompt"], args.new or spec["new"]
         params = init_params(cfg, jax.random.PRNGKey(0))
         hf = None if args.no_hf else hf_model(cfg, params)
         for batch in [int(b) for b in args.batches.split(",")]:

@@ -50,19 +50,27 @@ class LoadedModel:
         return [self.tokenizer.encode(p) or [self.tokenizer.eot_id] for p in prompts]
 
     def stream(self, prompts: str | Sequence[str], chunk: int = 16, **controls: Any) -> Iterator[tuple[list[str], Generation]]:
-        """Yield (new text per row since the last yield, result so far) every `chunk` tokens."""
-        encoded = self.encode(prompts)
-        decoded: list[list[int]] = [[] for _ in encoded]
-        shown = [""] * len(encoded)
-        for new_rows, result in self.decoder.stream(encoded, chunk=chunk, **self._controls(controls)):
+        """Yield (new text per row since the last yield, result so far) every `chunk` tokens.
+
+        Bad controls or prompts raise here, before the first token is asked for.
+        """
+        tokens = self.decoder.stream(self.encode(prompts), chunk=chunk, **self._controls(controls))
+        return self._texts(tokens)
+
+    def _texts(self, tokens: Iterator[tuple[list[list[int]], Generation]]) -> Iterator[tuple[list[str], Generation]]:
+        decoded: list[list[int]] = []
+        shown: list[str] = []
+        for new_rows, result in tokens:
+            if not decoded:
+                decoded, shown = [[] for _ in new_rows], [""] * len(new_rows)
             pieces = []
             for i, row in enumerate(new_rows):
                 decoded[i].extend(row)
                 text = self.tokenizer.decode(decoded[i])
-                # Hold back a trailing replacement character (a multi-byte character split
-                # between chunks) until the end; if decoding more tokens changed text already
-                # shown, continue from the common prefix.
-                stable = text if result.finished else text.rstrip("\ufffd")
+                # Until a row has ended, hold back a trailing replacement character (a
+                # multi-byte character split between chunks); if decoding more tokens changed
+                # text already shown, continue from the common prefix.
+                stable = text if result.finished or result.stopped[i] else text.rstrip("\ufffd")
                 common = os.path.commonprefix([shown[i], stable])
                 pieces.append(stable[len(common):])
                 shown[i] = stable

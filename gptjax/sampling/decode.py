@@ -242,6 +242,20 @@ def _row_keys(seed: jax.Array, n: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One call's checked inputs."""
+
+    prompts: list[list[int]]
+    stop_list: list[int]
+    max_new_tokens: int
+    chunk: int | None
+    p_len: int
+    n_len: int
+    s: _Static
+    controls: tuple[Any, ...]  # row_keys, temperature, top_k, 1 - top_p, stop ids: the programs' inputs
+
+
 class Decoder:
     """A GPT's config and parameters, with the compiled prefill and decode programs."""
 
@@ -273,7 +287,8 @@ class Decoder:
     ) -> Iterator[tuple[list[list[int]], Generation]]:
         """Yield (new tokens per row since the last yield, result so far) every `chunk` steps.
 
-        `chunk=None` decodes everything in one call. The last yield's result is final.
+        `chunk=None` decodes everything in one call. The last yield's result is final. Bad
+        controls or prompts raise here, before the first token is asked for.
         """
         cfg = self.cfg
         check_controls(cfg.vocab_size, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -283,13 +298,12 @@ class Decoder:
             if not 0 <= t < cfg.vocab_size:
                 raise UserError(f"stop token {t} is outside the vocabulary [0, {cfg.vocab_size})")
         b = len(prompts)
-        lengths = [len(p) for p in prompts]
-        p_len, cache_len, n_len = plan_lengths(max(lengths), max_new_tokens, cfg.block_size)
         row_keys = _row_keys(np.uint32(seed), b) if row_keys is None else jnp.asarray(row_keys)
         if row_keys.shape[0] != b:
             raise UserError(f"row_keys has {row_keys.shape[0]} keys for {b} prompts")
         stops = np.full((_pow2_at_least(len(stop_list), 4),), -1, np.int32)
         stops[: len(stop_list)] = stop_list
+        p_len, cache_len, n_len = plan_lengths(max(len(p) for p in prompts), max_new_tokens, cfg.block_size)
         greedy = temperature == 0
         s = _Static(
             cfg=cfg,
@@ -306,60 +320,7 @@ class Decoder:
             np.float32(1.0 - top_p),
             stops,
         )
-        params = self.decode_params
-
-        def prefill(rows: list[list[int]], length: int, out_BxN: Any, t: int, done_B: Any) -> DecodeState:
-            tokens_BxP, mask_BxP = _left_pad(rows, length)
-            return _prefill(params, tokens_BxP, mask_BxP, out_BxN, np.int32(t), done_B, *controls, s=s)
-
-        def run_to(state: DecodeState, limit: int) -> DecodeState:
-            """Decode (and crop full contexts) until `limit` tokens exist or every row stopped."""
-            while True:
-                t, done_B, position_B = jax.device_get((state.t, state.done_B, state.position_B))
-                if t >= limit or done_B.all():
-                    return state
-                if (position_B >= cfg.block_size).any():
-                    rows = cropped_contexts(prompts, np.asarray(state.out_BxN), int(t), position_B, cfg.block_size)
-                    length = _round_up(max(len(r) for r in rows), _ALIGN)
-                    state = prefill(rows, length, state.out_BxN, int(t), state.done_B)
-                else:
-                    state = _advance(params, state, np.int32(limit), *controls, s=s)
-
-        t0 = time.perf_counter()
-        state = prefill(prompts, p_len, np.zeros((b, n_len), np.int32), 0, np.zeros((b,), bool))
-        state = jax.block_until_ready(state)
-        ttft = time.perf_counter() - t0
-        emitted: list[list[int]] = [[] for _ in range(b)]
-        stopped = [False] * b
-        sent = 0
-
-        def collect(out_BxN: np.ndarray, upto: int) -> list[list[int]]:
-            new_rows = []
-            for i in range(b):
-                row = []
-                if not stopped[i]:
-                    for tok in out_BxN[i, sent:upto]:
-                        if int(tok) in stop_list:
-                            stopped[i] = True
-                            break
-                        row.append(int(tok))
-                emitted[i].extend(row)
-                new_rows.append(row)
-            return new_rows
-
-        def result(finished: bool) -> Generation:
-            return Generation([list(r) for r in emitted], list(stopped), lengths, ttft, time.perf_counter() - t0, finished)
-
-        while True:
-            t_now = int(state.t)
-            finished = t_now >= max_new_tokens or bool(np.all(np.asarray(state.done_B)))
-            if chunk is not None or finished:
-                new_rows = collect(np.asarray(state.out_BxN), t_now)
-                sent = t_now
-                yield new_rows, result(finished)
-            if finished:
-                return
-            state = run_to(state, min(max_new_tokens, t_now + chunk) if chunk else max_new_tokens)
+        return self._run(_Call(prompts, stop_list, max_new_tokens, chunk, p_len, n_len, s, controls))
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], **controls: Any) -> Generation:
         """New tokens for each prompt (a list of token ids); see `stream` for the controls."""
@@ -368,6 +329,57 @@ class Decoder:
             pass
         assert result is not None
         return result
+
+    def _prefill(self, call: _Call, rows: list[list[int]], length: int, out_BxN: Any, t: int, done_B: Any) -> DecodeState:
+        tokens_BxP, mask_BxP = _left_pad(rows, length)
+        return _prefill(self.decode_params, tokens_BxP, mask_BxP, out_BxN, np.int32(t), done_B, *call.controls, s=call.s)
+
+    def _run_to(self, call: _Call, state: DecodeState, limit: int) -> DecodeState:
+        """Decode, cropping full contexts, until `limit` new tokens exist or every row stopped."""
+        block_size = self.cfg.block_size
+        while True:
+            t, done_B, position_B = jax.device_get((state.t, state.done_B, state.position_B))
+            if t >= limit or done_B.all():
+                return state
+            if (position_B >= block_size).any():
+                rows = cropped_contexts(call.prompts, np.asarray(state.out_BxN), int(t), position_B, block_size)
+                length = _round_up(max(len(r) for r in rows), _ALIGN)
+                state = self._prefill(call, rows, length, state.out_BxN, int(t), state.done_B)
+            else:
+                state = _advance(self.decode_params, state, np.int32(limit), *call.controls, s=call.s)
+
+    def _run(self, call: _Call) -> Iterator[tuple[list[list[int]], Generation]]:
+        b = len(call.prompts)
+        t0 = time.perf_counter()
+        state = self._prefill(call, call.prompts, call.p_len, np.zeros((b, call.n_len), np.int32), 0, np.zeros((b,), bool))
+        state = jax.block_until_ready(state)
+        ttft = time.perf_counter() - t0
+        emitted: list[list[int]] = [[] for _ in range(b)]
+        stopped = [False] * b
+        sent = 0
+        while True:
+            t_now = int(state.t)
+            finished = t_now >= call.max_new_tokens or bool(np.all(np.asarray(state.done_B)))
+            if call.chunk is not None or finished:
+                out_BxN = np.asarray(state.out_BxN)
+                new_rows = []
+                for i in range(b):
+                    row = []
+                    for tok in out_BxN[i, sent:t_now] if not stopped[i] else ():
+                        if int(tok) in call.stop_list:
+                            stopped[i] = True
+                            break
+                        row.append(int(tok))
+                    emitted[i].extend(row)
+                    new_rows.append(row)
+                sent = t_now
+                elapsed = time.perf_counter() - t0
+                lengths = [len(p) for p in call.prompts]
+                yield new_rows, Generation([list(r) for r in emitted], list(stopped), lengths, ttft, elapsed, finished)
+            if finished:
+                return
+            limit = min(call.max_new_tokens, t_now + call.chunk) if call.chunk else call.max_new_tokens
+            state = self._run_to(call, state, limit)
 
 
 def generate_tokens(cfg: GPTConfig, params: Any, prompts: Sequence[Sequence[int]], **controls: Any) -> list[list[int]]:
