@@ -142,3 +142,23 @@ def test_bucket_globs(gcs_bucket):
     with pytest.raises(UserError, match=r"'\*\*' is not supported in a URL"):
         data.prepare(_config(f"files:gs://{gcs_bucket}/**/*.txt"), f"gs://{gcs_bucket}/run",
                      process_index=0, process_count=1)
+
+
+def test_a_tfds_dataset_in_a_bucket_is_read(gcs_bucket, tmp_path):
+    from test_data import GptjaxTinyText
+
+    GptjaxTinyText(data_dir=str(tmp_path / "tfds")).download_and_prepare(file_format="array_record")
+    for path in (tmp_path / "tfds").rglob("*"):
+        if path.is_file():
+            storage.copy_file(str(path), f"gs://{gcs_bucket}/tfds/{path.relative_to(tmp_path / 'tfds')}")
+    config = _config("tfds:gptjax_tiny_text")
+    config.data.update({"tfds_data_dir": f"gs://{gcs_bucket}/tfds", "tfds_feature": "content"})
+    local = _config("tfds:gptjax_tiny_text")
+    local.data.update({"tfds_data_dir": str(tmp_path / "tfds"), "tfds_feature": "content"})
+    ds = data.prepare(config, f"gs://{gcs_bucket}/run", process_index=0, process_count=1)
+    ref = data.prepare(local, str(tmp_path / "run"), tokenizer=ds.tokenizer, process_index=0, process_count=1)
+    np.testing.assert_array_equal(ds.train[0].tokens, ref.train[0].tokens)
+
+    config.data.tfds_data_dir = f"gs://{gcs_bucket}/elsewhere"
+    with pytest.raises(UserError, match="TFDS cannot write array_record files to a bucket; prepare it on local disk"):
+        data.prepare(config, f"gs://{gcs_bucket}/run2", process_index=0, process_count=1)

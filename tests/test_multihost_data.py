@@ -177,3 +177,18 @@ def test_a_failure_left_by_an_earlier_attempt_is_not_this_attempts(tmp_path):
                    "time": time.time() - 2 * hosts_lib.START_SKEW_S}, f)
     with pytest.raises(UserError, match=r"waited 0.5 s without progress .*earlier attempt of host 0 failed: old trouble"):
         hosts_lib.wait_for(lambda: False, item, "the item", hosts_lib.Hosts(1, 2, wait_s=0.5))
+
+
+def test_a_waiting_host_does_not_download_a_tfds_dataset(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from test_data import GptjaxTinyText  # noqa: F401  (registers the dataset)
+
+    config = _config("tfds:gptjax_tiny_text", wait_s=0.5)
+    config.data.update({"tfds_data_dir": str(tmp_path / "tfds"), "tfds_feature": "content"})
+    tok_dir = tmp_path / "run" / "tokenizer"
+    texts = [" ".join(random.Random(i).choice(WORDS) for _ in range(400)) for i in range(20)]
+    tk.train_sentencepiece(texts, str(tok_dir), vocab_size=300)
+    with pytest.raises(UserError, match="host 1: waited 0.5 s without progress for the token cache of tfds:"):
+        data.prepare(config, str(tmp_path / "run"), process_index=1, process_count=2)
+    assert not tfds.builder("gptjax_tiny_text", data_dir=str(tmp_path / "tfds")).is_prepared()

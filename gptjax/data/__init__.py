@@ -53,7 +53,7 @@ def prepare(config: Any, workdir: str, *, tokenizer: Tokenizer | None = None,
     cfg = DataConfig.from_config(config.data)
     hosts = Hosts(int(process_index), int(process_count), float(cfg.host_wait_s))
     specs = [s for s in parse_source(cfg.source) if s.weight > 0]
-    sources = [resolve(s, cfg) for s in specs]
+    sources = [resolve(s, cfg, download=hosts.builds) for s in specs]
     run = RunDir(workdir) if storage.is_url(workdir) else RunDir.at(workdir)
     progress = Progress(process_index == 0)
     if tokenizer is None:

@@ -285,7 +285,7 @@ def _pairs_docs(paths: list[str], prompt_field: str, completion_field: str, adva
             yield Doc(f"{_split_key(path)}:{lineno}", [(record[prompt_field], False), (record[completion_field], True)])
 
 
-def _tfds_source(spec: SourceSpec, cfg: DataConfig) -> Source:
+def _tfds_source(spec: SourceSpec, cfg: DataConfig, download: bool) -> Source:
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.registered import DatasetNotFoundError
 
@@ -296,18 +296,10 @@ def _tfds_source(spec: SourceSpec, cfg: DataConfig) -> Source:
     except DatasetNotFoundError:
         raise UserError(f"data.source 'tfds:{spec.arg}': no such TFDS dataset (names look like 'tiny_shakespeare' "
                         "or 'wiki40b/en:1.3.0'; one prepared elsewhere needs data.tfds_data_dir)") from None
-    if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
     feature = cfg.tfds_feature
-    if feature not in builder.info.features:
-        raise UserError(f"tfds:{spec.arg} has no feature {feature!r}; "
-                        f"set data.tfds_feature to one of {sorted(builder.info.features)}")
     splits = [(cfg.tfds_split, "train" if cfg.tfds_val_split else None)]
     if cfg.tfds_val_split:
         splits.append((cfg.tfds_val_split, "val"))
-    for split, _ in splits:
-        if split.split("[")[0] not in builder.info.splits:
-            raise UserError(f"tfds:{spec.arg} has no split {split!r}; splits: {sorted(builder.info.splits)}")
 
     def documents(advance: Advance) -> Iterator[Doc]:
         for split, forced in splits:
@@ -327,12 +319,29 @@ def _tfds_source(spec: SourceSpec, cfg: DataConfig) -> Source:
 
     identity = {"kind": "tfds", "dataset": builder.info.full_name, "data_dir": str(builder.data_dir),
                 "split": cfg.tfds_split, "val_split": cfg.tfds_val_split, "feature": feature}
+    if not builder.is_prepared():
+        if not download:  # another host reads the documents; the cache key needs only these names
+            return Source(spec, identity, documents, None, "doc")
+        if storage.is_url(str(data_dir)):
+            raise UserError(f"tfds:{spec.arg} is not prepared in {data_dir}: TFDS cannot write array_record files "
+                            "to a bucket; prepare it on local disk (builder.download_and_prepare(file_format="
+                            f"'array_record') with that data_dir) and copy its {spec.arg.split(':')[0]}/ folder there")
+        builder.download_and_prepare(file_format="array_record")
+    if feature not in builder.info.features:
+        raise UserError(f"tfds:{spec.arg} has no feature {feature!r}; "
+                        f"set data.tfds_feature to one of {sorted(builder.info.features)}")
+    for split, _ in splits:
+        if split.split("[")[0] not in builder.info.splits:
+            raise UserError(f"tfds:{spec.arg} has no split {split!r}; splits: {sorted(builder.info.splits)}")
     size = sum(builder.info.splits[split].num_examples for split, _ in splits)
     return Source(spec, identity, documents, size, "doc")
 
 
-def resolve(spec: SourceSpec, cfg: DataConfig) -> Source:
-    """Check a source (paths exist, dataset found) and say how to read its documents."""
+def resolve(spec: SourceSpec, cfg: DataConfig, download: bool = True) -> Source:
+    """Check a source (paths exist, dataset found) and say how to read its documents.
+
+    Without `download` a TFDS dataset that is not prepared here is not downloaded either: a
+    pod's other hosts need only its cache key, since host 0 reads the documents."""
     if spec.kind == "stdlib":
         paths = stdlib_files()
         root = sysconfig.get_paths()["stdlib"]
@@ -340,7 +349,7 @@ def resolve(spec: SourceSpec, cfg: DataConfig) -> Source:
         read = lambda advance: _text_file_docs(paths, lambda p: os.path.relpath(p, root), advance)
         return Source(spec, identity, read, _total_bytes(paths), "B")
     if spec.kind == "tfds":
-        return _tfds_source(spec, cfg)
+        return _tfds_source(spec, cfg, download)
     paths = _expand_globs(spec.kind, spec.arg)
     if spec.kind == "files":
         identity = {"kind": "files", "files": _files_digest(paths), "text_field": cfg.text_field}
