@@ -8,6 +8,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from fixtures.make_old_run import small_config
 
 import gptjax
 from gptjax import checkpoint as ckpt
@@ -15,7 +16,6 @@ from gptjax import train
 from gptjax.layout import RunDir
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "run_f2bc3f8")
-from fixtures.make_old_run import small_config  # noqa: E402
 
 
 def _flat(params) -> dict:

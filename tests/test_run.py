@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
+from fixtures.make_old_run import small_config, write_corpus
 
 from gptjax import config as C
 from gptjax import layout, train
@@ -16,27 +16,6 @@ from gptjax.errors import UserError
 from gptjax.run import model_config, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _corpus(directory) -> str:
-    rng = np.random.default_rng(1)
-    words = ["alpha", "beta", "gamma", "delta"]
-    directory.mkdir(parents=True, exist_ok=True)
-    for d in range(12):
-        lines = [f"def g{d}_{i}({rng.choice(words)}):\n    return {rng.choice(words)} * {i}\n" for i in range(12)]
-        (directory / f"d{d}.txt").write_text("".join(lines))
-    return str(directory / "*.txt")
-
-
-def _tiny(corpus: str) -> C.ConfigDict:
-    c = C.base_config()
-    c.data.source = f"files:{corpus}"
-    c.data.val_fraction = 0.2
-    c.tokenizer.vocab_size = 300
-    c.model.update(n_layer=1, n_head=2, n_embd=16, block_size=16)
-    c.train.update(steps=2, batch_size=4, seq_len=16, eval_every=2, eval_batches=1, log_every=1, checkpoint_every=2)
-    c.optim.update(warmup_steps=1)
-    return c
 
 
 def test_model_config_is_where_vocab_size_0_means_the_tokenizers():
@@ -63,8 +42,7 @@ def test_base_config_defaults_are_the_schemas():
 
 
 def test_resolve_writes_nothing_and_leaves_the_config_alone(tmp_path):
-    corpus = _corpus(tmp_path / "corpus")
-    config = _tiny(corpus)
+    config = small_config(write_corpus(str(tmp_path / "corpus")))
     before = config.to_dict()
     workdir = tmp_path / "run"
     run = resolve(config, str(workdir), devices=jax.devices()[:1])
@@ -110,7 +88,7 @@ def _write_config(path, corpus: str, steps: int) -> str:
 
 
 def test_default_workdir_is_per_config_and_a_second_run_resumes(tmp_path, monkeypatch, capsys):
-    corpus = _corpus(tmp_path / "corpus")
+    corpus = write_corpus(str(tmp_path / "corpus"))
     alpha = _write_config(tmp_path / "alpha.py", corpus, steps=2)
     beta = _write_config(tmp_path / "beta.py", corpus, steps=2)
     assert layout.default_workdir(None) == os.path.join("runs", "default")
