@@ -93,7 +93,7 @@ def test_a_pod_trains_the_tokenizer_and_writes_the_cache_once(tmp_path, counted,
     # Each host draws its own rows of the same global batch.
     rows = [ds.get_batch(3, 4, 16, seed=0, process_index=i, process_count=2)["inputs"] for i, ds in enumerate((ds0, ds1))]
     np.testing.assert_array_equal(np.concatenate(rows), ds0.get_batch(3, 4, 16, seed=0)["inputs"])
-    assert not [n for n in os.listdir(tmp_path / "run" / "data") if n.endswith(".status.json")]
+    assert not os.path.exists(tmp_path / "run" / "data" / hosts_lib.STATUS_FILE)
     err = capfd.readouterr().err
     assert err.count("tokenizer: training SentencePiece") == 1 and err.count("cached in") == 1
 
@@ -130,8 +130,8 @@ def test_a_host_0_failure_reaches_the_other_hosts_at_once(tmp_path, counted, mon
     assert isinstance(results[0], OSError)
     assert isinstance(results[1], UserError) and time.monotonic() - start < 10  # not the 60 s bound
     line = str(results[1])
-    assert "\n" not in line and line.startswith("host 1: host 0 failed to build the token cache of files:")
-    assert line.endswith("OSError: [Errno 28] No space left on device")
+    assert "\n" not in line and line.startswith("host 1: host 0 failed to prepare the data, so the token cache of files:")
+    assert line.endswith("will not come: OSError: [Errno 28] No space left on device")
 
 
 def test_a_silent_host_0_gives_one_line_within_the_bound(tmp_path):
@@ -148,8 +148,8 @@ def test_a_silent_host_0_gives_one_line_within_the_bound(tmp_path):
 
 
 def test_a_waiting_host_keeps_waiting_while_host_0_shows_progress(tmp_path):
-    item = str(tmp_path / "item")
-    hosts0, hosts1 = hosts_lib.Hosts(0, 2, wait_s=0.5), hosts_lib.Hosts(1, 2, wait_s=0.5)
+    item, status = str(tmp_path / "item"), str(tmp_path / hosts_lib.STATUS_FILE)
+    hosts0, hosts1 = hosts_lib.Hosts(0, 2, 0.5, status), hosts_lib.Hosts(1, 2, 0.5, status)
     waited: list = []
 
     def waiter() -> None:
@@ -160,23 +160,55 @@ def test_a_waiting_host_keeps_waiting_while_host_0_shows_progress(tmp_path):
             waited.append(e)
 
     t = threading.Thread(target=waiter)
-    with hosts_lib.Beacon(item, hosts0):
-        status = json.loads(Path(hosts_lib.status_path(item)).read_text())
-        assert status["state"] == "building" and status["host"] == 0
+    with hosts_lib.Beacon(hosts0):
+        state = json.loads(Path(status).read_text())
+        assert state["state"] == "preparing" and state["host"] == 0
         t.start()
         time.sleep(2.0)  # four times the bound: the heartbeat keeps the waiter patient
         os.mkdir(item)
     t.join(timeout=10)
-    assert waited == ["done"] and not os.path.exists(hosts_lib.status_path(item))
+    assert waited == ["done"] and not os.path.exists(status)
 
 
 def test_a_failure_left_by_an_earlier_attempt_is_not_this_attempts(tmp_path):
-    item = str(tmp_path / "item")
-    with open(hosts_lib.status_path(item), "w") as f:
-        json.dump({"state": "failed", "error": "old trouble", "host": 0,
-                   "time": time.time() - 2 * hosts_lib.START_SKEW_S}, f)
+    status = tmp_path / hosts_lib.STATUS_FILE
+    status.write_text(json.dumps({"state": "failed", "error": "old trouble", "host": 0,
+                                  "time": time.time() - 2 * hosts_lib.START_SKEW_S}))
     with pytest.raises(UserError, match=r"waited 0.5 s without progress .*earlier attempt of host 0 failed: old trouble"):
-        hosts_lib.wait_for(lambda: False, item, "the item", hosts_lib.Hosts(1, 2, wait_s=0.5))
+        hosts_lib.wait_for(lambda: False, "item", "the item", hosts_lib.Hosts(1, 2, 0.5, str(status)))
+
+
+def test_a_host_0_failure_before_any_item_reaches_the_others(tmp_path, monkeypatch):
+    """Host 0 fails while reading its sources (here: a TFDS download), before it builds anything."""
+    from test_data import GptjaxTinyText
+
+    def offline(self, *a, **k):
+        raise ConnectionError("no route to the download server")
+
+    monkeypatch.setattr(GptjaxTinyText, "download_and_prepare", offline)
+    config = _config("tfds:gptjax_tiny_text", wait_s=60.0)
+    config.data.update({"tfds_data_dir": str(tmp_path / "tfds"), "tfds_feature": "content"})
+    tok_dir = tmp_path / "run" / "tokenizer"
+    texts = [" ".join(random.Random(i).choice(WORDS) for _ in range(400)) for i in range(20)]
+    tk.train_sentencepiece(texts, str(tok_dir), vocab_size=300)
+    results: list = [None, None]
+
+    def host(i: int) -> None:
+        try:
+            data.prepare(config, str(tmp_path / "run"), process_index=i, process_count=2)
+        except Exception as e:
+            results[i] = e
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=host, args=(i,)) for i in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert isinstance(results[0], ConnectionError) and time.monotonic() - start < 10
+    assert str(results[1]).startswith("host 1: host 0 failed to prepare the data, so the token cache of "
+                                      "tfds:gptjax_tiny_text at ")
+    assert str(results[1]).endswith("will not come: ConnectionError: no route to the download server")
 
 
 def test_a_waiting_host_does_not_download_a_tfds_dataset(tmp_path):

@@ -18,14 +18,13 @@ What may be host-local: the copies of a gs:// token cache that each host memory-
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
 from gptjax.data import storage
 from gptjax.data.batches import Dataset
 from gptjax.data.cache import TokenStream, token_dtype, token_streams
-from gptjax.data.hosts import Beacon, Hosts, wait_for
+from gptjax.data.hosts import STATUS_FILE, Beacon, Hosts, wait_for
 from gptjax.data.progress import Progress, short_path
 from gptjax.data.sources import DataConfig, SourceSpec, parse_source, resolve, stdlib_files
 from gptjax.layout import RunDir
@@ -51,11 +50,17 @@ def prepare(config: Any, workdir: str, *, tokenizer: Tokenizer | None = None,
 
         process_index, process_count = jax.process_index(), jax.process_count()
     cfg = DataConfig.from_config(config.data)
-    hosts = Hosts(int(process_index), int(process_count), float(cfg.host_wait_s))
+    run = RunDir(workdir) if storage.is_url(workdir) else RunDir.at(workdir)
+    hosts = Hosts(int(process_index), int(process_count), float(cfg.host_wait_s),
+                  storage.join(run.data_cache, STATUS_FILE))
+    with Beacon(hosts):
+        return _prepare(config, cfg, run, tokenizer, hosts)
+
+
+def _prepare(config: Any, cfg: DataConfig, run: RunDir, tokenizer: Tokenizer | None, hosts: Hosts) -> Dataset:
     specs = [s for s in parse_source(cfg.source) if s.weight > 0]
     sources = [resolve(s, cfg, download=hosts.builds) for s in specs]
-    run = RunDir(workdir) if storage.is_url(workdir) else RunDir.at(workdir)
-    progress = Progress(process_index == 0)
+    progress = Progress(hosts.index == 0)
     if tokenizer is None:
         tokenizer = _workdir_tokenizer(config, cfg, run.tokenizer, sources, progress, hosts)
     elif hosts.builds and not tokenizer_saved(run.tokenizer):
@@ -78,6 +83,5 @@ def _workdir_tokenizer(config: Any, cfg: DataConfig, directory: str, sources: li
         return load_tokenizer(directory)
     texts = [(s.spec.weight, s.training_texts(cfg.val_fraction)) for s in sources]
     t = config.tokenizer
-    with contextlib.nullcontext() if tokenizer_saved(directory) else Beacon(directory, hosts):
-        return workdir_tokenizer(short_path(directory), int(t.vocab_size), str(t.model_type), int(t.max_chars),
-                                 texts, progress.say)
+    return workdir_tokenizer(short_path(directory), int(t.vocab_size), str(t.model_type), int(t.max_chars),
+                             texts, progress.say)

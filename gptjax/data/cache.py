@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from gptjax.data import storage
-from gptjax.data.hosts import Beacon, Hosts, wait_for
+from gptjax.data.hosts import Hosts, wait_for
 from gptjax.data.progress import Progress, short_path
 from gptjax.data.sources import Advance, Source, split_of
 from gptjax.errors import UserError
@@ -285,8 +285,7 @@ def token_streams(source: Source, tokenizer: Tokenizer, cache_root: str, val_fra
         if storage.exists(directory):
             progress.say(f"{source.name}: token cache {short_path(directory)} is incomplete or stale; rebuilding it")
             _remove_tree(directory)
-        with Beacon(directory, hosts):
-            meta = _build(source, tokenizer, directory, key, val_fraction, progress)
+        meta = _build(source, tokenizer, directory, key, val_fraction, progress)
     if storage.is_url(directory):
         directory = _host_copy(directory, key, meta, progress)
     dtype = np.dtype(meta["dtype"])

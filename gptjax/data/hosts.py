@@ -2,14 +2,14 @@
 
 Every host of a pod runs the same preparation against the same shared location (the workdir,
 or data.cache_dir). Host 0 trains the tokenizer and writes each token cache there; the other
-hosts wait for the finished item and then read it. While host 0 builds an item it keeps a
-status file beside it fresh (a heartbeat); when it fails it writes its error there. A waiting
-host stops with one line when host 0 reports a failure, or when host 0 has shown no sign of
-progress for `data.host_wait_s` seconds (host 0 killed, or a location that is not shared).
+hosts wait for each finished item and then read it. While host 0 prepares it keeps a status
+file in the run's data directory fresh (a heartbeat); when it fails it writes its error there.
+A waiting host stops with one line when host 0 reports a failure, or when host 0 has shown no
+sign of progress for `data.host_wait_s` seconds (host 0 killed, or a location not shared).
 
 One writer keeps the cache byte-identical whatever the number of hosts, needs no merging of
-partial files in a bucket, and costs no more wall time than the slowest host would: encoding
-already uses every core of host 0.
+partial files in a bucket, and costs little wall time: encoding already uses every core of
+host 0, and the other hosts have nothing to train on before the data is ready.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Callable
 from gptjax.data import storage
 from gptjax.errors import UserError
 
+STATUS_FILE = ".prepare-status.json"
 # A failure reported earlier than this before a host began waiting belongs to an earlier
 # attempt: the hosts of one attempt start together (jax.distributed.initialize joins them).
 START_SKEW_S = 60.0
@@ -31,11 +32,12 @@ START_SKEW_S = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class Hosts:
-    """This process's place in the pod, and how long it waits for host 0's preparation."""
+    """This process's place in the pod, where host 0 reports, and how long the others wait."""
 
     index: int
     count: int
     wait_s: float  # data.host_wait_s
+    status: str  # host 0's status file, in the shared run directory
 
     @property
     def builds(self) -> bool:
@@ -44,14 +46,8 @@ class Hosts:
 
     @property
     def beat_s(self) -> float:
-        """How often the builder refreshes its status: often enough for a waiter to see it alive."""
+        """How often host 0 refreshes its status: often enough for a waiter to see it alive."""
         return min(10.0, self.wait_s / 10)
-
-
-def status_path(item: str) -> str:
-    """The status file of an item (a directory) that host 0 builds: `.<name>.status.json` beside it."""
-    parent, name = os.path.split(item.rstrip("/"))
-    return storage.join(parent, f".{name}.status.json")
 
 
 def _one_line(error: BaseException) -> str:
@@ -60,12 +56,12 @@ def _one_line(error: BaseException) -> str:
 
 
 class Beacon:
-    """Host 0's status for an item it builds: refreshed every `beat_s` seconds while the block
-    runs, removed when the block succeeds, and replaced by the error when it fails.
-    With a single host it does nothing: nobody waits."""
+    """Host 0's status while it prepares: refreshed every `beat_s` seconds while the block runs,
+    removed when the block succeeds, and replaced by the error when it fails. With a single
+    host, or on a host that waits, it does nothing."""
 
-    def __init__(self, item: str, hosts: Hosts):
-        self._path = status_path(item) if hosts.count > 1 else None
+    def __init__(self, hosts: Hosts):
+        self._path = hosts.status if hosts.count > 1 and hosts.builds else None
         self._beat_s = hosts.beat_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,14 +74,14 @@ class Beacon:
         while not self._stop.wait(self._beat_s):
             beat += 1
             try:
-                self._write({"state": "building", "beat": beat})
-            except Exception:  # a missed beat only shortens the waiters' patience; the build goes on
+                self._write({"state": "preparing", "beat": beat})
+            except Exception:  # a missed beat only shortens the waiters' patience; preparation goes on
                 pass
 
     def __enter__(self) -> "Beacon":
         if self._path is not None:
             storage.makedirs(os.path.dirname(self._path))
-            self._write({"state": "building", "beat": 0})
+            self._write({"state": "preparing", "beat": 0})
             self._thread = threading.Thread(target=self._beat, daemon=True, name="gptjax-data-beacon")
             self._thread.start()
         return self
@@ -114,19 +110,19 @@ def _read_status(path: str) -> tuple[str | None, dict]:
 
 
 def wait_for(ready: Callable[[], bool], item: str, what: str, hosts: Hosts) -> None:
-    """Return once `ready()`; raise a one-line UserError when host 0 reports a failure building
-    `item`, or shows no progress (its status file unchanged) for `hosts.wait_s` seconds."""
-    status = status_path(item)
+    """Return once `ready()` (`what`, at `item`, is complete); raise a one-line UserError when
+    host 0 reports a failure, or shows no progress (its status unchanged) for `hosts.wait_s` s."""
     poll_s = min(1.0, hosts.wait_s / 20)
     started = time.time()
     last_change, seen = time.monotonic(), None
     while not ready():
-        text, state = _read_status(status)
+        text, state = _read_status(hosts.status)
         if text != seen:
             seen, last_change = text, time.monotonic()
         failed = state.get("state") == "failed"
         if failed and float(state.get("time", 0)) >= started - START_SKEW_S:
-            raise UserError(f"host {hosts.index}: host 0 failed to build {what} at {item}: {state.get('error')}")
+            raise UserError(f"host {hosts.index}: host 0 failed to prepare the data, so {what} at {item} will not "
+                            f"come: {state.get('error')}")
         if time.monotonic() - last_change > hosts.wait_s:
             earlier = f" (an earlier attempt of host 0 failed: {state.get('error')})" if failed else ""
             raise UserError(f"host {hosts.index}: waited {hosts.wait_s:g} s without progress for {what} at {item} "
