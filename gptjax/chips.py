@@ -1,0 +1,59 @@
+"""The accelerator chips gptjax knows: published peak bf16 FLOP/s, HBM size and HBM bandwidth.
+
+One table for everything that needs a chip's figures: the ahead-of-time fit check and its
+roofline (`gptjax.aot`) and the peak MFU is measured against. Figures are per chip as the
+vendor publishes them; on v4 and v5p a chip's two TensorCores are one JAX device (megacore),
+so per chip is per device there too.
+
+Sources (Google Cloud TPU system architecture pages, "key chip specifications"):
+  v4  https://cloud.google.com/tpu/docs/v4   275 TFLOP/s bf16, HBM2 32 GiB, 1200 GB/s
+  v5e https://cloud.google.com/tpu/docs/v5e  197 TFLOP/s bf16, HBM2 16 GB, 819 GB/s
+  v5p https://cloud.google.com/tpu/docs/v5p  459 TFLOP/s bf16, HBM2e 95 GB, 2765 GB/s
+  v6e https://cloud.google.com/tpu/docs/v6e  918 TFLOP/s bf16, HBM 32 GB, 1638 GB/s
+The pages write "GB" for capacities that are binary (the chips hold 16, 95 and 32 GiB; the
+TPU compiler's own limit is a little under that); the table stores GiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip's published figures and how JAX names it."""
+
+    name: str  # the generation as topology names spell it: 'v5e' in 'v5e:2x2'
+    device_kind: str  # jax.Device.device_kind on that chip
+    bf16_tflops: float  # dense bf16 peak, TFLOP/s
+    hbm_gib: float  # HBM capacity, GiB
+    hbm_gbps: float  # HBM bandwidth, GB/s (1e9 bytes)
+    megacore: bool = False  # two TensorCores presented as one device
+
+    @property
+    def peak_flops(self) -> float:
+        return self.bf16_tflops * 1e12
+
+    @property
+    def hbm_bytes(self) -> int:
+        return int(self.hbm_gib * 2**30)
+
+    @property
+    def hbm_bytes_per_s(self) -> float:
+        return self.hbm_gbps * 1e9
+
+
+TPUS: dict[str, Chip] = {
+    "v4": Chip("v4", "TPU v4", 275.0, 32.0, 1200.0, megacore=True),
+    "v5e": Chip("v5e", "TPU v5 lite", 197.0, 16.0, 819.0),
+    "v5p": Chip("v5p", "TPU v5", 459.0, 95.0, 2765.0, megacore=True),
+    "v6e": Chip("v6e", "TPU v6 lite", 918.0, 32.0, 1638.0),
+}
+
+
+def chip_for_device_kind(device_kind: str) -> Chip | None:
+    """The chip whose device kind is exactly `device_kind` ('TPU v5' is v5p, 'TPU v5 lite' v5e)."""
+    for chip in TPUS.values():
+        if chip.device_kind == device_kind:
+            return chip
+    return None
