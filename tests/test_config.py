@@ -1,9 +1,12 @@
 """Config files and command-line overrides."""
 
+import dataclasses
+
 import pytest
 
 from gptjax import config as C
 from gptjax.errors import UserError
+from gptjax.run import model_config
 
 
 def test_overrides_are_converted_to_the_field_type():
@@ -58,3 +61,36 @@ def test_missing_config_file():
 def test_json_round_trip():
     c = C.base_config()
     assert C.from_json(C.to_json(c)).to_dict() == c.to_dict()
+
+
+def test_base_config_defaults_are_the_schemas():
+    """base_config() has exactly each section dataclass's fields, with its defaults (model.vocab_size,
+    which a GPTConfig must be given, is 0: the tokenizer's), and they validate."""
+    c = C.base_config()
+    sections = {"": C.TopConfig, **C.schema()}
+    assert set(c.keys()) == {f.name for f in dataclasses.fields(C.TopConfig)} | set(C.schema())
+    for name, cls in sections.items():
+        node = c if not name else c[name]
+        fields = dataclasses.fields(cls)
+        for f in fields:
+            expected = 0 if (name, f.name) == ("model", "vocab_size") else f.default
+            assert node[f.name] == expected, (name, f.name)
+        if name:
+            assert set(node.keys()) == {f.name for f in fields}, name
+    assert C.section(c, "train") == C.TrainConfig()
+    assert model_config(c.model.to_dict(), 300).vocab_size == 300
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, "train.steps must be >= 1"),
+        ("eval_batches", -1, "train.eval_batches must be >= 0"),
+        ("grad_accum", 3, "must be divisible by train.grad_accum=3"),
+    ],
+)
+def test_train_section_validates(field, value, message):
+    c = C.base_config()
+    c.train[field] = value
+    with pytest.raises(UserError, match=message):
+        C.section(c, "train")

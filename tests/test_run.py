@@ -30,17 +30,6 @@ def test_model_config_is_where_vocab_size_0_means_the_tokenizers():
     assert (gpt.vocab_size, gpt.n_embd, gpt.dtype) == (700, 64, base["dtype"])
 
 
-def test_base_config_defaults_are_the_schemas():
-    c = C.base_config()
-    for name, cls in C.schema().items():
-        section = C.section(c, name) if name != "model" else model_config(c.model.to_dict(), 300)
-        assert isinstance(section, cls)
-        for key, value in c[name].items():
-            if (name, key) != ("model", "vocab_size"):
-                assert getattr(section, key) == value, (name, key)
-    assert C.section(c, "").seed == c.seed
-
-
 def test_resolve_writes_nothing_and_leaves_the_config_alone(tmp_path):
     config = small_config(write_corpus(str(tmp_path / "corpus")))
     before = config.to_dict()
