@@ -5,12 +5,13 @@
     python tools/fault_inject.py --trials 5 --scenarios sigterm,truncated --workdir_root /tmp/fi
     python tools/fault_inject.py --trials 3 -- --config.model.n_layer=4
 
-First an uninterrupted reference run. Then each kill trial trains the same run in a fresh
-workdir, SIGKILLs it one to --max_kills times at chosen moments, restarts it until it finishes,
-and compares it with the reference exactly: every checkpoint step the trial kept (parameters,
-optimizer state and data position; arrays compared as raw bytes) and metrics.jsonl record by
-record without its timing fields (TIMING_FIELDS). It prints "N/N identical" and the kinds of
-moment the kills hit. Each kill is classified from what the workdir showed when it landed:
+First an uninterrupted reference run, and a second one that must match it. Then each kill
+trial trains the same run in a fresh workdir, SIGKILLs it one to --max_kills times at chosen
+moments, restarts it until it finishes, and compares it with the reference exactly: every
+checkpoint step the trial kept (parameters, optimizer state and data position; arrays compared
+as raw bytes) and metrics.jsonl record by record without its timing fields (TIMING_FIELDS). It
+prints "N/N identical" and the kinds of moment the kills hit. Each kill is classified from what
+the workdir showed when it landed:
 
     startup   the process runs but has not written this attempt's config.json yet (imports,
               reading the config, loading an existing tokenizer and token cache)
@@ -384,7 +385,9 @@ class Harness:
         attempt.kill(signal.SIGKILL)
         attempt.proc.wait()
         moment = watch.moment()
-        return f"{moment}@{watch.last_step}" if watch.last_step is not None and moment in ("step", "eval", "save") else moment
+        if watch.last_step is not None and moment in ("step", "eval", "save"):
+            return f"{moment}@{watch.last_step}"
+        return moment
 
 
 # -- checkpoints, read as numpy -------------------------------------------------------------------
@@ -446,7 +449,8 @@ def compare_checkpoints(ref: dict[str, Any], got: dict[str, Any]) -> list[str]:
         bad = [k for k in a if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or a[k].tobytes() != b[k].tobytes()]
         if bad:
             k = bad[0]
-            diff = np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))) if a[k].shape == b[k].shape else "shape"
+            same_shape = a[k].shape == b[k].shape
+            diff = np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))) if same_shape else "shape"
             problems.append(f"{name}: {len(bad)} of {len(a)} arrays differ (first {k}, max |diff| {diff})")
     return problems
 
@@ -521,7 +525,7 @@ class Reference:
 
     workdir: str
     settings: Settings
-    duration: float
+    duration: float  # seconds one uninterrupted run takes (from the warm cache when repeated)
     phase_s: dict[str, float]  # median length of one stretch of each kind of moment
     metrics: list[dict[str, Any]]
     _checkpoints: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -532,8 +536,12 @@ class Reference:
         return self._checkpoints[step]
 
 
-def run_reference(h: Harness) -> Reference:
-    """Train uninterrupted, keeping every checkpoint, and time its kinds of moment."""
+def run_reference(h: Harness, repeat: bool = True) -> Reference:
+    """Train uninterrupted, keeping every checkpoint, and time its kinds of moment.
+
+    With `repeat`, a second uninterrupted run must end identically (else no trial could), and
+    its duration, compiled from the cache as restarts are, sets the range of random kills.
+    """
     workdir = h.workdir("reference")
     attempt = h.start(workdir, ["--config.train.keep_checkpoints=1000000"])
     watch = h.watch(attempt)
@@ -562,6 +570,16 @@ def run_reference(h: Harness) -> Reference:
             phase_s[kind] = lengths[len(lengths) // 2]
     ref = Reference(workdir, settings, duration, phase_s, read_metrics(workdir))
     h.reference = ref
+    if repeat:
+        again = h.workdir("reference-again")
+        t0 = time.monotonic()
+        rc, err = h.run_to_end(again)
+        if rc != 0:
+            raise RuntimeError(f"the second uninterrupted run failed (exit {rc}): {_last_line(err)}")
+        problems = compare_state(ref, again) + compare_metrics(ref.metrics, read_metrics(again))
+        if problems:
+            raise RuntimeError("two uninterrupted runs differ, so no trial can match: " + "; ".join(problems))
+        ref.duration = time.monotonic() - t0
     return ref
 
 
@@ -599,7 +617,8 @@ class TrialResult:
         return not self.state_problems and not self.metrics_problems
 
     def line(self) -> str:
-        verdict = "identical" if self.identical else "DIFFERENT: " + "; ".join(self.state_problems + self.metrics_problems)
+        problems = self.state_problems + self.metrics_problems
+        verdict = "DIFFERENT: " + "; ".join(problems) if problems else "identical"
         return f"trial {self.index}: {verdict}; kills: {', '.join(self.kills) or 'none (finished first)'}"
 
 
@@ -654,7 +673,8 @@ def kill_trial(h: Harness, index: int, targets: list[str]) -> TrialResult:
         lines = stderr_lines(attempt.stderr())
         why = "hung" if rc is None else f"exit {rc}: {lines[-1] if lines else 'no output'}"
         return TrialResult(index, kills, [f"a restart failed ({why})"], [])
-    return TrialResult(index, kills, compare_state(h.reference, workdir), compare_metrics(h.reference.metrics, read_metrics(workdir)))
+    ref = h.reference
+    return TrialResult(index, kills, compare_state(ref, workdir), compare_metrics(ref.metrics, read_metrics(workdir)))
 
 
 def plan_trial(rng: random.Random, index: int, max_kills: int) -> list[str]:
@@ -786,7 +806,8 @@ def scenario_sigterm_twice(h: Harness, bound_s: float) -> Outcome:
     if have and os.path.isdir(os.path.join(h.reference.workdir, "checkpoints", str(have[-1]))):
         try:
             got = read_checkpoint(os.path.join(stopped.workdir, "checkpoints", str(have[-1])))
-            problems += [f"checkpoint {have[-1]}: {p}" for p in compare_checkpoints(h.reference.checkpoint(have[-1]), got)]
+            diff = compare_checkpoints(h.reference.checkpoint(have[-1]), got)
+            problems += [f"checkpoint {have[-1]}: {p}" for p in diff]
         except Exception as e:  # an unreadable checkpoint is a finding, not a harness error
             problems.append(f"checkpoint {have[-1]} unreadable ({type(e).__name__})")
     problems += _restart_problems(h, stopped.workdir, metrics=False)
@@ -1004,7 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"runs in {root}; trainer arguments: {' '.join(h.train_args)}", flush=True)
     try:
         ref = run_reference(h)
-        print(f"reference: {ref.settings.steps} steps in {ref.duration:.1f} s", flush=True)
+        print(f"reference: {ref.settings.steps} steps; a second uninterrupted run is identical and takes "
+              f"{ref.duration:.1f} s", flush=True)
         trials = []
         for i in range(args.trials):
             trial = kill_trial(h, i, plan_trial(h.rng, i, args.max_kills))
