@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from typing import IO, Iterator
+from typing import IO
 
 from etils import epath
 
@@ -21,11 +21,6 @@ _GLOB_CHARS = frozenset("*?[")
 def is_url(path: str) -> bool:
     """Whether `path` names an object store location (gs://, s3://, ...) rather than a local file."""
     return "://" in str(path)
-
-
-def absolute(path: str) -> str:
-    """A local path made absolute (with ~ expanded); a URL as given."""
-    return str(path) if is_url(path) else os.path.abspath(os.path.expanduser(str(path)))
 
 
 def join(base: str, *names: str) -> str:
@@ -113,13 +108,6 @@ def copy_file(src: str, dst: str) -> None:
     with (epath.Path(src).open("rb") if is_url(src) else open(src, "rb")) as f:
         with (epath.Path(dst).open("wb") if is_url(dst) else open(dst, "wb")) as g:
             shutil.copyfileobj(f, g, COPY_CHUNK_BYTES)
-
-
-def list_files(directory: str) -> Iterator[str]:
-    """Names of the files directly in `directory`."""
-    if is_url(directory):
-        return (p.name for p in epath.Path(directory).iterdir() if p.is_file())
-    return (n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n)))
 
 
 def host_cache_root() -> str:
