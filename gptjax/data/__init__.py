@@ -13,6 +13,7 @@ cached token stream per source.
 
 What a pod's hosts must share: the workdir (its tokenizer/ and data/) and data.cache_dir,
 local paths on a shared file system or gs:// URLs; host 0 writes them, the others read them.
+The input files too: a cache's name depends on their names, sizes and modification times.
 What may be host-local: the copies of a gs:// token cache that each host memory-maps.
 """
 

@@ -127,5 +127,5 @@ def wait_for(ready: Callable[[], bool], item: str, what: str, hosts: Hosts) -> N
             earlier = f" (an earlier attempt of host 0 failed: {state.get('error')})" if failed else ""
             raise UserError(f"host {hosts.index}: waited {hosts.wait_s:g} s without progress for {what} at {item} "
                             f"that host 0 builds{earlier}; is host 0 running, can it write there, and do all hosts "
-                            "share that location? (data.host_wait_s sets the wait)")
+                            "share that location and the same input files? (data.host_wait_s sets the wait)")
         time.sleep(poll_s)
