@@ -646,9 +646,9 @@ def _kill_on(h: Harness, attempt: Attempt, target: str) -> str | None:
     reached = lambda m: m == target and (watch.last_step or watch.resumed_from) >= not_before
     if h.poll_until(attempt, watch, reached) is None:
         return None
-    # Somewhere inside the stretch: a random delay up to its typical length, cut short when
-    # the stretch ends first.
-    end = time.monotonic() + h.rng.uniform(0.0, min(ref.phase_s.get(target, 0.05), 2.0))
+    # Somewhere inside the stretch: a random delay up to half its typical length, cut short
+    # when the stretch ends first.
+    end = time.monotonic() + h.rng.uniform(0.0, min(ref.phase_s.get(target, 0.05) / 2, 2.0))
     while attempt.proc.poll() is None and time.monotonic() < end and watch.moment() == target:
         time.sleep(POLL_S)
     return None if attempt.proc.poll() is not None else h.kill_now(attempt, watch)
