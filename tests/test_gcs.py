@@ -162,3 +162,22 @@ def test_a_tfds_dataset_in_a_bucket_is_read(gcs_bucket, tmp_path):
     config.data.tfds_data_dir = f"gs://{gcs_bucket}/elsewhere"
     with pytest.raises(UserError, match="TFDS cannot write array_record files to a bucket; prepare it on local disk"):
         data.prepare(config, f"gs://{gcs_bucket}/run2", process_index=0, process_count=1)
+
+
+def test_a_waiting_host_sees_files_another_process_writes_after_it_listed(gcs_bucket):
+    import threading
+    import time
+
+    import gcsfs
+
+    from gptjax.data import hosts as hosts_lib
+
+    tokenizer = f"gs://{gcs_bucket}/run/tokenizer"
+    epath.Path(tokenizer, "tokenizer.model").write_text("x")
+    assert [p.name for p in epath.Path(tokenizer).iterdir()] == ["tokenizer.model"]  # a listing gcsfs keeps
+    host0 = gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True)  # another process's client
+    threading.Timer(0.5, lambda: host0.pipe(f"{gcs_bucket}/run/tokenizer/{tk.META_FILE}", b"{}")).start()
+    start = time.monotonic()
+    hosts = hosts_lib.Hosts(1, 2, 5.0, f"gs://{gcs_bucket}/run/data/{hosts_lib.STATUS_FILE}")
+    hosts_lib.wait_for(lambda: tk.tokenizer_saved(tokenizer), tokenizer, "the tokenizer", hosts)
+    assert time.monotonic() - start < 4

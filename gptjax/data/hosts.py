@@ -115,7 +115,10 @@ def wait_for(ready: Callable[[], bool], item: str, what: str, hosts: Hosts) -> N
     poll_s = min(1.0, hosts.wait_s / 20)
     started = time.time()
     last_change, seen = time.monotonic(), None
-    while not ready():
+    while True:
+        storage.refresh(item)
+        if ready():
+            return
         text, state = _read_status(hosts.status)
         if text != seen:
             seen, last_change = text, time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 from typing import IO
 
 from etils import epath
@@ -86,6 +87,15 @@ def remove(path: str) -> None:
             os.remove(path)
         except FileNotFoundError:
             pass
+
+
+def refresh(path: str) -> None:
+    """Forget cached listings of object stores, so that files other hosts wrote since are seen
+    (gcsfs answers `exists` from a directory listing it made earlier)."""
+    if is_url(path) and "gcsfs" in sys.modules:
+        from etils.epath import backend
+
+        backend.fsspec_backend.fs(path).invalidate_cache()
 
 
 def glob_files(pattern: str) -> list[str]:
