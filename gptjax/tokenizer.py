@@ -12,11 +12,11 @@ and `tokenizer_meta.json` is written last, so a directory with it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
-import contextlib
 import shutil
 import tempfile
 import time
