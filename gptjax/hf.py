@@ -1,4 +1,8 @@
-"""Hugging Face GPT-2 import and export: a local `transformers` directory <-> gptjax parameters.
+"""Hugging Face GPT-2 import and export: a `transformers` directory <-> gptjax parameters.
+
+The directory may be local or a gs:// URL: weights in a bucket are copied to a temporary
+local file one at a time (safetensors memory-maps a local file), and an export to a bucket is
+written locally first and then uploaded.
 
 A Hugging Face GPT-2 directory holds `config.json`, the weights as `model.safetensors` (or
 shards listed in `model.safetensors.index.json`), and the tokenizer as `tokenizer.json` or
@@ -19,14 +23,17 @@ attn.c_proj (embd, embd) -> (heads, head_dim, embd).
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import json
 import os
+import posixpath
 import re
-from typing import Any, Mapping
+import tempfile
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from gptjax.data import storage
 from gptjax.errors import UserError
 from gptjax.model import GPTConfig
 from gptjax.tokenizer import Tokenizer, load_tokenizer
@@ -60,8 +67,7 @@ _PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(storage.read_text(path))
     except ValueError as e:
         raise UserError(f"{path} is not valid JSON ({e}); expected {what}") from None
     if not isinstance(data, dict):
@@ -72,8 +78,9 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
 def read_hf_config(directory: str) -> dict[str, Any]:
     """GPTConfig field values (vocab_size, n_layer, n_head, n_embd, n_mlp, block_size, ln_eps)
     from `directory`/config.json; a config gptjax cannot compute exactly is a UserError."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
+    directory = absolute(directory)
+    path = storage.join(directory, CONFIG_FILE)
+    if not storage.is_file(path):
         raise UserError(f"{directory} has no {CONFIG_FILE}: not a Hugging Face GPT-2 directory")
     hf = {**_HF_DEFAULTS, **_read_json(path, "a Hugging Face GPT-2 config")}
     if hf.get("model_type", "gpt2") != "gpt2":
@@ -140,20 +147,21 @@ def _layout(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...],
 
 def _weight_files(directory: str) -> list[str]:
     """The safetensors files of `directory`; a directory with only pickled weights is refused."""
-    single = os.path.join(directory, WEIGHTS_FILE)
-    if os.path.isfile(single):
+    single = storage.join(directory, WEIGHTS_FILE)
+    if storage.is_file(single):
         return [single]
-    index_path = os.path.join(directory, WEIGHTS_INDEX_FILE)
-    if os.path.isfile(index_path):
+    index_path = storage.join(directory, WEIGHTS_INDEX_FILE)
+    if storage.is_file(index_path):
         weight_map = _read_json(index_path, "a safetensors shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{index_path} has no 'weight_map' naming the shard files")
-        files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
-        missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+        files = [storage.join(directory, name) for name in sorted(set(weight_map.values()))]
+        missing = [posixpath.basename(f) for f in files if not storage.is_file(f)]
         if missing:
             raise UserError(f"{index_path} names shard(s) missing from {directory}: {missing}")
         return files
-    pickled = sorted(os.path.basename(p) for pattern in _PICKLED for p in glob.glob(os.path.join(directory, pattern)))
+    pickled = sorted(posixpath.basename(p) for pattern in _PICKLED
+                     for p in storage.glob_files(storage.join(directory, pattern)))
     if pickled:
         raise UserError(
             f"{directory} holds PyTorch pickle weights ({', '.join(pickled)}) but no {WEIGHTS_FILE}; "
@@ -171,7 +179,7 @@ def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for path in files:
         try:
-            with safe_open(path, framework="np") as f:
+            with _local_file(path) as local, safe_open(local, framework="np") as f:
                 for key in f.keys():
                     name = key.removeprefix("transformer.")
                     if _BUFFER.match(name):
@@ -182,6 +190,18 @@ def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
         except SafetensorError as e:
             raise UserError(f"{path} is not a readable safetensors file ({e})") from None
     return tensors
+
+
+@contextlib.contextmanager
+def _local_file(path: str) -> Iterator[str]:
+    """`path` itself, or for a URL a temporary local copy, removed afterwards."""
+    if not storage.is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="gptjax-hf-") as tmp:
+        local = os.path.join(tmp, posixpath.basename(path))
+        storage.copy_file(path, local)
+        yield local
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -232,8 +252,8 @@ def load_hf_dir(directory: str) -> tuple[dict[str, Any], dict, Tokenizer]:
     The tokenizer is GPT-2's byte-level BPE (or, for a directory written by `export_hf_dir`
     from a SentencePiece run, that SentencePiece model).
     """
-    directory = os.path.abspath(os.path.expanduser(directory))
-    if not os.path.isdir(directory):
+    directory = absolute(directory)
+    if not (storage.exists(directory) and not storage.is_file(directory)):
         raise UserError(f"{directory} is not a directory; expected a Hugging Face GPT-2 directory")
     fields = read_hf_config(directory)
     files = _weight_files(directory)
@@ -295,10 +315,20 @@ def hf_config(fields: Mapping[str, Any], eot_id: int) -> dict[str, Any]:
     }
 
 
+def absolute(directory: str) -> str:
+    """A local path made absolute; a URL as given."""
+    return directory.rstrip("/") if storage.is_url(directory) else os.path.abspath(os.path.expanduser(directory))
+
+
 def require_new_dir(directory: str) -> str:
-    """The absolute path of `directory`, which must not exist or be empty (no stale files mix in)."""
-    directory = os.path.abspath(os.path.expanduser(directory))
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+    """The absolute path (or URL) of `directory`, which must not exist or be empty (no stale
+    files mix in)."""
+    directory = absolute(directory)
+    if storage.is_url(directory):
+        taken = storage.exists(directory)  # a prefix exists while any object lies under it
+    else:
+        taken = os.path.exists(directory) and (not os.path.isdir(directory) or bool(os.listdir(directory)))
+    if taken:
         raise UserError(f"{directory} already exists and is not an empty directory; choose a new output directory")
     return directory
 
@@ -311,10 +341,8 @@ def export_hf_dir(model_fields: Mapping[str, Any], params: Mapping[str, Any], to
     own files. A GPT-2 BPE tokenizer writes a directory `AutoTokenizer.from_pretrained` loads;
     a SentencePiece tokenizer writes tokenizer.model + tokenizer_meta.json, which gptjax
     (`load_tokenizer`, `load_hf_dir`) and `sentencepiece` read but `AutoTokenizer` does not.
-    `directory` must be new or empty so that no stale file is mixed in.
+    `directory` (local or a URL) must be new or empty so that no stale file is mixed in.
     """
-    from safetensors.numpy import save_file
-
     directory = require_new_dir(directory)
     fields = dict(model_fields)
     if tokenizer.vocab_size > int(fields["vocab_size"]):
@@ -323,7 +351,19 @@ def export_hf_dir(model_fields: Mapping[str, Any], params: Mapping[str, Any], to
         )
     tensors = params_to_hf(params, fields)
     config = hf_config(fields, tokenizer.eot_id)
+    if storage.is_url(directory):
+        with tempfile.TemporaryDirectory(prefix="gptjax-hf-") as local:
+            _write_hf_dir(tensors, config, tokenizer, local)
+            for name in sorted(os.listdir(local)):
+                storage.copy_file(os.path.join(local, name), storage.join(directory, name))
+        return
     os.makedirs(directory, exist_ok=True)
+    _write_hf_dir(tensors, config, tokenizer, directory)
+
+
+def _write_hf_dir(tensors: dict[str, np.ndarray], config: dict[str, Any], tokenizer: Tokenizer, directory: str) -> None:
+    from safetensors.numpy import save_file
+
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)

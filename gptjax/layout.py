@@ -7,13 +7,18 @@
               tb/                  TensorBoard events
               data/                the token cache (unless data.cache_dir names another place)
 
-Nothing else in gptjax joins these names onto a path: code asks a `RunDir` for them.
+Nothing else in gptjax joins these names onto a path: code asks a `RunDir` for them. A workdir
+may be a URL (gs://bucket/run): its paths are then URLs too, and what is read here goes through
+etils.epath, which serves local paths and object stores alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
+
+from etils import epath
 
 from gptjax.errors import UserError
 
@@ -28,13 +33,21 @@ def default_workdir(config_path: str | None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
-    """Paths inside one run directory (an absolute local path)."""
+    """Paths inside one run directory (an absolute local path, or a URL such as gs://bucket/run)."""
 
     root: str
 
     @classmethod
     def at(cls, workdir: str) -> "RunDir":
-        return cls(os.path.abspath(os.path.expanduser(str(workdir))))
+        """The run directory `workdir`: a local path made absolute, a URL as given."""
+        workdir = str(workdir)
+        if is_url(workdir):
+            return cls(workdir.rstrip("/"))
+        return cls(os.path.abspath(os.path.expanduser(workdir)))
+
+    @property
+    def is_url(self) -> bool:
+        return is_url(self.root)
 
     @property
     def config(self) -> str:
@@ -65,13 +78,19 @@ class RunDir:
 
     def steps(self) -> list[int]:
         """Saved checkpoint steps, ascending (finished or not; orbax decides what is complete)."""
-        if not os.path.isdir(self.checkpoints):
+        directory = epath.Path(self.checkpoints)
+        if not directory.is_dir():
             return []
-        return sorted(int(n) for n in os.listdir(self.checkpoints) if n.isdigit())
+        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
     def exists(self) -> bool:
         """Whether this is a gptjax run (it has a config.json)."""
-        return os.path.isfile(self.config)
+        return epath.Path(self.config).is_file()
+
+
+def is_url(path: str) -> bool:
+    """Whether `path` names an object store location (gs://...) rather than a local path."""
+    return "://" in str(path)
 
 
 def find_run(path: str) -> tuple[RunDir, int | None]:
@@ -79,9 +98,9 @@ def find_run(path: str) -> tuple[RunDir, int | None]:
     run = RunDir.at(path)
     if run.exists():
         return run, None
-    parent = RunDir.at(os.path.dirname(os.path.dirname(run.root)))
-    name = os.path.basename(run.root)
-    if name.isdigit() and os.path.dirname(run.root) == parent.checkpoints and parent.exists():
+    parent = RunDir.at(posixpath.dirname(posixpath.dirname(run.root)))
+    name = posixpath.basename(run.root)
+    if name.isdigit() and posixpath.dirname(run.root) == parent.checkpoints and parent.exists():
         return parent, int(name)
     raise UserError(
         f"{run.root!r} is not a gptjax run or checkpoint (expected a workdir with config.json, "

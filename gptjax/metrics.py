@@ -8,6 +8,9 @@ or, on a CPU, measured with a large matmul (`measure_matmul_flops`).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from gptjax.data import storage
 from gptjax.layout import RunDir
 
 KNOWN_PEAK_TFLOPS = {  # dense bf16 per device, from vendor datasheets
@@ -56,16 +60,35 @@ def peak_flops(configured_tflops: float, mesh: Mesh) -> float:
 
 
 class MetricsWriter:
-    """Append metrics to the run's metrics.jsonl and TensorBoard events (process 0 only)."""
+    """Append metrics to the run's metrics.jsonl and TensorBoard events (process 0 only).
 
-    def __init__(self, run_dir: RunDir):
+    A run that resumes from step `start` continues both logs from there: records after
+    `start` (written by an attempt that was stopped before its next checkpoint) are dropped
+    from metrics.jsonl, which is rewritten atomically, and a new TensorBoard events file
+    starts with a purge at step start + 1, so TensorBoard discards the older files' events
+    from that step on. Each step then appears once.
+
+    In a bucket (a gs:// workdir) an object cannot be appended to: metrics.jsonl is kept in a
+    local copy and uploaded whole every UPLOAD_EVERY_S seconds and on close; tensorboardX
+    uploads its events file whole on each flush (every 120 s, and on close).
+    """
+
+    UPLOAD_EVERY_S = 60.0
+
+    def __init__(self, run_dir: RunDir, start: int = 0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
-        self.path = run_dir.metrics
-        self.tb = SummaryWriter(run_dir.tensorboard)
+        self.path, self.upload_to = run_dir.metrics, None
+        if run_dir.is_url:
+            self.upload_to, self.path = self.path, os.path.join(tempfile.mkdtemp(prefix="gptjax-metrics-"), "metrics.jsonl")
+            if storage.exists(self.upload_to):
+                storage.copy_file(self.upload_to, self.path)
+            self.uploaded = time.monotonic()
+        truncate_metrics(self.path, start)
+        self.tb = SummaryWriter(run_dir.tensorboard, purge_step=start + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -74,7 +97,43 @@ class MetricsWriter:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
         for k, v in metrics.items():
             self.tb.add_scalar(k, float(v), step)
+        if self.upload_to and time.monotonic() - self.uploaded >= self.UPLOAD_EVERY_S:
+            self._upload()
+
+    def _upload(self) -> None:
+        assert self.upload_to is not None
+        storage.copy_file(self.path, self.upload_to)
+        self.uploaded = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
+            if self.upload_to:
+                if os.path.exists(self.path):
+                    self._upload()
+                shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keep only the records of metrics.jsonl at steps <= last_step (and drop a line a kill cut
+    short); the file is replaced atomically, and left alone when nothing is dropped."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and int(record.get("step", 0)) <= last_step:
+            kept.append(line)
+    if kept == lines:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
+from etils import epath
 from jax.sharding import Mesh
 
 from gptjax import checkpoint as ckpt
@@ -37,7 +37,7 @@ from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.model import GPTConfig
 from gptjax.step import Trainer, param_shapes
-from gptjax.tokenizer import Tokenizer, load_tokenizer
+from gptjax.tokenizer import Tokenizer, load_tokenizer, tokenizer_saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +61,18 @@ class Run:
 
     def prepare(self, data: bool = True) -> "Run":
         """The run with its workdir created, init_from's weights and tokenizer read (a new run),
-        and (`data`) the data tokenized. A UserError leaves no new workdir behind."""
+        and (`data`) the data tokenized. A UserError leaves no new workdir behind.
+
+        Process 0 creates the workdir (a URL needs nothing: objects make their prefixes) and
+        removes it after a UserError if it created it."""
         if self.run_dir is None:
             raise ValueError("Run.prepare needs a run resolved with a workdir")
-        created = not os.path.exists(self.run_dir.root)
+        root = epath.Path(self.run_dir.root)
+        leader = jax.process_index() == 0  # the other hosts of a pod only read the workdir here
+        created = leader and not root.exists()
         try:
-            os.makedirs(self.run_dir.root, exist_ok=True)
+            if leader and not self.run_dir.is_url:
+                os.makedirs(self.run_dir.root, exist_ok=True)
             pretrained, given = None, None
             if self.init_from and not self.resuming:
                 _, pretrained, given = _read_init_from(self.init_from, weights=True)
@@ -79,7 +85,7 @@ class Run:
                 _check_vocab(self.model, tokenizer)
         except UserError:
             if created:
-                shutil.rmtree(self.run_dir.root, ignore_errors=True)
+                root.rmtree(missing_ok=True)
             raise
         return dataclasses.replace(self, tokenizer=tokenizer, dataset=dataset, pretrained=pretrained)
 
@@ -104,7 +110,7 @@ def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: 
     resuming = run_dir is not None and bool(run_dir.steps())
     imported = _read_init_from(top.init_from, weights=False)[0] if top.init_from else None
     tokenizer = None
-    if run_dir is not None and os.path.isdir(run_dir.tokenizer):
+    if run_dir is not None and tokenizer_saved(run_dir.tokenizer):
         tokenizer = load_tokenizer(run_dir.tokenizer)
     if tokenizer is not None:
         tokenizer_vocab = tokenizer.vocab_size
@@ -195,8 +201,8 @@ def _check_same_shape(run_dir: RunDir, gpt: GPTConfig) -> None:
 
 
 def _read_init_from(init_from: str, weights: bool) -> tuple[dict[str, Any], Any, Tokenizer | None]:
-    """(model fields, host params, tokenizer) of `init_from=hf:DIR`; without weights, the
-    fields alone (read from config.json) and None, None."""
+    """(model fields, host params, tokenizer) of `init_from=hf:DIR` (DIR may be a gs:// URL);
+    without weights, the fields alone (read from config.json) and None, None."""
     kind, _, path = init_from.partition(":")
     if kind != "hf" or not path:
         raise UserError(f"init_from must be '' or 'hf:/path/to/gpt2-dir', got {init_from!r}")
@@ -204,4 +210,4 @@ def _read_init_from(init_from: str, weights: bool) -> tuple[dict[str, Any], Any,
 
     if weights:
         return hf.load_hf_dir(path)
-    return hf.read_hf_config(os.path.abspath(os.path.expanduser(path))), None, None
+    return hf.read_hf_config(path), None, None

@@ -3,6 +3,8 @@
     python tools/convert_hf.py import --hf_dir path/to/gpt2 --out runs/gpt2
     python tools/convert_hf.py export --workdir runs/finetuned --out path/to/hf_dir
 
+Any of these paths may be a gs:// URL.
+
 `import` reads config.json, model.safetensors and the tokenizer (never a pickle), checks every
 tensor against the config, and writes a gptjax run directory (config.json, tokenizer/, a
 step-0 checkpoint) that `gptjax.sample` can sample from. To fine-tune, point training at the
@@ -18,7 +20,6 @@ Bad input prints one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 
 from gptjax import hf
 from gptjax.errors import run_cli
@@ -49,9 +50,10 @@ def import_hf(hf_dir: str, out: str) -> None:
     from gptjax.run import resolve
 
     out = hf.require_new_dir(out)
+    hf_dir = hf.absolute(hf_dir)
     config = config_lib.base_config()
-    config.init_from = f"hf:{os.path.abspath(os.path.expanduser(hf_dir))}"
-    block_size = hf.read_hf_config(os.path.abspath(os.path.expanduser(hf_dir)))["block_size"]
+    config.init_from = f"hf:{hf_dir}"
+    block_size = hf.read_hf_config(hf_dir)["block_size"]
     config.train.seq_len = min(config.train.seq_len, block_size)  # a run that trains as saved
     run = resolve(config, out, devices=jax.devices("cpu")[:1]).prepare(data=False)
     state = run.trainer.state_from_params(run.pretrained)

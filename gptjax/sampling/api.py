@@ -87,17 +87,17 @@ class LoadedModel:
 
 
 def load(path: str, device: jax.Device | None = None) -> LoadedModel:
-    """Load a workdir or one of its checkpoint step directories for sampling.
+    """Load a workdir or one of its checkpoint step directories (local, or a gs:// URL) for sampling.
 
     The parameters go to `device` (default: the default backend's first device), whatever
     mesh the run was trained on.
     """
     from gptjax.checkpoint import load_for_inference
     from gptjax.layout import find_run
-    from gptjax.tokenizer import load_tokenizer
+    from gptjax.tokenizer import load_tokenizer, tokenizer_saved
 
     run, _ = find_run(str(path))
-    if not os.path.isdir(run.tokenizer):
+    if not tokenizer_saved(run.tokenizer):
         raise UserError(f"{run.root!r} has no tokenizer directory; is it a gptjax run?")
     config, params = load_for_inference(str(path), device=device or jax.devices()[0])
     return LoadedModel(config, params, load_tokenizer(run.tokenizer))
