@@ -1,0 +1,124 @@
+"""`gptjax.aot`: the TPU compile of the real train step (libtpu, no TPU), its per-chip memory
+against the analytic figure, the search for a micro-batch that fits, and its one-line errors.
+
+The compiling tests need libtpu (in the test extra: `pip install -e ".[test]"`) and are
+skipped without it; the rest run anywhere."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gptjax import aot
+from gptjax import config as config_lib
+from gptjax.chips import TPUS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(not aot.libtpu_installed(), reason='libtpu is not installed (pip install -e ".[tpu]")')
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_unknown_topology_is_one_line_exit_2(capsys):
+    for topology in ("v9z:2x2", "v5e-16", "v5e:2x"):
+        with pytest.raises(SystemExit) as e:
+            aot.main(["--config", os.path.join(ROOT, "configs/gpt2_124m.py"), "--topology", topology])
+        assert e.value.code == 2
+        line = _one_error_line(capsys)
+        assert repr(topology) in line and "v5e:2x2" in line
+
+
+def test_missing_libtpu_is_one_line_exit_2(capsys, monkeypatch):
+    monkeypatch.setattr(aot, "libtpu_installed", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        aot.main(["--topology", "v5e:2x2"])
+    assert e.value.code == 2
+    assert 'pip install -e ".[tpu]"' in _one_error_line(capsys)
+
+
+def test_parse_topology():
+    assert aot.parse_topology("v5e:4x4") == (TPUS["v5e"], (4, 4))
+    assert aot.parse_topology("V4:2x2x1") == (TPUS["v4"], (2, 2, 1))
+
+
+def test_parse_oom():
+    gib = 2**30
+    msg = "RESOURCE_EXHAUSTED: ... the total memory required for HLO temporaries (20.00G) exceeds available HBM (15.75G)."
+    assert aot.parse_oom(msg) == (20 * gib, int(15.75 * gib))
+    assert aot.parse_oom("Ran out of memory in memory space hbm. Used 17.50G of 15.75G hbm.") == (int(17.5 * gib), int(15.75 * gib))
+    assert aot.parse_oom("INVALID_ARGUMENT: something else") is None
+
+
+@pytest.mark.parametrize("per_row", [1.0, 7.3, 60.0, 400.0])
+def test_largest_fitting_finds_the_largest_candidate_under_the_limit(per_row):
+    """Against a compiler stand-in whose memory grows with the micro-batch (not in a straight
+    line), the search returns exactly the largest candidate that fits, in a few compiles."""
+    limit, fixed = 1000, 150
+    need = lambda m: int(fixed + per_row * m + 0.02 * m * m)
+    candidates = aot.micro_batches(512, 4)
+    compiled: list[int] = []
+
+    def compile_at(m: int) -> aot.Compiled:
+        compiled.append(m)
+        if need(m) > limit:
+            return aot.Compiled("train", 0.0, oom_used=need(m), oom_limit=limit)
+        return aot.Compiled("train", 0.0, temp=need(m))
+
+    first = compile_at(512)
+    fitting = [m for m in candidates if need(m) <= limit]
+    result = aot.largest_fitting(candidates, {512: first}, fixed, compile_at)
+    if not fitting:
+        assert result is None
+    else:
+        assert result is not None and result[0] == max(fitting)
+    assert len(compiled) <= 5
+
+
+def test_micro_batches():
+    assert aot.micro_batches(512, 4) == [512, 256, 128, 64, 32, 16, 8, 4]
+    assert aot.micro_batches(48, 8) == [48, 24, 16, 8]
+
+
+@needs_libtpu
+def test_124m_train_step_on_v5e_2x2_holds_12_bytes_per_parameter_per_fsdp_chip():
+    """Parameters (fp32) and AdamW's two moments: 12 bytes per parameter, split over fsdp=4."""
+    config = config_lib.load_config(os.path.join(ROOT, "configs/gpt2_124m.py"))
+    config_lib.apply_overrides(config, [("train.batch_size", "4"), ("train.seq_len", "128")])
+    report = aot.check(config, "v5e:2x2", programs=("train",))
+    assert report.n_devices == 4 and report.mesh["fsdp"] == 4 and report.fits
+    (column,) = report.columns
+    analytic = report.n_params * 12 / 4
+    batch_bytes = 3 * 4 * 128 * 4 // 4  # inputs, targets, weights: 4 bytes per token, per chip
+    assert column.compiled.argument - batch_bytes == pytest.approx(analytic, rel=0.10)
+    assert sum(column.state) == pytest.approx(analytic, rel=0.01)
+    assert column.compiled.flops > 0 and column.compiled.bytes_accessed > 0
+    text = aot.format_report(report)
+    assert "fits as configured" in text and "TPU v5 lite" in text
+
+
+@needs_libtpu
+def test_oversized_batch_is_reported_with_the_micro_batch_that_fits(capsys):
+    """A small model with a batch far beyond a v5e chip's 16 GiB: refused, then the search
+    names (and compiles) the largest micro-batch that fits."""
+    overrides = [
+        "--config.model.n_layer=1",
+        "--config.model.n_embd=128",
+        "--config.model.n_head=4",
+        "--config.model.block_size=1024",
+        "--config.train.seq_len=1024",
+        "--config.train.batch_size=8192",
+    ]
+    code = aot.main(["--topology", "v5e:2x2", "--programs", "train", *overrides])
+    out = capsys.readouterr().out
+    assert code == 1
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("verdict: does not fit; the largest micro-batch that fits is ")
+    micro = int(verdict.split("fits is ")[1].split(":")[0])
+    assert micro < 8192 and 8192 % micro == 0
+    assert f"--config.train.grad_accum={8192 // micro}" in verdict
+    assert f"train, micro-batch {micro}" in out
