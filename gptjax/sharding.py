@@ -8,8 +8,10 @@ fsdp (ZeRO-3 style) along their width and over tensor along heads / MLP / vocabu
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import warnings
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -39,8 +41,11 @@ RULES: tuple[tuple[str, Any], ...] = (
 def maybe_initialize_distributed() -> None:
     """Join a multi-host job when the environment describes one (TPU pod slices, SLURM, ...).
 
-    On a TPU VM pod slice `jax.distributed.initialize()` finds the coordinator by itself;
-    elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    On a TPU VM pod slice `jax.distributed.initialize()` finds the coordinator by itself
+    (set GPTJAX_DISTRIBUTED=1); elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (several processes on one machine simulate a pod's hosts: CPU devices talk
+    through gloo, jax's default CPU collectives). Hosts other than 0 then print only errors
+    (`quiet_other_hosts`): a pod's log is host 0's.
     """
     if os.environ.get("GPTJAX_DISTRIBUTED", "") == "1" or "JAX_COORDINATOR_ADDRESS" in os.environ:
         kwargs = {}
@@ -51,6 +56,20 @@ def maybe_initialize_distributed() -> None:
                 process_id=int(os.environ["JAX_PROCESS_ID"]),
             )
         jax.distributed.initialize(**kwargs)
+        quiet_other_hosts()
+
+
+def quiet_other_hosts() -> None:
+    """On hosts other than 0, let only errors through: Python warnings, Python logging (jax,
+    orbax's absl) and XLA's C++ log below ERROR are dropped. Host 0 is left as it is."""
+    if jax.process_index() == 0:
+        return
+    from absl import logging as absl_logging
+
+    warnings.simplefilter("ignore")
+    logging.getLogger().setLevel(logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    jax.config.update("jax_logging_level", "ERROR")  # also XLA's C++ minimum log level
 
 
 def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, int, int]:

@@ -27,6 +27,7 @@ def emulator_env(url: str) -> dict[str, str]:
     return {
         "STORAGE_EMULATOR_HOST": url,  # gcsfs, google-cloud-storage
         "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore's gcs kvstore (orbax's array writer)
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: a fixed token, no credential search
         "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # google-cloud-cpp: array_record's reader (TFDS data_source)
         "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential search
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no bucket-layout gRPC call to Google
