@@ -15,10 +15,12 @@ compiled again at smaller micro-batches to find the largest that fits (train.gra
 Nothing runs on any device: the tool pins JAX to the CPU backend, so it also works on a TPU VM
 whose chips are busy training.
 
-Caveats, both in the table: the TPU compiler's cost analysis counts a loop body once, and
-the train step loops (the tied head's sequence chunks; gradient accumulation), so the
-compute bound takes the larger of the HLO count and the model's 6N + attention FLOPs; and a
-roofline is a bound, not a measurement (no collectives, no overlap).
+The TPU compiler's cost analysis counts a loop body once. The train step's loop over
+micro-batches holds nearly all of its work (the optimizer update after it is small), so its
+HLO FLOPs and HBM bytes are the body's times grad_accum; the tied head's loop over sequence
+chunks stays counted once, so the compute bound takes the larger of the HLO FLOPs and the
+model's 6N + attention FLOPs. A roofline is a bound, not a measurement: it leaves out
+collectives and assumes perfect overlap.
 """
 
 from __future__ import annotations
@@ -259,6 +261,17 @@ class Column:
     tokens: int  # tokens one call processes on the whole slice
     model_flops: float  # per chip: 6N + attention per trained token, a third of that per evaluated one
     state: tuple[int, int] | None  # per-chip (parameters, optimizer state) bytes from the shardings
+    repeats: int = 1  # micro-batches per call: the compiler counts the loop over them once
+
+    @property
+    def hlo_flops(self) -> float:
+        """The compiler's FLOPs per chip for the whole call (its loop body times `repeats`)."""
+        return self.compiled.flops * self.repeats
+
+    @property
+    def hbm_bytes(self) -> float:
+        """The compiler's HBM bytes per chip for the whole call (its loop body times `repeats`)."""
+        return self.compiled.bytes_accessed * self.repeats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,12 +285,11 @@ class Roofline:
 def roofline(column: Column, chip: Chip) -> Roofline:
     """Step time bound by peak FLOP/s and by HBM bandwidth, whichever is slower, per chip.
 
-    The compiler's FLOP count sees a loop body once, so the compute time uses the larger of
-    it and the model FLOPs; MFU is the model FLOPs over that time at peak.
+    The compute time uses the larger of the HLO and the model FLOPs (the compiler sees the
+    head's chunk loop once); MFU is the model FLOPs over the bound's time at peak.
     """
-    c = column.compiled
-    compute = max(c.flops, column.model_flops) / chip.peak_flops
-    memory = c.bytes_accessed / chip.hbm_bytes_per_s
+    compute = max(column.hlo_flops, column.model_flops) / chip.peak_flops
+    memory = column.hbm_bytes / chip.hbm_bytes_per_s
     seconds = max(compute, memory, 1e-12)
     return Roofline(
         seconds, "compute" if compute >= memory else "HBM", column.tokens / seconds, column.model_flops / (seconds * chip.peak_flops)
@@ -330,7 +342,7 @@ def check(
         _log(f"  {_outcome(compiled)}")
         tokens = r.train.batch_size * r.train.seq_len
         shape = f"{m} x {r.train.seq_len} x {r.train.grad_accum}"
-        return Column(title, compiled, shape, tokens, train_flops * tokens, state_bytes(r))
+        return Column(title, compiled, shape, tokens, train_flops * tokens, state_bytes(r), r.train.grad_accum)
 
     columns: list[Column] = []
     fits, found = True, None
@@ -427,9 +439,9 @@ def format_report(report: Report) -> str:
         if c.compiled.oom_used is None
         else f"no (compiler: {_bytes(c.compiled.oom_limit or 0)} usable)",
     )
-    row("HLO FLOPs per chip (loops once)", ok(lambda c: f"{c.compiled.flops:.3g}"))
-    row("model FLOPs per chip", lambda c: f"{c.model_flops:.3g}")
-    row("HBM bytes accessed per chip", ok(lambda c: _bytes(c.compiled.bytes_accessed)))
+    row("HLO FLOPs per chip", ok(lambda c: f"{c.hlo_flops:.3g}"))
+    row("model FLOPs per chip (6N + attention)", lambda c: f"{c.model_flops:.3g}")
+    row("HLO HBM bytes per chip", ok(lambda c: _bytes(c.hbm_bytes)))
     row("roofline time per call", ok(lambda c: f"{_seconds(roofline(c, chip).seconds)} ({roofline(c, chip).bound}-bound)"))
     row("roofline tokens/s (slice)", ok(lambda c: f"{roofline(c, chip).tokens_per_s:,.0f}"))
     row("MFU at roofline time", ok(lambda c: f"{100 * roofline(c, chip).mfu:.0f}%"))

@@ -122,3 +122,16 @@ def test_oversized_batch_is_reported_with_the_micro_batch_that_fits(capsys):
     assert micro < 8192 and 8192 % micro == 0
     assert f"--config.train.grad_accum={8192 // micro}" in verdict
     assert f"train, micro-batch {micro}" in out
+
+
+def test_roofline_takes_the_slower_bound_over_the_whole_step():
+    """Loop-body figures count once per micro-batch; the slower of compute and HBM traffic wins."""
+    chip = TPUS["v5e"]
+    body = aot.Compiled("train", 0.0, flops=1e12, bytes_accessed=1e9)
+    column = aot.Column("train", body, "", tokens=4096, model_flops=2e12, state=None, repeats=4)
+    r = aot.roofline(column, chip)
+    assert r.bound == "compute" and r.seconds == pytest.approx(4e12 / chip.peak_flops)
+    assert r.mfu == pytest.approx(0.5) and r.tokens_per_s == pytest.approx(4096 / r.seconds)
+    heavy = aot.Compiled("train", 0.0, flops=1e12, bytes_accessed=1e12)
+    r = aot.roofline(aot.Column("train", heavy, "", 4096, 2e12, None, repeats=4), chip)
+    assert r.bound == "HBM" and r.seconds == pytest.approx(4e12 / chip.hbm_bytes_per_s)
