@@ -264,20 +264,29 @@ class CausalSelfAttention(nn.Module):
         h, d = cfg.n_head, cfg.head_dim
         # Head-major layout throughout: q, k, v and the cache are [batch, heads, seq, head_dim],
         # so the attention matmuls batch over leading axes and need no transposed copies.
-        q_BxHxTxD, k_BxHxSxD, v_BxHxSxD = QKVProjection(cfg, self.decode_layout, name="c_attn")(x_BxTxC)
-        t = x_BxTxC.shape[1]
+        q_BxHxTxD, k_BxHxTxD, v_BxHxTxD = QKVProjection(cfg, self.decode_layout, name="c_attn")(x_BxTxC)
+        b, t = x_BxTxC.shape[:2]
         if decode:  # S: the cache's slots
-            k_BxHxSxD, v_BxHxSxD, mask_BxHxTxS = self._update_cache(k_BxHxSxD, v_BxHxSxD, token_mask)
+            k_NxSxD, v_NxSxD, mask_BxHxTxS = self._update_cache(k_BxHxTxD, v_BxHxTxD, token_mask)
+            # Rows and heads merged (N = B * H): the attention reads the cache in the layout
+            # it is written, so XLA updates it in place (see `_update_cache`).
+            q_NxTxD = q_BxHxTxD.reshape(b * h, t, d)
+            scores_BxHxTxS = matmul("nqd,nkd->nqk", q_NxTxD, k_NxSxD).reshape(b, h, t, -1)
         else:  # S == T
             mask_BxHxTxS = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
             if token_mask is not None:
                 mask_BxHxTxS = mask_BxHxTxS & token_mask[:, None, None, :]
+            scores_BxHxTxS = matmul("bhqd,bhkd->bhqk", q_BxHxTxD, k_BxHxTxD)
         # q, k, v (and the cache) are already in the compute dtype.
-        scores_BxHxTxS = matmul("bhqd,bhkd->bhqk", q_BxHxTxD, k_BxHxSxD)
         scores_BxHxTxS = jnp.where(mask_BxHxTxS, scores_BxHxTxS * (1.0 / math.sqrt(d)), jnp.finfo(jnp.float32).min)
         probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
         probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=deterministic)
-        y_BxHxTxD = matmul("bhqk,bhkd->bhqd", probs_BxHxTxS.astype(cfg.compute_dtype), v_BxHxSxD)
+        probs_BxHxTxS = probs_BxHxTxS.astype(cfg.compute_dtype)
+        if decode:
+            y_NxTxD = matmul("nqk,nkd->nqd", probs_BxHxTxS.reshape(b * h, t, -1), v_NxSxD)
+            y_BxHxTxD = y_NxTxD.reshape(b, h, t, d)
+        else:
+            y_BxHxTxD = matmul("bhqk,bhkd->bhqd", probs_BxHxTxS, v_BxHxTxD)
         y_BxTxC = Projection(
             "bhtd,hdc->btc",
             kernel_shape=(h, d, cfg.n_embd),
@@ -292,25 +301,29 @@ class CausalSelfAttention(nn.Module):
     def _update_cache(
         self, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.Array, token_mask: jax.Array | None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Write this chunk's keys/values at the cache index; return all keys, values and the mask.
+        """Write this call's keys/values at the cache index; return all keys, values and the mask.
 
-        The cache's length S is the sequence length the cache was initialised with. A query at
-        slot i sees slots j <= i whose token was real (token_mask True when written).
+        The cache holds keys and values as [batch * heads, slots, head_dim] (N x S x D), the
+        layout the attention's matmuls read. (From a [batch, heads, ...] cache with one row,
+        XLA folds the unit batch axis away between the update and the matmul, and then copies
+        every cache buffer once per decode step.) S is the sequence length the cache was
+        initialised with. A query at slot i sees slots j <= i whose token was real
+        (token_mask True when written).
         """
+        b, h, t, d = k_BxHxTxD.shape
         is_initialized = self.has_variable("cache", "cached_key")
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxHxTxD.shape, k_BxHxTxD.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxHxTxD.shape, v_BxHxTxD.dtype)
-        valid = self.variable("cache", "valid", jnp.zeros, (k_BxHxTxD.shape[0], k_BxHxTxD.shape[2]), jnp.bool_)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, (b * h, t, d), k_BxHxTxD.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, (b * h, t, d), v_BxHxTxD.dtype)
+        valid = self.variable("cache", "valid", jnp.zeros, (b, t), jnp.bool_)
         index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        k_NxTxD, v_NxTxD = k_BxHxTxD.reshape(b * h, t, d), v_BxHxTxD.reshape(b * h, t, d)
         if not is_initialized:  # model.init(decode=True) only shapes the cache
-            t = k_BxHxTxD.shape[2]
-            return k_BxHxTxD, v_BxHxTxD, jnp.ones((1, 1, t, t), bool)
-        b, t = k_BxHxTxD.shape[0], k_BxHxTxD.shape[2]
-        s = cached_k.value.shape[2]
+            return k_NxTxD, v_NxTxD, jnp.ones((1, 1, t, t), bool)
+        s = cached_k.value.shape[1]
         i = index.value
         tm_BxT = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxHxTxD.astype(cached_k.value.dtype), (0, 0, i, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxHxTxD.astype(cached_v.value.dtype), (0, 0, i, 0))
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_NxTxD.astype(cached_k.value.dtype), (0, i, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_NxTxD.astype(cached_v.value.dtype), (0, i, 0))
         valid.value = jax.lax.dynamic_update_slice(valid.value, tm_BxT, (0, i))
         index.value = i + t
         q_slot_Tx1 = i + jnp.arange(t)[:, None]

@@ -18,4 +18,5 @@ def test_sampling_notebook_executes(monkeypatch):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     for name in ("greedy", "top-k 20", "top-p 0.9"):
         assert f"=== {name}" in outputs
+    assert "tokens (context window 128)" in outputs  # generated past the window
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))

@@ -348,3 +348,23 @@ def test_load_refuses_a_path_that_is_not_a_run(tmp_path):
         gptjax.load(str(tmp_path))
     with pytest.raises(UserError, match="not a gptjax run"):
         gptjax.load(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_loop_updates_the_cache_in_place(trained, batch):
+    """The compiled decode loop holds no copy of a KV-cache buffer (XLA once copied every one,
+    every step, at batch 1)."""
+    from gptjax.sampling import decode
+
+    decoder = sampling.Decoder(CFG, trained)
+    call = decoder._plan(
+        [encode("the quick")] * batch, max_new_tokens=20, temperature=1.0, top_k=5, top_p=0.9,
+        stop_tokens=(), seed=0, row_keys=None, truncate_prompt=False, chunk=None,
+    )
+    state = decoder._prefill(call, call.prompts, call.p_len, np.zeros((batch, call.n_len), np.int32), 0, np.zeros(batch, bool))
+    cache_shape = state.cache["h_0"]["attn"]["cached_key"].shape
+    assert cache_shape == (batch * CFG.n_head, call.s.cache_len, CFG.head_dim)
+    hlo = decode._advance.lower(decoder.decode_params, state, np.int32(20), *call.controls, s=call.s).compile().as_text()
+    shape = "f32[" + ",".join(map(str, cache_shape)) + "]"
+    assert hlo.count(shape) > 0
+    assert not [line for line in hlo.splitlines() if " copy(" in line and shape in line.split("copy(")[0]]

@@ -48,7 +48,7 @@ import numpy as np
 from flax import struct
 
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig, to_decode_layout
+from gptjax.model import GPT, GPTConfig, matmul, to_decode_layout
 from gptjax.sampling.filters import check_controls, choose_tokens, num_candidates
 
 _MIN_PROMPT_BUCKET = 8
@@ -77,7 +77,7 @@ class _Static:
 class DecodeState:
     """The decode loop's state (a pytree, donated to each loop run)."""
 
-    cache: Any  # the model's `cache` collection: per layer keys/values [B, H, S, D], valid [B, S], index
+    cache: Any  # the model's `cache` collection: per layer keys/values [B * H, S, D], valid [B, S], index
     token_B: jax.Array  # each row's newest token, not yet in the cache
     position_B: jax.Array  # its position: the number of the row's tokens in the cache
     done_B: jax.Array  # the row has chosen a stop token
@@ -103,10 +103,14 @@ def _prefill(params, tokens_BxP, mask_BxP, out_BxN, t, done_B, row_keys, tempera
     cache = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), nn.meta.unbox(shapes))
     lengths_B = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)
     positions_BxP = jnp.maximum(jnp.arange(p, dtype=jnp.int32)[None] - (p - lengths_B)[:, None], 0)
-    logits_BxPxV, variables = model.apply(
-        {"params": params, "cache": cache}, tokens_BxP, positions_BxP, mask_BxP, decode=True, mutable=["cache"]
+    hidden_BxPxC, variables = model.apply(
+        {"params": params, "cache": cache}, tokens_BxP, positions_BxP, mask_BxP,
+        decode=True, return_hidden=True, mutable=["cache"],
     )
-    new_B = _choose(s, logits_BxPxV[:, -1], row_keys, t, temperature, top_k, tail)
+    # The tied head on the last position only (the model's head, as `GPT` applies it).
+    wte_VxC = params["wte"]["embedding"].astype(hidden_BxPxC.dtype)
+    logits_BxV = matmul("bc,vc->bv", hidden_BxPxC[:, -1], wte_VxC)
+    new_B = _choose(s, logits_BxV, row_keys, t, temperature, top_k, tail)
     new_B = jnp.where(done_B, 0, new_B)
     return DecodeState(
         cache=variables["cache"],
@@ -290,6 +294,18 @@ class Decoder:
         `chunk=None` decodes everything in one call. The last yield's result is final. Bad
         controls or prompts raise here, before the first token is asked for.
         """
+        return self._run(
+            self._plan(
+                prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                stop_tokens=stop_tokens, seed=seed, row_keys=row_keys, truncate_prompt=truncate_prompt, chunk=chunk,
+            )
+        )
+
+    def _plan(
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+        stop_tokens: Sequence[int], seed: int, row_keys: jax.Array | None, truncate_prompt: bool, chunk: int | None,
+    ) -> _Call:
+        """Check a call's input and choose its lengths and compiled programs."""
         cfg = self.cfg
         check_controls(cfg.vocab_size, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         prompts = prepare_prompts(prompts, cfg.block_size, truncate_prompt)
@@ -320,7 +336,7 @@ class Decoder:
             np.float32(1.0 - top_p),
             stops,
         )
-        return self._run(_Call(prompts, stop_list, max_new_tokens, chunk, p_len, n_len, s, controls))
+        return _Call(prompts, stop_list, max_new_tokens, chunk, p_len, n_len, s, controls)
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], **controls: Any) -> Generation:
         """New tokens for each prompt (a list of token ids); see `stream` for the controls."""
