@@ -4,11 +4,11 @@
     python -m gptjax.train --config configs/gpt2_medium.py --workdir gs://BUCKET/gpt2_medium
 
 The data and tokenizer are those of configs/gpt2_124m.py (FineWeb-Edu jsonl shards; its
-docstring has the commands that make them). Batch 512 x 1024 tokens per step, as for 124M;
-the parameters and optimizer state are split over all chips (fsdp), each block's activations
-are recomputed in the backward pass (model.remat), and grad_accum=16 micro-batches of
-32 sequences make one step. On another slice, ask `python -m gptjax.aot` for the
-grad_accum that fits (--config.train.grad_accum).
+docstring has the commands that make them). Batch 512 x 1024 tokens per step, as for 124M; the
+parameters, AdamW state and gradients (16 bytes per parameter: 5.3 GiB, 0.66 GiB per chip here)
+are split over all chips (fsdp), each block's activations are recomputed in the backward pass
+(model.remat), and grad_accum=16 micro-batches of 32 sequences make one step. On another slice,
+ask `python -m gptjax.aot` for the grad_accum that fits (--config.train.grad_accum).
 """
 
 from gptjax.config import base_config
