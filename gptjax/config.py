@@ -61,9 +61,12 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     peak_tflops: float = 0.0  # per device, for MFU; 0: measured (CPU) or looked up (GPU/TPU)
+    # Steps in a row whose loss or gradient is not finite (each one skipped) before the run
+    # stops with an error, keeping its last good checkpoint.
+    max_bad_steps: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_batches < 0:

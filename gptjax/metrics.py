@@ -88,7 +88,7 @@ class MetricsWriter:
                 storage.copy_file(self.upload_to, self.path)
             self.uploaded = time.monotonic()
         truncate_metrics(self.path, start)
-        self.tb = SummaryWriter(run_dir.tensorboard, purge_step=start + 1)
+        self.tb = SummaryWriter(run_dir.tensorboard, purge_step=start + 1, filename_suffix=f".from-step-{start}")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

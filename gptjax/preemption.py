@@ -1,35 +1,78 @@
-"""Preemption: SIGTERM / SIGINT become a flag the training loop reads between steps.
+"""Preemption: SIGTERM / SIGINT stop a run cleanly, at any point of it.
 
-The loop finishes the step it is in, saves a checkpoint and exits; a second signal stops at
-once (KeyboardInterrupt).
+Before the loop starts (data preparation, restoring, setting up) a first signal raises
+`StopBeforeTraining`, a BaseException so that no `except Exception` swallows it, and the
+`finally` blocks on its way out remove what was half built; there is nothing to save yet.
+Once the loop is `armed`, a first signal only sets `requested`: the loop finishes the step it
+is in, saves a checkpoint and exits. A second signal ends the process at once (exit status
+128 + signal number) with one line: orbax renames a checkpoint into place only when it is
+complete, so the newest complete checkpoint is what a restart uses.
+
+On a multi-host run the signal may reach one host only: `any_host` tells every host whether
+any of them was asked to stop, so all stop after the same step.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Any
+
+import jax
+import numpy as np
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopBeforeTraining(BaseException):
+    """A stop signal arrived before the training loop started."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class StopRequested:
-    """Within `with StopRequested() as stop:`, `stop.requested` turns True on SIGTERM or SIGINT."""
+    """Within `with StopRequested() as stop:`, SIGTERM or SIGINT raise `StopBeforeTraining`
+    until `arm()`, then turn `stop.requested` True; a second one exits the process at once."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.armed = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequested":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
         return self
 
+    def arm(self) -> None:
+        """From now on a first signal is a request the loop reads between steps."""
+        self.armed = True
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.requested:
+            name = signal.Signals(signum).name
+            print(f"{name} again: exiting now without saving; the newest complete checkpoint is kept",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         self.requested = True
+        if not self.armed:
+            raise StopBeforeTraining(signum)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def any_host(flag: bool) -> bool:
+    """Whether `flag` is set on any host (every host must call this at the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

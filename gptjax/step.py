@@ -91,6 +91,7 @@ class Trainer:
             donate_argnums=(0,),
             compiler_options=train_compiler_options(gpt, mesh),
         )
+        self.all_finite_fn = jax.jit(self._all_finite, in_shardings=(self.state_shardings,), out_shardings=rep)
         self.eval_step_fn = jax.jit(
             self._eval, in_shardings=(self.param_shardings, self.eval_sharding), out_shardings=(rep, rep)
         )
@@ -171,14 +172,28 @@ class Trainer:
             (grads, loss_sum, weight_sum), _ = jax.lax.scan(body, init, (batch, jnp.arange(self.grad_accum)))
         denom = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # The non-finite guard: a step whose loss or gradient is not finite leaves parameters
+        # and optimizer state as they were; the step counter still advances, so the batch of
+        # every later step stays the one an uninterrupted run draws.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_new = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree_util.tree_map(keep_new, params, state.params)
+        opt_state = jax.tree_util.tree_map(keep_new, opt_state, state.opt_state)
         metrics = {
-            "loss": loss_sum / denom,
-            "grad_norm": optax.tree.norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "lr": self.optimizer.schedule(state.step),
+            "skipped": 1 - finite.astype(jnp.int32),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _all_finite(self, state: TrainState) -> jax.Array:
+        leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
+        checks = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
     def _eval(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         logits_BxTxV = self.model.apply({"params": params}, batch["inputs"], deterministic=True)
@@ -198,6 +213,11 @@ class Trainer:
                 total += float(loss_sum)
                 count += float(weight_sum)
         return total / max(count, 1.0)
+
+    def all_finite(self, state: TrainState) -> bool:
+        """Whether every parameter and optimizer-state value is finite (checked before a save)."""
+        with self.context():
+            return bool(self.all_finite_fn(state))
 
     def to_global(self, batch: dict[str, np.ndarray], accum: bool) -> dict[str, jax.Array]:
         """Global arrays from this host's rows: [accum, micro, seq] for a train step, else [rows, seq]."""

@@ -1,8 +1,5 @@
 """tools/fault_inject.py, short: runs killed at chosen moments end bitwise equal to an
 uninterrupted run, SIGTERM mid-step saves and exits 0; and the failures issue 10 fixes.
-
-The xfail(strict=True) tests fail on today's trainer; when their feature lands they XPASS,
-which strict turns into a failure: remove the marker then.
 """
 
 import json
@@ -48,7 +45,6 @@ def test_killed_runs_end_with_bitwise_identical_checkpoints(killed):
     assert killed[0].kills[0] in ("prepare", "startup"), killed[0].line()  # before config.json
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 4: metrics.jsonl repeats the steps after the restored checkpoint")
 def test_metrics_jsonl_has_each_step_once_after_kills(killed):
     for trial in killed:
         assert trial.metrics_problems == [], trial.line()
@@ -59,19 +55,16 @@ def test_sigterm_mid_step_saves_exits_0_and_resumes_identically(harness):
     assert outcome.status == "ok", outcome.line()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 2: a damaged newest checkpoint stops the restart")
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(harness):
     outcome = fi.scenario_truncated(harness)
     assert outcome.status == "ok", outcome.line()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 1: a diverging run trains on and saves non-finite checkpoints")
 def test_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(harness):
     outcome = fi.scenario_diverge(harness, lr="1e6")
     assert outcome.status == "ok", outcome.line()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 3: a full disk ends in a traceback")
 def test_full_disk_is_one_line_exit_1_previous_checkpoint_intact(harness):
     outcome = fi.scenario_disk(harness)
     if outcome.status == "skipped":
