@@ -170,12 +170,25 @@ def run_bench_sample(command: str, cwd: str) -> None:
     assert "default" in r.out, r.out[-2000:]
 
 
+def run_aot(command: str, cwd: str) -> None:
+    """The fit check as written, on a small GPT-2 shape so that it compiles in seconds."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip('needs libtpu (pip install -e ".[tpu]", part of the test extra)')
+    small = (" --config.model.n_layer=2 --config.model.n_embd=128 --config.model.n_head=2 --config.model.block_size=128"
+             " --config.train.seq_len=128 --config.train.batch_size=64 --config.train.grad_accum=1 --config.tokenizer.vocab_size=1024")
+    r = ok(shell(command + small, cwd), command)
+    assert "fits" in r.out and "HBM" in r.out, r.out[-2000:]
+
+
 RUNNERS: list[tuple[str, Callable[[str, str], None]]] = [
     (r"^python3 -m venv ", run_install_line),
     (r"^(XLA_FLAGS=\S+ )?python -m gptjax\.train( |$)", run_train),
     (r"^python -m gptjax\.sample ", run_sample),
     (r"^hf download ", run_hf_download),
     (r"^python tools/convert_hf\.py (import|export) ", run_convert),
+    (r"^python -m gptjax\.aot ", run_aot),
     (r"^python tools/bench_train\.py ", run_bench_train),
     (r"^python tools/bench_sample\.py ", run_bench_sample),
 ]
