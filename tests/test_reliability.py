@@ -209,3 +209,29 @@ def test_a_workdir_that_cannot_be_created_is_one_line_exit_1(tmp_path, capsys):
     assert exit_info.value.code == 1
     assert err[-1].startswith("error: preparing the run failed: Not a directory") and str(blocker) in err[-1]
     assert "MiB free there" in err[-1]
+
+
+def test_a_full_disk_while_building_the_token_cache_is_one_line_exit_1(tmp_path, capsys):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mount)], capture_output=True, text=True)
+    except OSError as e:
+        pytest.skip(f"cannot run mount: {e}")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.strip()}")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for d in range(20):
+        (corpus / f"doc{d}.txt").write_text("".join(f"def f{d}_{i}(x):\n    return x + {i}\n" for i in range(60)))
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--workdir", str(mount / "run"), f"--config.data.source=files:{corpus}/*.txt",
+                        "--config.tokenizer.vocab_size=300"])
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert exit_info.value.code == 1
+        assert err[-1].startswith("error: ") and "No space left on device" in err[-1] and str(mount) in err[-1]
+        assert not any("Traceback" in l for l in err)
+        assert not [n for n in os.listdir(mount / "run" / "data") if ".tmp" in n]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
