@@ -1,11 +1,15 @@
-"""gs:// data against a local GCS emulator: files: and pairs: globs in a bucket, the tokenizer and
-token cache written to a gs:// workdir and reused, each host's local copy of the cache."""
+"""gs:// against a local GCS emulator: files: and pairs: globs in a bucket, the tokenizer and
+token cache written to a gs:// workdir and reused, each host's local copy of the cache; a run
+in a bucket that trains, resumes and samples; Hugging Face directories and the converter in a
+bucket."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -19,6 +23,7 @@ from gptjax.data import cache as token_cache
 from gptjax.data import storage
 from gptjax.errors import UserError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
@@ -181,3 +186,134 @@ def test_a_waiting_host_sees_files_another_process_writes_after_it_listed(gcs_bu
     hosts = hosts_lib.Hosts(1, 2, 5.0, f"gs://{gcs_bucket}/run/data/{hosts_lib.STATUS_FILE}")
     hosts_lib.wait_for(lambda: tk.tokenizer_saved(tokenizer), tokenizer, "the tokenizer", hosts)
     assert time.monotonic() - start < 4
+
+
+def _gcs_run_config(path, source: str, steps: int) -> str:
+    """A tiny run with a learning rate that does not depend on train.steps, so a run of 3
+    steps continued to 5 is the uninterrupted run of 5."""
+    path.write_text(
+        "from gptjax.config import base_config\n\n\ndef get_config():\n"
+        "    c = base_config()\n"
+        f"    c.data.source = {source!r}\n"
+        "    c.data.val_fraction = 0.2\n"
+        "    c.tokenizer.vocab_size = 300\n"
+        "    c.model.update(n_layer=1, n_head=2, n_embd=16, block_size=16)\n"
+        f"    c.train.update(steps={steps}, batch_size=4, seq_len=16, eval_batches=0, log_every=1, checkpoint_every=3)\n"
+        "    c.optim.update(schedule='constant', warmup_steps=1)\n"
+        "    return c\n"
+    )
+    return str(path)
+
+
+def _gptjax(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """A gptjax command in a fresh process on one CPU device, with the emulator's settings
+    (os.environ, set by the fixture) and its own host-local cache."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "XDG_CACHE_HOME": str(tmp_path / "host-cache"), "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# orbax writes arrays through tensorstore's OCDBT driver, whose manifest writes rely on GCS
+# preconditions (ifGenerationMatch) that gcp-storage-emulator ignores: against it about half
+# the checkpoint saves fail ("Malformed StorageGeneration", "Error reading .../.zarray in OCDBT
+# database"). Run these against a real bucket or an emulator with preconditions.
+TENSORSTORE_ON_EMULATOR = pytest.mark.skip(reason="orbax's array writer (tensorstore OCDBT) needs GCS preconditions "
+                                           "that gcp-storage-emulator does not implement")
+
+
+@TENSORSTORE_ON_EMULATOR
+def test_a_run_in_a_bucket_trains_resumes_and_samples(gcs_bucket, tmp_path):
+    import jax
+
+    from gptjax import checkpoint as ckpt
+    from gptjax import config as config_lib
+    from gptjax import train
+    from gptjax.layout import RunDir
+    from gptjax.sampling import load
+
+    corpus = {f"corpus/{k}": v for k, v in _texts(6).items()}
+    _write(f"gs://{gcs_bucket}", corpus)
+    _write(tmp_path / "local", corpus)
+    remote = _gcs_run_config(tmp_path / "remote.py", f"files:gs://{gcs_bucket}/corpus/*.txt", steps=3)
+    workdir = f"gs://{gcs_bucket}/runs/tiny"
+
+    first = _gptjax(["-m", "gptjax.train", "--config", remote, "--workdir", workdir], tmp_path)
+    assert f"workdir {workdir}: a new run" in first.stdout and "saved to gs://" in first.stderr
+    second = _gptjax(["-m", "gptjax.train", "--config", remote, "--workdir", workdir, "--config.train.steps=5"], tmp_path)
+    assert f"workdir {workdir}: resuming from step 3" in second.stdout and "token cache reused: gs://" in second.stderr
+    sample = _gptjax(["-m", "gptjax.sample", "--workdir", f"{workdir}/checkpoints/5", "--prompt", "alpha",
+                      "--max_new_tokens", "6", "--temperature", "0", "--stop_tokens", ""], tmp_path)
+
+    # What the bucket holds: config, tokenizer, both checkpoints, metrics with each step once, TensorBoard events.
+    run = RunDir.at(workdir)
+    assert run.exists() and run.steps() == [3, 5] and ckpt.read_run_config(run).train.steps == 5
+    assert len(list(epath.Path(run.tensorboard).glob("events.out.tfevents.*"))) == 2
+    records = [json.loads(line) for line in epath.Path(run.metrics).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+
+    # The same run on local disk, uninterrupted: the same losses, the same greedy sample.
+    config = config_lib.load_config(_gcs_run_config(tmp_path / "local.py", f"files:{tmp_path}/local/corpus/*.txt", 5))
+    train.run(config, str(tmp_path / "local-run"), devices=jax.devices()[:1])
+    want = [json.loads(line) for line in (tmp_path / "local-run" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in want], rtol=0, atol=1e-5)
+    model = load(str(tmp_path / "local-run"))
+    greedy = model.generate("alpha", max_new_tokens=6, temperature=0.0, stop_tokens=())[0]
+    assert sample.stdout.startswith("alpha" + greedy), (sample.stdout, greedy)
+
+
+def test_hugging_face_directories_in_a_bucket(gcs_bucket, tmp_path):
+    from hf_fixtures import build_hf_dir
+
+    from gptjax import hf
+
+    local = build_hf_dir(str(tmp_path / "hf"), n_layer=1, n_embd=32, n_head=2)
+    for name in os.listdir(local):
+        storage.copy_file(os.path.join(local, name), f"gs://{gcs_bucket}/hf/{name}")
+    fields, params, tokenizer = hf.load_hf_dir(local)
+    assert hf.read_hf_config(f"gs://{gcs_bucket}/hf") == fields
+
+    def same(directory: str) -> None:
+        f, p, t = hf.load_hf_dir(directory)
+        assert f == fields and t.fingerprint() == tokenizer.fingerprint()
+        got, want = _flat(p), _flat(params)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+    same(f"gs://{gcs_bucket}/hf")
+    hf.export_hf_dir(fields, params, tokenizer, f"gs://{gcs_bucket}/exported")
+    same(f"gs://{gcs_bucket}/exported")
+    with pytest.raises(UserError, match="already exists and is not an empty directory"):
+        hf.require_new_dir(f"gs://{gcs_bucket}/exported")
+    epath.Path(f"gs://{gcs_bucket}/pickled/config.json").write_text(epath.Path(local, "config.json").read_text())
+    epath.Path(f"gs://{gcs_bucket}/pickled/pytorch_model.bin").write_bytes(b"\x80")
+    with pytest.raises(UserError, match=r"PyTorch pickle weights \(pytorch_model.bin\)"):
+        hf.load_hf_dir(f"gs://{gcs_bucket}/pickled")
+
+
+@TENSORSTORE_ON_EMULATOR
+def test_the_converter_works_bucket_to_bucket(gcs_bucket, tmp_path):
+    """import (init_from=hf:gs://...) writes a run in the bucket; export reads it back."""
+    from hf_fixtures import build_hf_dir
+
+    from gptjax import hf
+
+    local = build_hf_dir(str(tmp_path / "hf"), n_layer=1, n_embd=32, n_head=2)
+    for name in os.listdir(local):
+        storage.copy_file(os.path.join(local, name), f"gs://{gcs_bucket}/hf/{name}")
+    _gptjax(["tools/convert_hf.py", "import", "--hf_dir", f"gs://{gcs_bucket}/hf", "--out", f"gs://{gcs_bucket}/run"],
+            tmp_path)
+    _gptjax(["tools/convert_hf.py", "export", "--workdir", f"gs://{gcs_bucket}/run", "--out",
+             f"gs://{gcs_bucket}/roundtrip"], tmp_path)
+    want, got = hf.load_hf_dir(local), hf.load_hf_dir(f"gs://{gcs_bucket}/roundtrip")
+    assert got[0] == want[0] and got[2].fingerprint() == want[2].fingerprint()
+    for key, value in _flat(want[1]).items():
+        np.testing.assert_array_equal(_flat(got[1])[key], value, err_msg=key)
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    import jax
+
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
