@@ -185,3 +185,16 @@ def test_print_rows_moves_to_the_next_row_when_one_ends():
     single = io.StringIO()
     sample.print_rows(iter([step(["a"], [False]), step(["b"], [False], finished=True)]), ">", 1, single)
     assert single.getvalue() == ">ab\n"
+
+
+def test_cli_stores_its_compiled_programs(workdir, tmp_path):
+    """The sampler's programs go to the persistent compilation cache, small ones included
+    (JAX's default skips programs that compile in under a second), so a second run loads them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "xla")
+    cmd = [sys.executable, "-m", "gptjax.sample", "--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "8"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    stored = os.listdir(tmp_path / "xla")
+    for program in ("jit__prefill", "jit__advance", "jit_to_decode_layout"):
+        assert any(name.startswith(program) for name in stored), (program, stored)
