@@ -11,28 +11,15 @@ are split over all chips (fsdp), each block's activations are recomputed in the 
 ask `python -m gptjax.aot` for the grad_accum that fits (--config.train.grad_accum).
 """
 
-from gptjax.config import base_config
+import os
+
+from gptjax.config import load_config
 
 
 def get_config():
-    c = base_config()
-    c.data.source = "files:data/fineweb-edu-10BT/*.jsonl"
-    c.tokenizer.vocab_size = 50257
-    c.tokenizer.max_chars = 200_000_000
-    c.model.update(
-        vocab_size=0, n_layer=24, n_head=16, n_embd=1024, block_size=1024, dropout=0.0, dtype="bfloat16", remat=True
-    )
-    c.train.update(
-        steps=100_000,
-        batch_size=512,
-        seq_len=1024,
-        grad_accum=16,
-        eval_every=1000,
-        eval_batches=20,
-        log_every=50,
-        checkpoint_every=1000,
-        keep_checkpoints=3,
-    )
-    c.optim.update(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, b2=0.95, grad_clip=1.0)
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    """The 124M recipe (data, tokenizer, schedule, fsdp mesh) at this model's shape."""
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_124m.py"))
+    c.model.update(n_layer=24, n_head=16, n_embd=1024, remat=True)
+    c.train.grad_accum = 16
+    c.optim.lr = 3e-4
     return c
