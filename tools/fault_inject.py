@@ -769,12 +769,16 @@ def _restart_problems(h: Harness, workdir: str, metrics: bool) -> list[str]:
 
 
 def _mid_interval(h: Harness) -> Callable[[Watch], bool]:
-    """Ready when a step after the first checkpoint and away from the next one is running."""
+    """Ready when a step after the first checkpoint and away from the next one is running.
+
+    On a small model the asynchronous save of the previous checkpoint can outlast the whole
+    interval, so a step that runs while that save is still being written counts too (the stop
+    must then finish that save and write its own)."""
     ce = h.reference.settings.checkpoint_every
 
     def ready(w: Watch) -> bool:
         s = w.last_step
-        return w.moment() == "step" and s is not None and s > ce and s % ce not in (0, ce - 1)
+        return w.moment() in ("step", "save") and s is not None and s > ce and s % ce not in (0, ce - 1)
 
     return ready
 
