@@ -67,8 +67,10 @@ def abstract(tree: Any, shardings: Any) -> Any:
 class Trainer:
     """The model, optimizer and mesh of a run, and its jitted, sharded functions."""
 
-    def __init__(self, gpt: GPTConfig, optimizer: optim_lib.Optimizer, mesh: Mesh, seed: int, grad_accum: int = 1):
+    def __init__(self, gpt: GPTConfig, optimizer: optim_lib.Optimizer, mesh: Mesh, seed: int, grad_accum: int = 1,
+                 nonfinite_guard: bool = True):
         self.gpt, self.optimizer, self.mesh, self.seed, self.grad_accum = gpt, optimizer, mesh, seed, grad_accum
+        self.nonfinite_guard = nonfinite_guard  # off only to measure its cost (tools/bench_train.py --guard_ab)
         self.model = GPT(gpt)
         self.tx = optimizer.tx
         boxed = param_shapes(gpt, boxed=True)
@@ -179,9 +181,10 @@ class Trainer:
         # and optimizer state as they were; the step counter still advances, so the batch of
         # every later step stays the one an uninterrupted run draws.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep_new = lambda new, old: jnp.where(finite, new, old)
-        params = jax.tree_util.tree_map(keep_new, params, state.params)
-        opt_state = jax.tree_util.tree_map(keep_new, opt_state, state.opt_state)
+        if self.nonfinite_guard:
+            keep_new = lambda new, old: jnp.where(finite, new, old)
+            params = jax.tree_util.tree_map(keep_new, params, state.params)
+            opt_state = jax.tree_util.tree_map(keep_new, opt_state, state.opt_state)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
