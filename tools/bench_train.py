@@ -203,6 +203,64 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
+    """The non-finite guard's cost: the same step compiled with and without it, timed in
+    alternating blocks in one process (so both see the same machine)."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, REPO)
+    from gptjax.run import resolve
+    from gptjax.step import Trainer
+
+    run = resolve(spec_config(spec), None, devices=jax.devices()[:1])
+    b, t = spec["batch"], spec["seq"]
+    tokens = np.random.default_rng(0).integers(0, run.model.vocab_size, (b, t + 1), dtype=np.int32)
+    host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}
+    variants = {}
+    for name, guard in (("guard", True), ("no_guard", False)):
+        trainer = run.trainer if guard else Trainer(run.model, run.optimizer, run.mesh, run.seed, 1, nonfinite_guard=False)
+        state = trainer.init_state()
+        with trainer.context():
+            batch = trainer.to_global(host, accum=True)
+            compiled = trainer.train_step_fn.lower(state, batch).compile()
+        variants[name] = {"compiled": compiled, "state": state, "batch": batch, "times": []}
+
+    def block(v: dict[str, Any], n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            v["state"], m = v["compiled"](v["state"], v["batch"])
+            jax.block_until_ready((v["state"], m))
+            out.append(time.perf_counter() - t0)
+        return out
+
+    for v in variants.values():
+        block(v, spec["warmup"])
+    per_block = max(1, spec["steps"] // 4)
+    for r in range(8):  # alternate which goes first
+        order = ("guard", "no_guard") if r % 2 == 0 else ("no_guard", "guard")
+        for name in order:
+            variants[name]["times"] += block(variants[name], per_block)
+    # Both ran the same steps on the same batch from the same start: on finite steps the guard
+    # changes nothing, so the states must agree bit for bit (else the two compute different things).
+    same = jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+        variants["guard"]["state"].params, variants["no_guard"]["state"].params))
+    if not same:
+        raise RuntimeError("the step with the guard and the step without it reached different parameters")
+    g, n = (_median(variants[k]["times"]) for k in ("guard", "no_guard"))
+    return dict(guard_s=g, no_guard_s=n, steps_each=len(variants["guard"]["times"]))
+
+
+def bench_guard(name: str, shape: dict[str, int], args: argparse.Namespace) -> str:
+    spec = dict(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, remat=args.remat)
+    r = run_worker("guard", spec)
+    cost = r["guard_s"] / r["no_guard_s"] - 1.0
+    return (f"| {name} | {shape['batch']} x {shape['seq']} | {1e3 * r['guard_s']:.2f} | {1e3 * r['no_guard_s']:.2f} "
+            f"| {100 * cost:+.1f}% | {r['steps_each']} |")
+
+
 def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -415,6 +473,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--remat", action="store_true", help="gptjax: model.remat (recompute each block in backward)")
     p.add_argument("--no_torch", action="store_true", help="skip the transformers reference")
+    p.add_argument(
+        "--guard_ab",
+        action="store_true",
+        help="instead of the table: the non-finite guard's cost, the step with and without it "
+        "timed in alternating blocks in one process (medians)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny shape, 2 steps, both workers at once: a smoke test")
     p.add_argument("--json", default="", help="also write the rows (with raw step times) to this file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -424,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         spec = json.loads(args.spec)
-        result = {"jax": worker_jax, "torch": worker_torch}[args.worker](spec)
+        result = {"jax": worker_jax, "torch": worker_torch, "guard": worker_guard}[args.worker](spec)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -444,6 +508,14 @@ def main(argv: list[str] | None = None) -> None:
                 shapes.append((name, SHAPES[name]))
             else:
                 p.error(f"unknown shape {name!r}; allowed: default, {', '.join(SHAPES)}")
+
+    if args.guard_ab:
+        print("| shape | batch x seq | step ms, guard | step ms, no guard | guard cost | steps each |")
+        print("|---|---|---|---|---|---|")
+        for name, shape in shapes:
+            print(bench_guard(name, shape, args), flush=True)
+        print(f"\nmedians over steps timed in 8 alternating blocks per variant; {os.cpu_count()} CPU threads; {args.dtype}")
+        return
 
     rows: list[dict[str, Any]] = []
     for name, shape in shapes:
