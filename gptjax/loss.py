@@ -14,13 +14,26 @@ import jax.numpy as jnp
 LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes at once
 
 
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token losses, sum of weights); fp32 log-softmax over the vocabulary."""
+def _token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> jax.Array:
+    """Weighted token losses [B, T]; fp32 log-softmax over the vocabulary."""
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
     logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
     target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    losses_BxT = (logz_BxT - target_logit_BxT) * weights_BxT
-    return losses_BxT.sum(), weights_BxT.sum()
+    return (logz_BxT - target_logit_BxT) * weights_BxT
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token losses, sum of weights); fp32 log-softmax over the vocabulary."""
+    return _token_losses(logits_BxTxV, targets_BxT, weights_BxT).sum(), weights_BxT.sum()
+
+
+def cross_entropy_by_source(
+    logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, sources_BxS: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy` of each of S sources: (loss sums [S], weight sums [S]), each row counted
+    for the source its one-hot `sources_BxS` row names (a row of zeros counts nowhere)."""
+    losses_BxT = _token_losses(logits_BxTxV, targets_BxT, weights_BxT)
+    return losses_BxT.sum(axis=1) @ sources_BxS, weights_BxT.sum(axis=1) @ sources_BxS
 
 
 def _seq_chunks(b: int, t: int, vocab: int) -> int:

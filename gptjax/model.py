@@ -12,6 +12,10 @@ key/value cache in the `cache` collection, writes the keys and values of the tok
 given at the cache's current index, and attends over everything written so far. Prefill
 passes a whole (padded) prompt at once; decoding then passes one token per call.
 
+A full pass may take segment ids and per-example positions: the rows of supervised
+fine-tuning hold several examples packed one after another, and `attention_mask` keeps each
+token to the earlier tokens of its own example.
+
 Array names carry their shapes (`q_BxHxTxD`): B batch, T tokens of this call, S cache slots,
 H heads, D head_dim, C embed, M mlp, V vocabulary, O a layer's output width.
 
@@ -254,12 +258,27 @@ class QKVProjection(nn.Module):
         )
 
 
+def attention_mask(t: int, token_mask: jax.Array | None, segment_ids: jax.Array | None) -> jax.Array:
+    """Which keys each query of a full (not cached) pass may attend to: bool [B or 1, 1, T, T].
+
+    A query at position i sees keys j <= i; with token_mask [B, T] only real (True) keys; with
+    segment_ids [B, T] only keys of its own segment (its example, in a packed row).
+    """
+    mask_BxHxTxS = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+    if token_mask is not None:
+        mask_BxHxTxS = mask_BxHxTxS & token_mask[:, None, None, :]
+    if segment_ids is not None:
+        mask_BxHxTxS = mask_BxHxTxS & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask_BxHxTxS
+
+
 class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
     decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
+    def __call__(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, segment_ids: jax.Array | None,
+                 deterministic: bool, decode: bool) -> jax.Array:
         cfg = self.cfg
         h, d = cfg.n_head, cfg.head_dim
         # Head-major layout throughout: q, k, v and the cache are [batch, heads, seq, head_dim],
@@ -273,9 +292,7 @@ class CausalSelfAttention(nn.Module):
             q_NxTxD = q_BxHxTxD.reshape(b * h, t, d)
             scores_BxHxTxS = matmul("nqd,nkd->nqk", q_NxTxD, k_NxSxD).reshape(b, h, t, -1)
         else:  # S == T
-            mask_BxHxTxS = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
-            if token_mask is not None:
-                mask_BxHxTxS = mask_BxHxTxS & token_mask[:, None, None, :]
+            mask_BxHxTxS = attention_mask(t, token_mask, segment_ids)
             scores_BxHxTxS = matmul("bhqd,bhkd->bhqk", q_BxHxTxD, k_BxHxTxD)
         # q, k, v (and the cache) are already in the compute dtype.
         scores_BxHxTxS = jnp.where(mask_BxHxTxS, scores_BxHxTxS * (1.0 / math.sqrt(d)), jnp.finfo(jnp.float32).min)
@@ -366,10 +383,11 @@ class Block(nn.Module):
     decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
+    def __call__(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, segment_ids: jax.Array | None,
+                 deterministic: bool, decode: bool) -> jax.Array:
         cfg, layout = self.cfg, self.decode_layout
         attn = CausalSelfAttention(cfg, layout, name="attn")
-        x_BxTxC = x_BxTxC + attn(_layer_norm(cfg, "ln_1")(x_BxTxC), token_mask, deterministic, decode)
+        x_BxTxC = x_BxTxC + attn(_layer_norm(cfg, "ln_1")(x_BxTxC), token_mask, segment_ids, deterministic, decode)
         x_BxTxC = x_BxTxC + MLP(cfg, layout, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxC), deterministic)
         return nn.with_logical_constraint(x_BxTxC, ("batch", "seq", "act_embed"))
 
@@ -392,20 +410,26 @@ class GPT(nn.Module):
         positions_BxT: jax.Array | None = None,
         token_mask: jax.Array | None = None,
         *,
+        segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
         return_hidden: bool = False,
     ) -> jax.Array:
         """Logits for every position.
 
-        positions_BxT: position ids (default 0..seq-1).
+        positions_BxT: position ids (default 0..seq-1); in a packed row, each token's position
+            within its example.
         token_mask: [batch, seq], False for padding; padded keys are never attended to.
+        segment_ids: [batch, seq] int, the example of each token in a packed row: a token attends
+            only to tokens of its own segment (training and evaluation; not with decode).
         decode: use and update the key/value cache (see the module docstring).
         return_hidden: return the final LayerNorm's output [batch, seq, n_embd] instead of the
             logits, for a loss that applies the tied head itself (`gptjax.train.head_cross_entropy`).
         """
         cfg = self.cfg
         b, t = tokens_BxT.shape
+        if decode and segment_ids is not None:
+            raise ValueError("segment_ids are for full passes (training, evaluation), not for decoding")
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         wte = nn.Embed(
@@ -427,9 +451,9 @@ class GPT(nn.Module):
         x_BxTxC = wte(tokens_BxT) + wpe(positions_BxT)
         x_BxTxC = nn.Dropout(cfg.dropout)(x_BxTxC, deterministic=deterministic)
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "seq", "act_embed"))
-        block = nn.remat(Block, static_argnums=(3, 4)) if cfg.remat else Block
+        block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
         for i in range(cfg.n_layer):
-            x_BxTxC = block(cfg, self.decode_layout, name=f"h_{i}")(x_BxTxC, token_mask, deterministic, decode)
+            x_BxTxC = block(cfg, self.decode_layout, name=f"h_{i}")(x_BxTxC, token_mask, segment_ids, deterministic, decode)
         x_BxTxC = _layer_norm(cfg, "ln_f")(x_BxTxC)
         if return_hidden:
             return x_BxTxC.astype(cfg.compute_dtype)

@@ -23,10 +23,13 @@ from jax.sharding import Mesh
 
 from gptjax import optim as optim_lib
 from gptjax import sharding
-from gptjax.loss import cross_entropy, head_cross_entropy
+from gptjax.loss import cross_entropy, cross_entropy_by_source, head_cross_entropy
 from gptjax.model import GPT, GPTConfig
 
 BATCH_KEYS = ("inputs", "targets", "weights")
+# Batches of packed examples (and of document-masked text) also carry these, int32 [rows, seq];
+# evaluation batches of a mixture carry `sources`, float32 [rows, number of sources].
+OPTIONAL_KEYS = ("segment_ids", "positions", "sources")
 
 
 @struct.dataclass
@@ -129,7 +132,9 @@ class Trainer:
         )
         with self.context():
             opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+        # The step on the mesh, as the train step returns it: else the second step compiles again.
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
+        return TrainState(step=step, params=params, opt_state=opt_state)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -143,7 +148,8 @@ class Trainer:
     def _loss_sums(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array]:
         deterministic = self.gpt.dropout == 0.0
         hidden_BxTxC = self.model.apply(
-            {"params": params}, batch["inputs"], deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True
+            {"params": params}, batch["inputs"], batch.get("positions"), segment_ids=batch.get("segment_ids"),
+            deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True,
         )
         return head_cross_entropy(hidden_BxTxC, params["wte"]["embedding"], batch["targets"], batch["weights"])
 
@@ -199,7 +205,13 @@ class Trainer:
         return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
     def _eval(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        logits_BxTxV = self.model.apply({"params": params}, batch["inputs"], deterministic=True)
+        """(loss sum, weight sum) of a batch: scalars, or [S] per source when it has `sources`."""
+        logits_BxTxV = self.model.apply(
+            {"params": params}, batch["inputs"], batch.get("positions"), segment_ids=batch.get("segment_ids"),
+            deterministic=True,
+        )
+        if "sources" in batch:
+            return cross_entropy_by_source(logits_BxTxV, batch["targets"], batch["weights"], batch["sources"])
         return cross_entropy(logits_BxTxV, batch["targets"], batch["weights"])
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -209,13 +221,22 @@ class Trainer:
 
     def evaluate(self, params: Any, batches: Iterable[dict[str, np.ndarray]]) -> float:
         """Mean token loss over the given (host-local) batches."""
-        total, count = 0.0, 0.0
+        return self.evaluate_sources(params, batches)[0]
+
+    def evaluate_sources(
+        self, params: Any, batches: Iterable[dict[str, np.ndarray]]
+    ) -> tuple[float, list[float | None] | None]:
+        """(mean token loss, each source's mean token loss) over the given (host-local) batches;
+        the second is None unless the batches carry `sources`, and None for a source without weight."""
+        total, count = np.zeros(()), np.zeros(())
         with self.context():
             for batch in batches:
-                loss_sum, weight_sum = self.eval_step_fn(params, self.to_global(batch, accum=False))
-                total += float(loss_sum)
-                count += float(weight_sum)
-        return total / max(count, 1.0)
+                loss_sums, weight_sums = self.eval_step_fn(params, self.to_global(batch, accum=False))
+                total, count = total + np.asarray(loss_sums, np.float64), count + np.asarray(weight_sums, np.float64)
+        mean = float(total.sum() / max(float(count.sum()), 1.0))
+        if total.ndim == 0:
+            return mean, None
+        return mean, [float(t / c) if c > 0 else None for t, c in zip(total, count)]
 
     def all_finite(self, state: TrainState) -> bool:
         """Whether every parameter and optimizer-state value is finite (checked before a save)."""
@@ -226,7 +247,7 @@ class Trainer:
         """Global arrays from this host's rows: [accum, micro, seq] for a train step, else [rows, seq]."""
         target = self.batch_sharding if accum else self.eval_sharding
         out = {}
-        for key in BATCH_KEYS:
+        for key in (*BATCH_KEYS, *(k for k in OPTIONAL_KEYS if k in batch)):
             x = np.asarray(batch[key])
             if accum:
                 x = x.reshape(self.grad_accum, x.shape[0] // self.grad_accum, *x.shape[1:])

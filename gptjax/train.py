@@ -13,7 +13,6 @@ and continues the same run: the batch for step s depends only on (seed, s).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
 import shutil
@@ -31,7 +30,7 @@ from gptjax import layout
 from gptjax import optim as optim_lib
 from gptjax import sharding
 from gptjax.errors import run_cli
-from gptjax.metrics import MetricsWriter, peak_flops
+from gptjax.metrics import MetricsWriter, eval_line, eval_metrics, peak_flops
 from gptjax.preemption import StopBeforeTraining, StopRequested, any_host
 from gptjax.run import Run, resolve
 from gptjax.step import TrainState
@@ -203,11 +202,10 @@ def _loop(
             window_start, window_steps = time.perf_counter(), 0
         bar.update()
         if is_eval:
-            val = trainer.evaluate(state.params, eval_data)
-            ev = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+            ev = eval_metrics(*trainer.evaluate_sources(state.params, eval_data), r.dataset.sources)
             write(done, ev)
             final.update(ev)
-            bar.write(f"step {done}: val_loss {val:.4f}  val_ppl {ev['val_ppl']:.2f}")
+            bar.write(eval_line(done, ev))
             window_start = time.perf_counter()
         if is_save or stopping:
             save(done)

@@ -208,7 +208,9 @@ def test_prompt_tokens_contribute_no_gradient(hf_dir: str, pairs: str, tmp_path)
     @jax.jit
     def loss_and_grads(p, b):
         def loss(p):
-            logits = model.apply({"params": p}, b["inputs"], deterministic=True)
+            # a packed row: each example attends to itself only, from position 0
+            logits = model.apply({"params": p}, b["inputs"], b["positions"], segment_ids=b["segment_ids"],
+                                 deterministic=True)
             s, n = cross_entropy(logits, b["targets"], b["weights"])
             return s / n
         return jax.value_and_grad(loss)(p)

@@ -3,7 +3,8 @@
     sources.py   `data.source` parsed (stdlib, files:, tfds:, pairs:, weighted mixtures) and
                  each source's documents, split into training and validation by name
     cache.py     the token cache: documents encoded once into train/val .bin files + meta.json
-    batches.py   Dataset: the batch for a step as a function of (seed, step), and eval batches
+    batches.py   Dataset: the batch for a step as a function of (seed, step), and eval batches;
+                 supervised examples packed whole into rows with segment ids
     progress.py  what preparation prints (stderr, process 0): one line per source, progress
     hosts.py     a pod prepares once: host 0 builds the tokenizer and caches, the others wait
     storage.py   paths that may be URLs (gs://...), and the host-local copy of a bucket's cache
@@ -73,7 +74,8 @@ def _prepare(config: Any, cfg: DataConfig, run: RunDir, tokenizer: Tokenizer | N
         or run.data_cache
     streams = [token_streams(s, tokenizer, cache_root, cfg.val_fraction, progress, hosts) for s in sources]
     return Dataset(tokenizer, [s.name for s in specs], [s.weight for s in specs],
-                   [t for t, _ in streams], [v for _, v in streams])
+                   [t for t, _ in streams], [v for _, v in streams], packing=cfg.packing,
+                   long_examples=cfg.long_examples, document_mask=cfg.document_mask, say=progress.say)
 
 
 def _workdir_tokenizer(config: Any, cfg: DataConfig, directory: str, sources: list, progress: Progress,

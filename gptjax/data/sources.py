@@ -6,7 +6,8 @@
     tfds:NAME                   a TFDS dataset (data.tfds_split / tfds_feature / tfds_data_dir),
                                 read through array_record without TensorFlow
     pairs:GLOB[,GLOB...]        .jsonl prompt/completion records: the loss counts only the
-                                completion and the end-of-text after it
+                                completion and the end-of-text after it; a batch row holds
+                                whole examples (see batches.py: data.packing, long_examples)
     A@3 + B@1                   a mixture: each batch row comes from A with probability 3/4
 
 Each document goes to validation or training by a stable hash of its name. A source also says
@@ -36,6 +37,7 @@ LINE_DELIMITED = (".jsonl", ".ndjson")
 # Long texts are read and encoded in pieces of about this many characters, cut after a newline:
 # SentencePiece encodes short strings faster, and the pieces spread over encode_batch's threads.
 TEXT_CHUNK_CHARS = 1 << 16
+LONG_EXAMPLES = ("truncate", "drop")  # what becomes of a pairs example longer than a row (data.long_examples)
 _TFDS_READ_BATCH = 256
 
 Advance = Callable[[int], None]  # told how much more input (bytes or documents) has been read
@@ -60,12 +62,20 @@ class DataConfig:
     val_fraction: float = 0.02
     cache_dir: str = ""  # '' means <workdir>/data; shared by a pod's hosts like the workdir (may be gs://)
     host_wait_s: float = 600.0  # how long other hosts wait without a sign of progress from host 0's preparation
+    # pairs: sources. Rows hold whole examples with segment ids, so that an example attends only to
+    # itself: several packed into each row, or (False) one per row, padded.
+    packing: bool = True
+    long_examples: str = "truncate"  # an example longer than seq_len+1 tokens: 'truncate' (its prompt, from the left) or 'drop'
+    # Plain-text sources: a token attends only within its document (split at end-of-text) and positions restart.
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.val_fraction) < 1.0:
             raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if not float(self.host_wait_s) > 0:
             raise UserError(f"data.host_wait_s must be a positive number of seconds, got {self.host_wait_s}")
+        if self.long_examples not in LONG_EXAMPLES:
+            raise UserError(f"data.long_examples must be one of {list(LONG_EXAMPLES)}, got {self.long_examples!r}")
 
     @classmethod
     def from_config(cls, data_cfg: Mapping[str, Any]) -> "DataConfig":
