@@ -15,6 +15,7 @@ holds the inputs and, shifted by one, the targets), K examples a packed row may 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -83,6 +84,10 @@ class Examples:
     def slots(self) -> np.ndarray:
         return self.lengths - 1
 
+    @functools.cached_property
+    def slot_list(self) -> list[int]:
+        return self.slots.tolist()
+
 
 def find_examples(stream: TokenStream, eot_id: int, seq_len: int, long_examples: str) -> Examples:
     """The examples of a supervised stream (each ends with end-of-text) for rows of seq_len.
@@ -111,7 +116,6 @@ def find_examples(stream: TokenStream, eot_id: int, seq_len: int, long_examples:
 
 def pack_first_fit(slots: list[int], candidates_RxK: np.ndarray, seq_len: int) -> list[list[int]]:
     """Rows of examples: each row takes, in order, those of its candidates that still fit."""
-    smallest = min(slots)
     rows = []
     for candidates in candidates_RxK.tolist():
         space, row = seq_len, []
@@ -119,8 +123,6 @@ def pack_first_fit(slots: list[int], candidates_RxK: np.ndarray, seq_len: int) -
             if slots[e] <= space:
                 row.append(e)
                 space -= slots[e]
-                if space < smallest:
-                    break
         rows.append(row)
     return rows
 
@@ -303,7 +305,7 @@ class Dataset:
             train = ex[0]
             candidates_BxK = example_rng.integers(0, len(train.lengths), (len(rows_B), _lookahead(train, seq_len, self.packing)))
             mine = (rows_B >= lo) & (rows_B < hi)
-            packed = pack_first_fit(train.slots.tolist(), candidates_BxK[mine], seq_len)
+            packed = pack_first_fit(train.slot_list, candidates_BxK[mine], seq_len)
             out.examples(rows_B[mine] - lo, self.train[i], train, packed)
         return out.batch(True)
 
@@ -328,7 +330,7 @@ class Dataset:
                 n = min((len(stream.tokens) - 1) // seq_len, math.ceil(w * total))
                 rows += [(i, k * seq_len) for k in range(n)]
             else:
-                rows += [(i, r) for r in pack_in_order(ex[1].slots.tolist(), seq_len, self.packing)[: math.ceil(w * total)]]
+                rows += [(i, r) for r in pack_in_order(ex[1].slot_list, seq_len, self.packing)[: math.ceil(w * total)]]
         rows = rows[:total]
         rows += [(-1, 0)] * (-len(rows) % batch_size)  # padding rows: source -1, weight 0
         batches = []
