@@ -34,7 +34,7 @@ from etils import epath
 
 from gptjax.config import ConfigDict, from_json, to_json
 from gptjax.errors import UserError
-from gptjax.layout import RunDir, find_run
+from gptjax.layout import RunDir, find_run, is_url
 
 ITEMS = ("params", "opt_state", "data")
 
@@ -89,14 +89,13 @@ class Checkpointer:
         return None if found is None else found[1]
 
     def _set_aside(self, step: int) -> str:
-        parent = os.path.join(os.path.dirname(self.directory), "unreadable")
-        target, n = os.path.join(parent, str(step)), 1
-        while os.path.exists(target):
-            target, n = os.path.join(parent, f"{step}.{n}"), n + 1
+        parent = epath.Path(self.directory).parent / "unreadable"
+        target, n = parent / str(step), 1
+        while target.exists():
+            target, n = parent / f"{step}.{n}", n + 1
         if jax.process_index() == 0:
-            os.makedirs(parent, exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), target)
-        return target
+            _move_directory(str(epath.Path(self.directory) / str(step)), str(target))
+        return str(target)
 
     def wait(self) -> None:
         """Block until the asynchronous save in flight is on disk; raises its error if it failed."""
@@ -105,6 +104,22 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _move_directory(src: str, dst: str) -> None:
+    """Move a directory on disk, or every object under a URL prefix: each is copied, then all
+    are deleted (a bucket has no directories to rename)."""
+    if not is_url(src):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.move(src, dst)
+        return
+    from etils.epath import backend
+
+    fs = backend.fsspec_backend.fs(src)
+    prefix = src.split("://", 1)[1]
+    for name in fs.find(prefix):
+        fs.copy(name, dst + name[len(prefix):])
+    fs.rm(prefix, recursive=True)
 
 
 def newest_readable(
@@ -180,11 +195,15 @@ def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[Con
     """(config, params) from a run directory or checkpoint, on one device (default: the
     default backend's first).
 
-    Works whatever mesh the run was trained on: orbax reassembles the sharded arrays.
+    Works whatever mesh the run was trained on: orbax reassembles the sharded arrays. In a
+    bucket, listings this process made earlier are forgotten first, so that checkpoints another
+    process saved since are seen.
     """
+    from gptjax.data.storage import refresh
     from gptjax.model import GPTConfig  # here to keep this module light for tools
     from gptjax.step import param_shapes
 
+    refresh(str(path))
     run_dir, step = find_run(str(path))
     config = read_run_config(run_dir)
     assert config is not None
