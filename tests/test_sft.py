@@ -19,6 +19,7 @@ from gptjax import data, train
 from gptjax.data.batches import find_examples
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
+from gptjax.metrics import eval_line, eval_metrics, source_labels
 from gptjax.model import GPT, GPTConfig, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,6 +183,17 @@ def test_document_mask_splits_text_at_end_of_text(tmp_path):
     assert "segment_ids" not in _dataset(tmp_path, f"files:{tmp_path}/*.txt").get_batch(0, 4, 40, seed=0)
 
 
+def test_eval_metrics_and_line_name_each_source():
+    sources = ["files:data/news/*.jsonl", "pairs:data/qa.jsonl"]
+    m = eval_metrics(2.0, [3.0, 1.0], sources)
+    assert m["val_loss/files:*.jsonl"] == 3.0 and m["val_ppl/pairs:qa.jsonl"] == pytest.approx(np.e)
+    assert eval_line(7, m) == ("step 7: val_loss 2.0000  val_ppl 7.39 | files:*.jsonl 3.0000 (ppl 20.09), "
+                               "pairs:qa.jsonl 1.0000 (ppl 2.72)")
+    assert source_labels(["files:a/*.txt", "files:b/*.txt"]) == ["files:a/*.txt", "files:b/*.txt"]  # would collide
+    assert eval_metrics(2.0, None, sources) == eval_metrics(2.0, [2.0], sources[:1]) == {"val_loss": 2.0,
+                                                                                       "val_ppl": pytest.approx(np.e**2)}
+
+
 # --- the model ---------------------------------------------------------------------------------
 
 CFG = GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_embd=32, block_size=64)
@@ -302,7 +314,7 @@ def test_packed_run_resumes_exactly_and_logs_each_source(hf_dir, qa, tmp_path, c
     shutil.rmtree(os.path.join(RunDir.at(resumed).checkpoints, "4"))
     assert train.run(config(), resumed, devices=one)["step"] == 4
     assert "resuming from step 2" in capsys.readouterr().out
-    assert f"step 4: val_loss " in out and f" | files:news.txt " in out and ", pairs:qa.jsonl " in out, out
+    assert "step 4: val_loss " in out and " | files:news.txt " in out and ", pairs:qa.jsonl " in out, out
 
     def records(workdir):
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
