@@ -29,6 +29,7 @@ INSTALL = re.compile(r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip 
 FAST_TRAIN = (
     " --config.train.steps=4 --config.train.eval_every=2 --config.train.eval_batches=1"
     " --config.train.checkpoint_every=2 --config.train.log_every=1 --config.optim.warmup_steps=0"
+    " --config.train.batch_size=8"
 )
 TINY_CORPUS = "files:corpus.txt"
 
