@@ -58,6 +58,7 @@ class Run:
     tokenizer: Tokenizer | None = None  # None until prepared when the workdir has none yet
     dataset: data_lib.Dataset | None = None  # set by prepare()
     pretrained: Any = None  # init_from's host parameters, for a new run (set by prepare())
+    devices_note: str = ""  # how the devices were chosen, when the CLI chose them (sharding.default_devices)
 
     def prepare(self, data: bool = True) -> "Run":
         """The run with its workdir created, init_from's weights and tokenizer read (a new run),
@@ -91,7 +92,9 @@ class Run:
 
 
 def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: Sequence[jax.Device] | None = None) -> Run:
-    """Check `config` and resolve the run in `workdir` on `devices` (default: all); write nothing.
+    """Check `config` and resolve the run in `workdir` on `devices` (default:
+    `sharding.default_devices`, all of them unless the CLI arranged one CPU device per core);
+    write nothing.
 
     With `workdir=None` no run directory is read: the vocabulary comes from model.vocab_size,
     an init_from checkpoint's config.json, or else tokenizer.vocab_size (the size a tokenizer
@@ -102,7 +105,11 @@ def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: 
     train = config_lib.section(config, "train")
     data = config_lib.section(config, "data")
     optim_cfg = config_lib.section(config, "optim")
-    mesh = sharding.make_mesh(dataclasses.asdict(config_lib.section(config, "mesh")), devices)
+    mesh_sizes = dataclasses.asdict(config_lib.section(config, "mesh"))
+    devices_note = ""
+    if devices is None:
+        devices, devices_note = sharding.default_devices(mesh_sizes, train.micro_batch)
+    mesh = sharding.make_mesh(mesh_sizes, devices)
     _check_batch(train, mesh)
     data_lib.parse_source(data.source)
 
@@ -140,6 +147,7 @@ def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: 
         trainer=trainer,
         resuming=resuming,
         tokenizer=tokenizer,
+        devices_note=devices_note,
     )
 
 

@@ -8,6 +8,7 @@ fsdp (ZeRO-3 style) along their width and over tensor along heads / MLP / vocabu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gptjax.config import MeshConfig
 from gptjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -57,6 +59,71 @@ def maybe_initialize_distributed() -> None:
             )
         jax.distributed.initialize(**kwargs)
         quiet_other_hosts()
+
+
+_DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+_arranged_cpu_devices: int | None = None  # set by arrange_cpu_devices for this process
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its CPU affinity; else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def arrange_cpu_devices(mesh_sizes: Mapping[str, int]) -> int | None:
+    """For the training CLI, before JAX's backends start: one CPU device per core, so that a
+    CPU run is data parallel over its cores (a small model's step is many small operations,
+    which one device does not spread over the cores as well as a batch shard per core does).
+
+    Only when the user chose neither a device count (--xla_force_host_platform_device_count in
+    XLA_FLAGS, jax_num_cpu_devices / JAX_NUM_CPU_DEVICES) nor a mesh (`mesh_sizes`, the
+    config's mesh section, at its defaults), the platforms allow a CPU, the process is not one
+    host of several, and the backends have not started (the count is fixed when they do).
+    Returns the count arranged, or None. `default_devices` then chooses among them.
+    """
+    global _arranged_cpu_devices
+    if _DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
+        return None
+    if dict(mesh_sizes) != dataclasses.asdict(MeshConfig()):
+        return None
+    platforms = [p.strip() for p in (jax.config.jax_platforms or "").split(",") if p.strip()]
+    if platforms and "cpu" not in platforms:
+        return None
+    if os.environ.get("GPTJAX_DISTRIBUTED", "") == "1" or "JAX_COORDINATOR_ADDRESS" in os.environ:
+        return None
+    cores = cpu_cores()
+    if cores < 2:
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", cores)
+    except RuntimeError:  # the backends have started: the device count is fixed
+        return None
+    _arranged_cpu_devices = cores
+    return cores
+
+
+def default_devices(mesh_sizes: Mapping[str, int], micro_batch: int) -> tuple[list[jax.Device], str]:
+    """The devices a run uses when none are given, and a line saying why ('' if nothing to say).
+
+    All devices, except in a process where `arrange_cpu_devices` made one CPU device per core
+    and the mesh is the default (data parallel over everything): then the most of those
+    devices whose count divides the micro-batch (at least 1), so the default run never fails
+    on a batch the cores do not divide.
+    """
+    devices = jax.devices()
+    arranged = _arranged_cpu_devices
+    if arranged is None or devices[0].platform != "cpu" or dict(mesh_sizes) != dataclasses.asdict(MeshConfig()):
+        return devices, ""
+    n = max(d for d in range(1, min(len(devices), arranged) + 1) if micro_batch % d == 0)
+    if n == arranged:
+        return devices[:n], f"CPU: {n} devices, one per core, data parallel"
+    return devices[:n], (
+        f"CPU: {arranged} cores; data parallel over {n} device{'s' * (n > 1)} "
+        f"(the micro-batch of {micro_batch} sequences does not divide by {arranged})"
+    )
 
 
 def quiet_other_hosts() -> None:

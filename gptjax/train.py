@@ -48,7 +48,7 @@ def run(
     devices: list[jax.Device] | None = None,
     stop_at: int | None = None,
 ) -> dict[str, float]:
-    """Train (or resume) the run in `workdir` on `devices` (default: all); return the final metrics.
+    """Train (or resume) the run in `workdir` on `devices` (default: as `resolve` picks); return the final metrics.
 
     `stop_at` ends this invocation early at that step with a checkpoint, as a preemption
     would; running again continues the same run. A SIGTERM or SIGINT does the same at the end
@@ -56,6 +56,8 @@ def run(
     saving and the result is empty. Divergence and failed writes raise `RunFailed`.
     """
     r = resolve(config, workdir, devices)
+    if r.devices_note:
+        _log(r.devices_note)
     if dry_run:
         print(optim_lib.format_param_table(r.trainer.abstract_params, r.optimizer))
         if r.resuming:
@@ -393,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         sharding.maybe_initialize_distributed()
         config = config_lib.load_config(args.config)
         config_lib.apply_overrides(config, config_lib.parse_overrides(rest))
+        sharding.arrange_cpu_devices(config.mesh)  # before anything starts JAX's backends
         workdir = args.workdir or layout.default_workdir(args.config)
         try:
             final = run(config, workdir, dry_run=args.dry_run)
