@@ -1,13 +1,23 @@
-"""Smoke test of tools/bench_train.py: a tiny shape, both frameworks, the table's rows and columns."""
+"""tools/bench_train.py: the smoke test (a tiny shape, every framework, the table's rows and
+columns), and the check that its nanoGPT reference computes what gptjax computes."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "tools", "bench_train.py")
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16", "--remat"]], ids=["fp32", "bf16-remat"])
@@ -22,16 +32,21 @@ def test_bench_quick_prints_the_table(tmp_path, extra):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [l for l in out.stdout.splitlines() if l.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    for col in ("shape", "framework", "compile s", "step ms", "tokens/s", "MFU", "peak MB", "vs HF tokens/s", "HF peak / peak"):
+    for col in ("shape", "framework", "compile s", "step ms", "tokens/s", "MFU", "peak MB", "vs HF tokens/s",
+                "vs nanoGPT tokens/s", "HF peak / peak"):
         assert col in header
     rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
-    assert [r[header.index("framework")].split(" ")[0] for r in rows] == ["gptjax", "transformers"]
+    assert [r[header.index("framework")].split(" ")[0] for r in rows] == ["gptjax", "transformers", "nanoGPT"]
     for r in rows:
         assert len(r) == len(header)
         assert float(r[header.index("step ms")]) > 0
         assert float(r[header.index("tokens/s")]) > 0
         assert float(r[header.index("peak MB")]) >= 0
-    assert rows[0][header.index("vs HF tokens/s")].endswith("x")
+    tokens_s = [float(r[header.index("tokens/s")]) for r in rows]
+    for col, ref in (("vs HF tokens/s", 1), ("vs nanoGPT tokens/s", 2)):
+        ratios = [float(r[header.index(col)].rstrip("x")) for r in rows]
+        assert ratios[ref] == 1.0
+        np.testing.assert_allclose(ratios, [t / tokens_s[ref] for t in tokens_s], rtol=0.02)  # tokens/s is rounded
     assert (tmp_path / "rows.json").exists()
     footer = out.stdout.strip().splitlines()[-1]
     assert ("; bfloat16, gptjax remat." in footer) == bool(extra) and ("; float32." in footer) != bool(extra)
@@ -44,3 +59,23 @@ def test_bench_refuses_an_unknown_dtype_in_one_line():
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert "--dtype" in last and "float16" in last and "float32" in last and "bfloat16" in last
+
+
+def test_the_nanogpt_reference_computes_what_gptjax_computes():
+    """From gptjax's initial weights, on the same batches, with the same AdamW, weight-decay mask
+    and clipping (active at this clip), both trains' losses agree to fp32 rounding; the same
+    check tells apart nanoGPT's own weight-decay rule (every matrix, embeddings included)."""
+    pytest.importorskip("torch")
+    bench = _bench_module()
+    spec = dict(bench.SHAPES["tiny"], optim=dict(schedule="constant", warmup_steps=0, lr=1e-2, weight_decay=0.5, grad_clip=0.5))
+    ours, params, fields = bench.gptjax_losses(spec, 4)
+    theirs = bench.nanogpt_losses(spec, params, fields, 4)
+    assert len(set(ours)) == 4 and all(np.isfinite(ours))
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5)
+
+    settings = bench.torch_optim_settings(spec)
+    assert "transformer.h.0.attn.c_attn.weight" in settings["decay"]
+    assert not any(name.endswith(("bias", "wte.weight", "wpe.weight")) or ".ln_" in name for name in settings["decay"])
+    decay_every_matrix = dict(settings, decay=settings["decay"] + ["transformer.wte.weight", "transformer.wpe.weight"])
+    other = bench.nanogpt_losses(spec, params, fields, 4, decay_every_matrix)
+    assert np.abs(np.subtract(other, ours)).max() > 1e-4

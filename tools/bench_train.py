@@ -1,12 +1,17 @@
-"""Benchmark gptjax's train step against Hugging Face GPT-2 on PyTorch CPU, in the same run.
+"""Benchmark gptjax's train step against two PyTorch references on the CPU, in the same run.
 
     python tools/bench_train.py                       # the three standard shapes
     python tools/bench_train.py --shapes nanogpt --steps 20
     python tools/bench_train.py --config configs/tiny_shakespeare.py --batch 8 --seq 128
+    python tools/bench_train.py --shapes nanogpt --check 5   # same losses as the nanoGPT reference?
 
 For each shape it reports, for gptjax's jitted train step (`gptjax.step.Trainer.train_step_fn`: forward,
-backward, global-norm clip and AdamW, state donated) and for transformers'
-`GPT2LMHeadModel` (forward with labels, backward, `clip_grad_norm_`, `torch.optim.AdamW`):
+backward, global-norm clip and AdamW, state donated), for transformers' `GPT2LMHeadModel`
+(forward with labels, backward, `clip_grad_norm_`, `torch.optim.AdamW`) and for a minimal GPT
+written as nanoGPT writes it (`nanogpt_model`: one fused qkv `Linear`,
+`F.scaled_dot_product_attention(is_causal=True)`, tied head; `clip_grad_norm_` and
+`torch.optim.AdamW(fused=True)` with gptjax's hyperparameters and weight-decay mask; no
+`torch.compile`):
 
 - compile: lowering + XLA compilation of the step (JAX only);
 - step: the median wall time of `--steps` steps after `--warmup` untimed ones (the batch is
@@ -22,20 +27,28 @@ backward, global-norm clip and AdamW, state donated) and for transformers'
   (`/proc/self/clear_refs` = 5), runs the steps, and reads VmHWM. So the figure covers the
   parameters, optimizer state, gradients, activations and the framework's workspace during
   steps, but not the compiler's transient memory (shown separately as "compile MB" for JAX).
-- vs HF: gptjax tokens/s over transformers' tokens/s, and transformers' peak over gptjax's.
+- vs HF, vs nanoGPT: the row's tokens/s over transformers' and over the nanoGPT reference's;
+  HF peak / peak: transformers' peak over the row's.
 
-Both sides use the same precision, the same shape, dropout 0, and `os.cpu_count()` threads:
+`--check STEPS` shows that gptjax and the nanoGPT reference compute the same thing: both
+start from gptjax's initial weights (copied into the torch model under GPT-2's names, see
+`gptjax.hf`) and train on the same batches with the same optimizer settings at a constant
+learning rate; it prints both losses per step (tests/test_bench_tools.py checks this at a
+tiny shape in fp32).
+
+All use the same precision, the same shape, dropout 0, and `os.cpu_count()` threads:
 fp32 by default; `--dtype bfloat16` runs gptjax with `model.dtype="bfloat16"` (bf16 matmul
-operands, fp32 accumulation, parameters and optimizer state) and transformers under torch's
-CPU autocast to bf16 (fp32 weights and optimizer). `--remat` turns on `model.remat` for
-gptjax (transformers keeps all activations; its own gradient checkpointing is not used).
-CPU timings are noisy: compare ratios from one run, and use `--rounds` to alternate the two
-frameworks more than once (medians over rounds are reported).
+operands, fp32 accumulation, parameters and optimizer state) and the torch references under
+torch's CPU autocast to bf16 (fp32 weights and optimizer). `--remat` turns on `model.remat`
+for gptjax (the references keep all activations). CPU timings are noisy: compare ratios from
+one run, and use `--rounds` to alternate the frameworks more than once (medians over rounds
+are reported).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -98,8 +111,17 @@ def spec_config(spec: dict[str, Any]) -> Any:
         remat=bool(spec.get("remat", False)),
     )
     c.train.update(batch_size=spec["batch"], seq_len=spec["seq"], grad_accum=1)
+    c.optim.update(**spec.get("optim", {}))
     c.mesh.update(data=1, fsdp=1, tensor=1)
     return c
+
+
+def random_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[str, Any]:
+    """A batch of uniform random tokens as numpy arrays (inputs, next-token targets, weights)."""
+    import numpy as np
+
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch, seq + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch, seq), np.float32)}
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -152,7 +174,6 @@ def _time_steps(step, warmup: int, steps: int) -> list[float]:
 
 def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     import jax
-    import numpy as np
 
     sys.path.insert(0, REPO)
     from gptjax.metrics import measure_matmul_flops
@@ -167,9 +188,7 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     gpt, trainer = run.model, run.trainer
     b, t = spec["batch"], spec["seq"]
     state = trainer.init_state()
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, gpt.vocab_size, (b, t + 1), dtype=np.int32)
-    host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}
+    host = random_batch(gpt.vocab_size, b, t)
     with trainer.context():
         batch = trainer.to_global(host, accum=True)
         t0 = time.perf_counter()
@@ -214,9 +233,7 @@ def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
     from gptjax.step import Trainer
 
     run = resolve(spec_config(spec), None, devices=jax.devices()[:1])
-    b, t = spec["batch"], spec["seq"]
-    tokens = np.random.default_rng(0).integers(0, run.model.vocab_size, (b, t + 1), dtype=np.int32)
-    host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32)}
+    host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"])
     variants = {}
     for name, guard in (("guard", True), ("no_guard", False)):
         trainer = run.trainer if guard else Trainer(run.model, run.optimizer, run.mesh, run.seed, 1, nonfinite_guard=False)
@@ -303,18 +320,249 @@ def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         losses.append(float(out.loss))
 
+    return dict(_time_torch_steps(step, spec, base_kb), attn=getattr(model.config, "_attn_implementation", "?"), loss=losses[-1])
+
+
+def _time_torch_steps(step: Any, spec: dict[str, Any], base_kb: int) -> dict[str, Any]:
+    """Time a torch step as `worker_jax` times its step: median step time and peak memory."""
     step()  # the first step allocates the optimizer state; count it as set-up
     _trim()
     _reset_peak()
     times = _time_steps(step, max(0, spec["warmup"] - 1), spec["steps"])
-    peak_kb = _status_kb("VmHWM") - base_kb
-    return dict(
-        step_s=_median(times),
-        times=times,
-        peak_mb=peak_kb / 1024,
-        attn=getattr(model.config, "_attn_implementation", "?"),
-        loss=losses[-1],
-    )
+    return dict(step_s=_median(times), times=times, peak_mb=(_status_kb("VmHWM") - base_kb) / 1024)
+
+
+# -- the nanoGPT reference -------------------------------------------------------------------
+
+# GPT-2's Conv1D weights are stored [in, out]; these four are torch Linears ([out, in]) in nanoGPT.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def nanogpt_model(spec: dict[str, Any]) -> Any:
+    """A minimal PyTorch GPT-2 written as nanoGPT writes it (karpathy/nanoGPT, model.py): one
+    fused qkv `Linear`, `F.scaled_dot_product_attention(is_causal=True)`, the tanh GELU,
+    LayerNorms with bias, the head tied to the token embedding, nanoGPT's initialisation and
+    loss. Its parameters carry GPT-2's names (`transformer.h.0.attn.c_attn.weight`, ...)."""
+    import math
+
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    c, h, layers, vocab = spec["n_embd"], spec["n_head"], spec["n_layer"], spec["vocab_size"]
+    m, eps = spec.get("n_mlp", 0) or 4 * c, spec.get("ln_eps", 1e-5)
+
+    class CausalSelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = nn.Linear(c, 3 * c)
+            self.c_proj = nn.Linear(c, c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.size()
+            q, k, v = self.c_attn(x).split(c, dim=2)
+            q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc = nn.Linear(c, m)
+            self.c_proj = nn.Linear(m, c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln_1, self.attn = nn.LayerNorm(c, eps=eps), CausalSelfAttention()
+            self.ln_2, self.mlp = nn.LayerNorm(c, eps=eps), MLP()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(vocab, c),
+                wpe=nn.Embedding(spec["block_size"], c),
+                h=nn.ModuleList(Block() for _ in range(layers)),
+                ln_f=nn.LayerNorm(c, eps=eps),
+            ))
+            self.lm_head = nn.Linear(c, vocab, bias=False)
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * layers))
+
+        @staticmethod
+        def _init_weights(module: nn.Module) -> None:
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+        def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+            for block in self.transformer.h:
+                x = block(x)
+            logits = self.lm_head(self.transformer.ln_f(x))
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    return GPT()
+
+
+def load_gptjax_params(model: Any, params: Any, model_fields: dict[str, Any]) -> None:
+    """Copy gptjax parameters into a `nanogpt_model`: as GPT-2 tensors (`gptjax.hf.params_to_hf`),
+    the Conv1D weights transposed, as nanoGPT's `from_pretrained` loads GPT-2."""
+    import torch
+
+    sys.path.insert(0, REPO)
+    from gptjax.hf import params_to_hf
+
+    tensors = params_to_hf(params, model_fields)
+    state = model.state_dict()
+    if set(state) - {"lm_head.weight"} != set(tensors):
+        raise ValueError(f"the torch model's tensors {sorted(state)} are not GPT-2's {sorted(tensors)}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            w = torch.tensor(value)
+            state[name].copy_(w.t() if name.endswith(_CONV1D) else w)
+
+
+def torch_optim_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """gptjax's optimizer for `spec` (its `optim` overrides on the base config) as torch needs
+    it: AdamW's hyperparameters, the global-norm clip, and the GPT-2 tensor names with weight
+    decay (gptjax's per-parameter rows, mapped through `gptjax.hf.params_to_hf`). The
+    learning rate is the peak one: the torch references run it constant."""
+    import numpy as np
+
+    sys.path.insert(0, REPO)
+    from gptjax import config as config_lib
+    from gptjax.hf import params_to_hf
+    from gptjax.model import GPTConfig
+    from gptjax.optim import make_optimizer
+    from gptjax.step import param_shapes
+
+    c = spec_config(spec)
+    gpt = GPTConfig.from_config(c.model.to_dict())
+    optimizer = make_optimizer(config_lib.section(c, "optim"), param_shapes(gpt), c.train.steps)
+    if any(not r.trainable or r.lr_mult != 1.0 for r in optimizer.describe()):
+        raise ValueError("the torch references train every parameter at one learning rate")
+    flags: dict[str, Any] = {}
+    for r in optimizer.describe():
+        *parents, leaf = r.path.split("/")
+        node = flags
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = np.full(r.shape, float(r.weight_decay), np.float32)
+    decay = sorted(name for name, x in params_to_hf(flags, dataclasses.asdict(gpt)).items() if x.any())
+    o = optimizer.config
+    return dict(lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip, decay=decay)
+
+
+def nanogpt_step(model: Any, settings: dict[str, Any], bf16: bool) -> Any:
+    """`step(inputs, targets) -> loss`: forward, backward, global-norm clip and AdamW (fused,
+    weight decay on `settings["decay"]` only) as a nanoGPT training loop runs them; under
+    torch's CPU autocast to bf16 when `bf16` (fp32 weights and optimizer)."""
+    import torch
+
+    decay = set(settings["decay"])
+    named = list(model.named_parameters())  # a tied tensor appears once, as transformer.wte.weight
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": settings["weight_decay"]},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"], fused=True)
+
+    def step(inputs: Any, targets: Any) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(inputs, targets)
+        loss.backward()
+        if settings["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def _torch_batch(host: dict[str, Any]) -> tuple[Any, Any]:
+    import torch
+
+    return (torch.from_numpy(host["inputs"].astype("int64")), torch.from_numpy(host["targets"].astype("int64")))
+
+
+def worker_nanogpt(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    _trim()
+    base_kb = _status_kb("VmRSS")
+    torch.manual_seed(0)
+    model = nanogpt_model(spec)
+    model.train()
+    inputs, targets = _torch_batch(random_batch(spec["vocab_size"], spec["batch"], spec["seq"]))
+    train_step = nanogpt_step(model, spec["torch_optim"], spec.get("dtype") == "bfloat16")
+    losses = []
+
+    def step() -> None:
+        losses.append(train_step(inputs, targets))
+
+    return dict(_time_torch_steps(step, spec, base_kb), loss=losses[-1])
+
+
+def gptjax_losses(spec: dict[str, Any], steps: int) -> tuple[list[float], Any, dict[str, Any]]:
+    """(losses, initial parameters on the host, model fields) of `steps` gptjax train steps at
+    `spec` on one device, step s on `random_batch(..., seed=s)`. The nanoGPT reference runs a
+    constant learning rate, so `spec["optim"]` must give one (schedule='constant', no warmup)."""
+    import jax
+
+    sys.path.insert(0, REPO)
+    from gptjax.run import resolve
+
+    run = resolve(spec_config(spec), None, devices=jax.devices()[:1])
+    if run.optimizer.lr_at(0) != run.optimizer.lr_at(max(steps - 1, 0)):
+        raise ValueError("comparing with the nanoGPT reference needs a constant learning rate "
+                         "(optim schedule='constant', warmup_steps=0)")
+    trainer = run.trainer
+    state = trainer.init_state()
+    params = jax.device_get(state.params)
+    losses = []
+    for s in range(steps):
+        host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"], seed=s)
+        with trainer.context():
+            state, metrics = trainer.train_step_fn(state, trainer.to_global(host, accum=True))
+        losses.append(float(metrics["loss"]))
+    return losses, params, dataclasses.asdict(run.model)
+
+
+def nanogpt_losses(spec: dict[str, Any], params: Any, model_fields: dict[str, Any], steps: int,
+                   settings: dict[str, Any] | None = None) -> list[float]:
+    """The nanoGPT reference's losses over the steps `gptjax_losses` ran: from `params` (gptjax's),
+    on the same batches, with `settings` (default: `torch_optim_settings(spec)`)."""
+    model = nanogpt_model(dict(spec, ln_eps=model_fields["ln_eps"]))
+    load_gptjax_params(model, params, model_fields)
+    model.train()
+    step = nanogpt_step(model, settings or torch_optim_settings(spec), model_fields["dtype"] == "bfloat16")
+    return [step(*_torch_batch(random_batch(model_fields["vocab_size"], spec["batch"], spec["seq"], seed=s)))
+            for s in range(steps)]
+
+
+def check_shape(name: str, shape: dict[str, int], args: argparse.Namespace) -> str:
+    """Rows of step, gptjax loss, nanoGPT loss and their difference: both from gptjax's initial
+    weights, on the same batches, at the optimizer's peak learning rate held constant."""
+    spec = dict(shape, dtype=args.dtype, remat=args.remat, optim=dict(schedule="constant", warmup_steps=0))
+    ours, params, fields = gptjax_losses(spec, args.check)
+    theirs = nanogpt_losses(spec, params, fields, args.check)
+    return "\n".join(f"| {name} | {s + 1} | {a:.6f} | {b:.6f} | {a - b:+.2e} |" for s, (a, b) in enumerate(zip(ours, theirs)))
 
 
 def start_worker(kind: str, spec: dict[str, Any]) -> subprocess.Popen:
@@ -349,11 +597,12 @@ COLUMNS = (
     "MFU",
     "peak MB",
     "vs HF tokens/s",
+    "vs nanoGPT tokens/s",
     "HF peak / peak",
 )
 
 
-def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace) -> list[dict[str, str]]:
+def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace) -> list[dict[str, Any]]:
     spec = dict(
         shape,
         steps=args.steps,
@@ -364,58 +613,49 @@ def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace) -> l
         dtype=args.dtype,
         remat=args.remat,
     )
-    jax_runs, torch_runs = [], []
+    kinds = ["jax"] if args.no_torch else ["jax", "torch", "nanogpt"]
+    if not args.no_torch:
+        spec["torch_optim"] = torch_optim_settings(spec)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
-        if args.parallel and not args.no_torch:  # smoke tests only: the two disturb each other's timings
-            pj, pt = start_worker("jax", spec), start_worker("torch", spec)
-            jax_runs.append(finish_worker("jax", pj))
-            torch_runs.append(finish_worker("torch", pt))
+        if args.parallel:  # smoke tests only: the workers disturb each other's timings
+            procs = {k: start_worker(k, spec) for k in kinds}
+            for k, proc in procs.items():
+                runs[k].append(finish_worker(k, proc))
             continue
-        jax_runs.append(run_worker("jax", spec))
-        if not args.no_torch:
-            torch_runs.append(run_worker("torch", spec))
+        for k in kinds:
+            runs[k].append(run_worker(k, spec))
     tokens = shape["batch"] * shape["seq"]
-    j = {k: _median([r[k] for r in jax_runs]) for k in ("compile_s", "step_s", "peak_mb", "matmul_flops", "compile_mb")}
-    fpt = jax_runs[0]["flops_per_token"]
+    med = {k: {f: _median([r[f] for r in rs]) for f in ("step_s", "peak_mb")} for k, rs in runs.items()}
+    j = {k: _median([r[k] for r in runs["jax"]]) for k in ("compile_s", "matmul_flops", "compile_mb")}
+    fpt = runs["jax"][0]["flops_per_token"]
     params = _count_params(shape)
+    frameworks = {"jax": "gptjax (JAX)", "nanogpt": "nanoGPT (torch)"}
+    if "torch" in runs:
+        frameworks["torch"] = f"transformers (torch, {runs['torch'][0]['attn']})"
+
+    def speed_vs(kind: str, reference: str) -> str:
+        return f"{med[reference]['step_s'] / med[kind]['step_s']:.2f}x" if reference in med else ""
+
     rows = []
-    jrow = {
-        "shape": name,
-        "params": f"{params / 1e6:.2f}M",
-        "batch x seq": f"{shape['batch']} x {shape['seq']}",
-        "framework": "gptjax (JAX)",
-        "compile s": f"{j['compile_s']:.1f}",
-        "step ms": f"{1e3 * j['step_s']:.1f}",
-        "tokens/s": f"{tokens / j['step_s']:.0f}",
-        "MFU": f"{100 * fpt * tokens / j['step_s'] / j['matmul_flops']:.1f}%",
-        "peak MB": f"{j['peak_mb']:.0f}",
-        "vs HF tokens/s": "",
-        "HF peak / peak": "",
-        "_matmul_gflops": j["matmul_flops"] / 1e9,
-        "_compile_mb": j["compile_mb"],
-        "_jax_times": [r["times"] for r in jax_runs],
-    }
-    rows.append(jrow)
-    if torch_runs:
-        tt = {k: _median([r[k] for r in torch_runs]) for k in ("step_s", "peak_mb")}
-        jrow["vs HF tokens/s"] = f"{tt['step_s'] / j['step_s']:.2f}x"
-        jrow["HF peak / peak"] = f"{tt['peak_mb'] / max(j['peak_mb'], 1e-9):.2f}x"
-        rows.append(
-            {
-                "shape": name,
-                "params": f"{params / 1e6:.2f}M",
-                "batch x seq": f"{shape['batch']} x {shape['seq']}",
-                "framework": f"transformers (torch, {torch_runs[0]['attn']})",
-                "compile s": "-",
-                "step ms": f"{1e3 * tt['step_s']:.1f}",
-                "tokens/s": f"{tokens / tt['step_s']:.0f}",
-                "MFU": f"{100 * fpt * tokens / tt['step_s'] / j['matmul_flops']:.1f}%",
-                "peak MB": f"{tt['peak_mb']:.0f}",
-                "vs HF tokens/s": "1.00x",
-                "HF peak / peak": "1.00x",
-                "_torch_times": [r["times"] for r in torch_runs],
-            }
-        )
+    for k in kinds:
+        m = med[k]
+        rows.append({
+            "shape": name,
+            "params": f"{params / 1e6:.2f}M",
+            "batch x seq": f"{shape['batch']} x {shape['seq']}",
+            "framework": frameworks[k],
+            "compile s": f"{j['compile_s']:.1f}" if k == "jax" else "-",
+            "step ms": f"{1e3 * m['step_s']:.1f}",
+            "tokens/s": f"{tokens / m['step_s']:.0f}",
+            "MFU": f"{100 * fpt * tokens / m['step_s'] / j['matmul_flops']:.1f}%",
+            "peak MB": f"{m['peak_mb']:.0f}",
+            "vs HF tokens/s": speed_vs(k, "torch"),
+            "vs nanoGPT tokens/s": speed_vs(k, "nanogpt"),
+            "HF peak / peak": f"{med['torch']['peak_mb'] / max(m['peak_mb'], 1e-9):.2f}x" if "torch" in med else "",
+            f"_{k}_times": [r["times"] for r in runs[k]],
+        })
+    rows[0].update(_matmul_gflops=j["matmul_flops"] / 1e9, _compile_mb=j["compile_mb"])
     return rows
 
 
@@ -472,14 +712,22 @@ def main(argv: list[str] | None = None) -> None:
         "parameters and optimizer state stay fp32; the MFU peak is a matmul in this dtype",
     )
     p.add_argument("--remat", action="store_true", help="gptjax: model.remat (recompute each block in backward)")
-    p.add_argument("--no_torch", action="store_true", help="skip the transformers reference")
+    p.add_argument("--no_torch", action="store_true", help="skip the torch references (transformers and nanoGPT)")
     p.add_argument(
         "--guard_ab",
         action="store_true",
         help="instead of the table: the non-finite guard's cost, the step with and without it "
         "timed in alternating blocks in one process (medians)",
     )
-    p.add_argument("--quick", action="store_true", help="a tiny shape, 2 steps, both workers at once: a smoke test")
+    p.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="instead of the table: STEPS train steps of gptjax and of the nanoGPT reference from the same "
+        "weights on the same batches (constant peak learning rate), both losses per step",
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny shape, 2 steps, all workers at once: a smoke test")
     p.add_argument("--json", default="", help="also write the rows (with raw step times) to this file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--spec", default="", help=argparse.SUPPRESS)
@@ -488,7 +736,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         spec = json.loads(args.spec)
-        result = {"jax": worker_jax, "torch": worker_torch, "guard": worker_guard}[args.worker](spec)
+        workers = {"jax": worker_jax, "torch": worker_torch, "nanogpt": worker_nanogpt, "guard": worker_guard}
+        result = workers[args.worker](spec)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -508,6 +757,14 @@ def main(argv: list[str] | None = None) -> None:
                 shapes.append((name, SHAPES[name]))
             else:
                 p.error(f"unknown shape {name!r}; allowed: default, {', '.join(SHAPES)}")
+
+    if args.check:
+        print("| shape | step | gptjax loss | nanoGPT loss | difference |")
+        print("|---|---|---|---|---|")
+        for name, shape in shapes:
+            print(check_shape(name, shape, args), flush=True)
+        print(f"\nfrom gptjax's initial weights, random batches, {args.dtype}, the optimizer's peak learning rate held constant")
+        return
 
     if args.guard_ab:
         print("| shape | batch x seq | step ms, guard | step ms, no guard | guard cost | steps each |")
