@@ -1,7 +1,8 @@
 """gs:// against a local GCS emulator: files: and pairs: globs in a bucket, the tokenizer and
-token cache written to a gs:// workdir and reused, each host's local copy of the cache; a run
-in a bucket that trains, resumes and samples; Hugging Face directories and the converter in a
-bucket."""
+token cache written to a gs:// workdir and reused, each host's local copy of the cache; what
+orbax's array writer (tensorstore) needs of the emulator; a run in a bucket that trains,
+resumes and samples; a damaged checkpoint in a bucket set aside; Hugging Face directories and
+the converter in a bucket."""
 
 from __future__ import annotations
 
