@@ -40,9 +40,11 @@ All use the same precision, the same shape, dropout 0, and `os.cpu_count()` thre
 fp32 by default; `--dtype bfloat16` runs gptjax with `model.dtype="bfloat16"` (bf16 matmul
 operands, fp32 accumulation, parameters and optimizer state) and the torch references under
 torch's CPU autocast to bf16 (fp32 weights and optimizer). `--remat` turns on `model.remat`
-for gptjax (the references keep all activations). CPU timings are noisy: compare ratios from
-one run, and use `--rounds` to alternate the frameworks more than once (medians over rounds
-are reported).
+for gptjax (the references keep all activations). gptjax's step runs data parallel over one
+CPU device per core, as `python -m gptjax.train` arranges them by default (the framework
+column gives the count; `--devices 1` times a single device). CPU timings are noisy: compare
+ratios from one run, and use `--rounds` to alternate the frameworks more than once (medians
+over rounds are reported).
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ def shape_from_config(path: str, batch: int | None = None, seq: int | None = Non
 
 
 def spec_config(spec: dict[str, Any]) -> Any:
-    """The gptjax config of a benchmark shape: the base config (its optimizer) with the
-    shape's model and batch, dropout 0, on one device."""
+    """The gptjax config of a benchmark shape: the base config (its optimizer, the default mesh:
+    data parallel over the devices it is resolved on) with the shape's model and batch, dropout 0."""
     from gptjax import config as config_lib
 
     c = config_lib.base_config()
@@ -112,7 +114,6 @@ def spec_config(spec: dict[str, Any]) -> Any:
     )
     c.train.update(batch_size=spec["batch"], seq_len=spec["seq"], grad_accum=1)
     c.optim.update(**spec.get("optim", {}))
-    c.mesh.update(data=1, fsdp=1, tensor=1)
     return c
 
 
@@ -172,6 +173,24 @@ def _time_steps(step, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def _worker_devices(spec: dict[str, Any]) -> list[Any]:
+    """The CPU devices of gptjax's step (data parallel): `spec["devices"]` of them, or (0) as
+    `python -m gptjax.train` arranges them: one per core unless the environment chose a count;
+    in either case as many as divide the batch. Call it before JAX's backends start."""
+    import jax
+
+    sys.path.insert(0, REPO)
+    from gptjax import sharding
+    from gptjax.config import MeshConfig
+
+    if spec.get("devices"):
+        jax.config.update("jax_num_cpu_devices", spec["devices"])
+    else:
+        sharding.arrange_cpu_devices(dataclasses.asdict(MeshConfig()))
+    devices = jax.devices()
+    return devices[: max(d for d in range(1, len(devices) + 1) if spec["batch"] % d == 0)]
+
+
 def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     import jax
 
@@ -179,12 +198,13 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from gptjax.metrics import measure_matmul_flops
     from gptjax.run import resolve
 
+    devices = _worker_devices(spec)
     dtype = spec.get("dtype", "float32")
     peak_flops = measure_matmul_flops(spec["matmul_n"], spec["matmul_repeats"], dtype)
     _trim()
     base_kb = _status_kb("VmRSS")
 
-    run = resolve(spec_config(spec), None, devices=jax.devices()[:1])
+    run = resolve(spec_config(spec), None, devices=devices)
     gpt, trainer = run.model, run.trainer
     b, t = spec["batch"], spec["seq"]
     state = trainer.init_state()
@@ -219,6 +239,7 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
         matmul_flops=peak_flops,
         flops_per_token=gpt.flops_per_token(t),
         loss=loss,
+        devices=len(devices),
     )
 
 
@@ -241,19 +262,21 @@ def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
         with trainer.context():
             batch = trainer.to_global(host, accum=True)
             compiled = trainer.train_step_fn.lower(state, batch).compile()
-        variants[name] = {"compiled": compiled, "state": state, "batch": batch, "times": []}
+        variants[name] = {"compiled": compiled, "state": state, "batch": batch, "times": [], "cpu": []}
 
     def block(v: dict[str, Any], n: int) -> list[float]:
         out = []
         for _ in range(n):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             v["state"], m = v["compiled"](v["state"], v["batch"])
             jax.block_until_ready((v["state"], m))
             out.append(time.perf_counter() - t0)
+            v["cpu"].append(time.process_time() - c0)
         return out
 
     for v in variants.values():
         block(v, spec["warmup"])
+        v["cpu"].clear()
     per_block = max(1, spec["steps"] // 4)
     for r in range(8):  # alternate which goes first
         order = ("guard", "no_guard") if r % 2 == 0 else ("no_guard", "guard")
@@ -267,15 +290,18 @@ def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
     if not same:
         raise RuntimeError("the step with the guard and the step without it reached different parameters")
     g, n = (_median(variants[k]["times"]) for k in ("guard", "no_guard"))
-    return dict(guard_s=g, no_guard_s=n, steps_each=len(variants["guard"]["times"]))
+    gc, nc = (_median(variants[k]["cpu"]) for k in ("guard", "no_guard"))
+    return dict(guard_s=g, no_guard_s=n, guard_cpu_s=gc, no_guard_cpu_s=nc, steps_each=len(variants["guard"]["times"]))
 
 
 def bench_guard(name: str, shape: dict[str, int], args: argparse.Namespace) -> str:
     spec = dict(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, remat=args.remat)
     r = run_worker("guard", spec)
     cost = r["guard_s"] / r["no_guard_s"] - 1.0
+    cpu_cost = r["guard_cpu_s"] / r["no_guard_cpu_s"] - 1.0
     return (f"| {name} | {shape['batch']} x {shape['seq']} | {1e3 * r['guard_s']:.2f} | {1e3 * r['no_guard_s']:.2f} "
-            f"| {100 * cost:+.1f}% | {r['steps_each']} |")
+            f"| {100 * cost:+.1f}% | {1e3 * r['guard_cpu_s']:.2f} | {1e3 * r['no_guard_cpu_s']:.2f} | {100 * cpu_cost:+.1f}% "
+            f"| {r['steps_each']} |")
 
 
 def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
@@ -612,6 +638,7 @@ def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace) -> l
         xla_options=dict(_parse_option(o) for o in args.xla_option),
         dtype=args.dtype,
         remat=args.remat,
+        devices=args.devices,
     )
     kinds = ["jax"] if args.no_torch else ["jax", "torch", "nanogpt"]
     if not args.no_torch:
@@ -630,7 +657,8 @@ def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace) -> l
     j = {k: _median([r[k] for r in runs["jax"]]) for k in ("compile_s", "matmul_flops", "compile_mb")}
     fpt = runs["jax"][0]["flops_per_token"]
     params = _count_params(shape)
-    frameworks = {"jax": "gptjax (JAX)", "nanogpt": "nanoGPT (torch)"}
+    n = runs["jax"][0]["devices"]
+    frameworks = {"jax": f"gptjax (JAX, {n} device{'s' * (n > 1)})", "nanogpt": "nanoGPT (torch)"}
     if "torch" in runs:
         frameworks["torch"] = f"transformers (torch, {runs['torch'][0]['attn']})"
 
@@ -712,6 +740,13 @@ def main(argv: list[str] | None = None) -> None:
         "parameters and optimizer state stay fp32; the MFU peak is a matmul in this dtype",
     )
     p.add_argument("--remat", action="store_true", help="gptjax: model.remat (recompute each block in backward)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=0,
+        help="gptjax: CPU devices, data parallel (0: one per core, as python -m gptjax.train arranges them); "
+        "fewer when they do not divide the batch",
+    )
     p.add_argument("--no_torch", action="store_true", help="skip the torch references (transformers and nanoGPT)")
     p.add_argument(
         "--guard_ab",
@@ -767,11 +802,13 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     if args.guard_ab:
-        print("| shape | batch x seq | step ms, guard | step ms, no guard | guard cost | steps each |")
-        print("|---|---|---|---|---|---|")
+        print("| shape | batch x seq | step ms, guard | step ms, no guard | guard cost | CPU ms, guard | CPU ms, no guard "
+              "| guard cost (CPU) | steps each |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, shape in shapes:
             print(bench_guard(name, shape, args), flush=True)
-        print(f"\nmedians over steps timed in 8 alternating blocks per variant; {os.cpu_count()} CPU threads; {args.dtype}")
+        print(f"\nmedians over steps timed in 8 alternating blocks per variant (wall time, and the process's CPU "
+              f"time, which other load on the machine disturbs less); {os.cpu_count()} CPU threads; {args.dtype}")
         return
 
     rows: list[dict[str, Any]] = []
