@@ -1,4 +1,4 @@
-"""The training losses: token cross entropy, and the tied head's chunked cross entropy.
+"""The losses: token cross entropy, and the tied head's chunked cross entropy (training and evaluation).
 
 Both return (sum of weighted token losses, sum of weights) so that callers can accumulate
 over micro-batches and devices before dividing once.
@@ -14,26 +14,12 @@ import jax.numpy as jnp
 LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes at once
 
 
-def _token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> jax.Array:
-    """Weighted token losses [B, T]; fp32 log-softmax over the vocabulary."""
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token losses, sum of weights); fp32 log-softmax over the vocabulary."""
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
     logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
     target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    return (logz_BxT - target_logit_BxT) * weights_BxT
-
-
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token losses, sum of weights); fp32 log-softmax over the vocabulary."""
-    return _token_losses(logits_BxTxV, targets_BxT, weights_BxT).sum(), weights_BxT.sum()
-
-
-def cross_entropy_by_source(
-    logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, sources_BxS: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """`cross_entropy` of each of S sources: (loss sums [S], weight sums [S]), each row counted
-    for the source its one-hot `sources_BxS` row names (a row of zeros counts nowhere)."""
-    losses_BxT = _token_losses(logits_BxTxV, targets_BxT, weights_BxT)
-    return losses_BxT.sum(axis=1) @ sources_BxS, weights_BxT.sum(axis=1) @ sources_BxS
+    return ((logz_BxT - target_logit_BxT) * weights_BxT).sum(), weights_BxT.sum()
 
 
 def _seq_chunks(b: int, t: int, vocab: int) -> int:
@@ -122,3 +108,23 @@ def _head_ce_bwd(res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
 
 
 head_cross_entropy.defvjp(_head_ce_fwd, _head_ce_bwd)
+
+
+def head_eval_sums(
+    hidden_BxTxC: jax.Array,
+    embedding_VxC: jax.Array,
+    targets_BxT: jax.Array,
+    weights_BxT: jax.Array,
+    sources_BxS: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`head_cross_entropy` for evaluation (not differentiable), optionally split by source.
+
+    Without `sources_BxS`: (loss sum, weight sum), scalars. With a one-hot `sources_BxS`:
+    (loss sums [S], weight sums [S]), each row counted for the source it names (a row of zeros
+    counts nowhere). The logits are made a sequence chunk at a time, as in training, so an
+    eval batch never holds [batch, seq, vocab] of them.
+    """
+    sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False)
+    if sources_BxS is None:
+        return sums
+    return (losses_BxT * weights_BxT).sum(axis=1) @ sources_BxS, weights_BxT.sum(axis=1) @ sources_BxS

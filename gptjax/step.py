@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from gptjax import optim as optim_lib
 from gptjax import sharding
-from gptjax.loss import cross_entropy, cross_entropy_by_source, head_cross_entropy
+from gptjax.loss import head_cross_entropy, head_eval_sums
 from gptjax.model import GPT, GPTConfig
 
 BATCH_KEYS = ("inputs", "targets", "weights")
@@ -205,14 +205,18 @@ class Trainer:
         return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
     def _eval(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """(loss sum, weight sum) of a batch: scalars, or [S] per source when it has `sources`."""
-        logits_BxTxV = self.model.apply(
+        """(loss sum, weight sum) of a batch: scalars, or [S] per source when it has `sources`.
+
+        The tied head's loss is made a sequence chunk at a time, as in training: no
+        [batch, seq, vocab] logits, so evaluation needs no more memory than a train step.
+        """
+        hidden_BxTxC = self.model.apply(
             {"params": params}, batch["inputs"], batch.get("positions"), segment_ids=batch.get("segment_ids"),
-            deterministic=True,
+            deterministic=True, return_hidden=True,
         )
-        if "sources" in batch:
-            return cross_entropy_by_source(logits_BxTxV, batch["targets"], batch["weights"], batch["sources"])
-        return cross_entropy(logits_BxTxV, batch["targets"], batch["weights"])
+        return head_eval_sums(
+            hidden_BxTxC, params["wte"]["embedding"], batch["targets"], batch["weights"], batch.get("sources")
+        )
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, jax.Array]]:
         """Run one step on this host's rows of the global batch ([rows, seq] numpy arrays)."""
