@@ -171,6 +171,12 @@ def run_bench_sample(command: str, cwd: str) -> None:
     assert "default" in r.out, r.out[-2000:]
 
 
+def run_compare_trainer(command: str, cwd: str) -> None:
+    """The comparison as written, on few steps and examples."""
+    r = ok(shell(command + " --steps 4 --examples 200 --batch_size 4 --seq_len 64 --eval_every 2 --first 4 --warmup 1", ROOT), command)
+    assert "max relative difference" in r.out, r.out[-2000:]
+
+
 def run_aot(command: str, cwd: str) -> None:
     """The fit check as written, on a small GPT-2 shape so that it compiles in seconds."""
     import importlib.util
@@ -192,6 +198,7 @@ RUNNERS: list[tuple[str, Callable[[str, str], None]]] = [
     (r"^python -m gptjax\.aot ", run_aot),
     (r"^python tools/bench_train\.py ", run_bench_train),
     (r"^python tools/bench_sample\.py ", run_bench_sample),
+    (r"^python tools/compare_trainer\.py( |$)", run_compare_trainer),
 ]
 
 
