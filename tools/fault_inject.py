@@ -408,10 +408,12 @@ def _quiet_orbax() -> Any:
 
 def read_checkpoint(step_dir: str) -> dict[str, Any]:
     """Every item of a finished orbax step directory: JSON items as dicts, array trees as
-    {path: numpy array} (restored without a target, onto the shardings stored with them)."""
+    {path: numpy array} (restored onto this process's first device, whatever mesh saved them)."""
     ocp = _quiet_orbax()
     import jax
     import numpy as np
+
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
         handlers = json.load(f).get("item_handlers") or {}
@@ -423,7 +425,12 @@ def read_checkpoint(step_dir: str) -> dict[str, Any]:
                 items[name] = json.load(f)
             continue
         with ocp.StandardCheckpointer() as checkpointer:
-            tree = checkpointer.restore(path)
+            meta = checkpointer.metadata(path)
+            meta = getattr(meta, "item_metadata", meta)  # a StepMetadata in newer orbax, the tree in older
+            target = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta,
+                is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+            tree = checkpointer.restore(path, target)
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
         items[name] = {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
     return items
