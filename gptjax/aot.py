@@ -4,7 +4,9 @@
 
 libtpu (`pip install -e ".[tpu]"`) compiles for the devices a topology name describes
 (`jax.experimental.topologies`), with no TPU attached: the real train and eval steps, with the
-config's mesh, shardings and batch, go through the TPU compiler. The compiled programs say
+config's mesh, shardings and batch, go through the TPU compiler, and so do the sampler's
+prefill and decode loop with the parameters split by the config's mesh rules (as
+`gptjax.load(path, mesh=...)` places them). The compiled programs say
 what each chip would hold (`memory_analysis`: arguments, outputs, temporaries, code) and do
 (`cost_analysis`: FLOPs and HBM bytes per chip). From those and the chip's published figures
 (`gptjax.chips`) the tool prints, per step: memory against HBM and whether it fits, and a
@@ -19,8 +21,8 @@ The TPU compiler's cost analysis counts a loop body once. The train step's loop 
 micro-batches holds nearly all of its work (the optimizer update after it is small), so its
 HLO FLOPs and HBM bytes are the body's times grad_accum; the tied head's loop over sequence
 chunks stays counted once, so the compute bound takes the larger of the HLO FLOPs and the
-model's 6N + attention FLOPs. A roofline is a bound, not a measurement: it leaves out
-collectives and assumes perfect overlap.
+model's 6N + attention FLOPs. The decode loop's figures are likewise one decode step's. A
+roofline is a bound, not a measurement: it leaves out collectives and assumes perfect overlap.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class Compiled:
     bytes_accessed: float = 0.0
     oom_used: int | None = None  # the compiler refused it: bytes it needed
     oom_limit: int | None = None  # ... of this many it could use
+    executable: Any = dataclasses.field(default=None, compare=False, repr=False)  # when it compiled
 
     @property
     def total(self) -> int:
@@ -166,6 +169,7 @@ def compile_lowered(name: str, lowered: jax.stages.Lowered) -> Compiled:
         code=mem.generated_code_size_in_bytes,
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        executable=compiled,
     )
 
 
@@ -190,6 +194,41 @@ def lower_train(run: Any) -> jax.stages.Lowered:
 def lower_eval(run: Any) -> jax.stages.Lowered:
     """The eval step at the batch training evaluates with: one micro-batch."""
     return run.trainer.lower_eval_step(run.train.batch_size // run.train.grad_accum, run.train.seq_len)
+
+
+def sampler_params(run: Any) -> Any:
+    """The sampler's (decode-layout) parameters as ShapeDtypeStructs with the shardings the
+    compiler gives them when `to_decode_layout` converts parameters sharded by the run's mesh
+    rules, as `gptjax.load(path, mesh=...)` places them."""
+    from gptjax.model import to_decode_layout
+    from gptjax.step import abstract
+
+    lowered = to_decode_layout.lower(run.model, abstract(run.trainer.abstract_params, run.trainer.param_shardings))
+    return with_shardings(lowered.out_info, lowered.compile().output_shardings)
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `shapes` carrying `shardings` (trees of the same structure)."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def lower_sampler(run: Any, rows: int, prompt_len: int) -> tuple[jax.stages.Lowered, Callable[[Any], jax.stages.Lowered]]:
+    """The sampler's first prefill (`rows` prompts of `prompt_len` tokens, new tokens up to
+    the window) lowered, and a function from that prefill's executable (None: it did not
+    compile) to the decode loop that follows it, lowered; prompts and controls replicated."""
+    from gptjax import sharding
+    from gptjax.sampling import decode
+
+    params, placement = sampler_params(run), sharding.replicated(run.mesh)
+    new = run.model.block_size - prompt_len
+    prefill = decode.lower_prefill(run.model, params, rows, prompt_len, new, placement)
+
+    def decode_loop(executable: Any) -> jax.stages.Lowered:
+        out = prefill.out_info
+        shardings = executable.output_shardings if executable is not None else jax.tree_util.tree_map(lambda _: placement, out)
+        return decode.lower_decode(run.model, params, with_shardings(out, shardings), rows, prompt_len, new, placement)
+
+    return prefill, decode_loop
 
 
 def state_bytes(run: Any) -> tuple[int, int]:
@@ -319,18 +358,33 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+PROGRAMS = ("train", "eval", "prefill", "decode")
+
+
 def check(
     config: config_lib.ConfigDict,
     topology: str,
-    programs: Sequence[str] = ("train", "eval"),
+    programs: Sequence[str] = PROGRAMS,
     search: bool = True,
     config_name: str = "",
+    sample_rows: int = 8,
+    prompt_len: int = 0,
 ) -> Report:
     """Compile the run's `programs` for `topology`; when the train step does not fit and
-    `search`, also find (and compile) the largest micro-batch that does."""
+    `search`, also find (and compile) the largest micro-batch that does.
+
+    The sampler's programs (prefill, decode) are those of a call with `sample_rows` prompts
+    of `prompt_len` tokens (0: half the window) and new tokens up to the window, its
+    parameters split by the config's mesh rules."""
     chip, devices = topology_devices(topology)
     run = resolve_run(config, devices)
     gpt, t = run.model, run.train
+    prompt_len = prompt_len or max(1, gpt.block_size // 2)
+    if {"prefill", "decode"} & set(programs) and not (1 <= prompt_len < gpt.block_size and sample_rows >= 1):
+        raise UserError(
+            f"the sampler's call needs at least 1 row and a prompt of 1 to {gpt.block_size - 1} tokens (model.block_size "
+            f"{gpt.block_size}), got {sample_rows} rows of {prompt_len}"
+        )
     micro = t.batch_size // t.grad_accum
     n = len(devices)
     train_flops = gpt.flops_per_token(t.seq_len) / n
@@ -374,6 +428,8 @@ def check(
         compiled = compile_lowered("eval", lower_eval(eval_run))
         _log(f"  {_outcome(compiled)}")
         columns.append(Column("eval step", compiled, f"{rows} x {t.seq_len}", tokens, train_flops / 3 * tokens, None))
+    if "prefill" in programs or "decode" in programs:
+        columns += sampler_columns(run, topology, programs, sample_rows, prompt_len)
     return Report(
         config_name=config_name,
         topology=topology,
@@ -389,6 +445,30 @@ def check(
         fits=fits,
         fitting_micro_batch=found,
     )
+
+
+def sampler_columns(run: Any, topology: str, programs: Sequence[str], rows: int, prompt_len: int) -> list[Column]:
+    """The prefill and decode-step columns (see `check`); the decode loop is compiled with the
+    prefill's output shardings, so the prefill is compiled even when only decode is asked."""
+    from gptjax.sampling.decode import plan_lengths
+
+    gpt, n = run.model, len(run.mesh.devices.flat)
+    slots = plan_lengths(prompt_len, gpt.block_size - prompt_len, gpt.block_size)[1]
+    forward = lambda context: gpt.flops_per_token(context) / 3 / n  # per token, per chip
+    _log(f"compiling the sampler's prefill for {topology} ({rows} prompts of {prompt_len} tokens) ...")
+    prefill_lowered, decode_loop = lower_sampler(run, rows, prompt_len)
+    prefill = compile_lowered("prefill", prefill_lowered)
+    _log(f"  {_outcome(prefill)}")
+    columns = []
+    if "prefill" in programs:
+        columns.append(Column("prefill", prefill, f"{rows} x {prompt_len}", rows * prompt_len,
+                              forward(prompt_len) * rows * prompt_len, None))
+    if "decode" in programs:
+        _log(f"compiling the sampler's decode step for {topology} ({rows} rows, {slots} cache slots) ...")
+        step = compile_lowered("decode", decode_loop(prefill.executable))
+        _log(f"  {_outcome(step)}")
+        columns.append(Column("decode step", step, f"{rows} x 1 (cache {slots})", rows, forward(slots) * rows, None))
+    return columns
 
 
 def _outcome(c: Compiled) -> str:
@@ -481,19 +561,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default="", help="a config file with get_config() (default: the built-in CPU demo)")
     parser.add_argument("--topology", required=True, help=f"the TPU slice as CHIP:SHAPE, e.g. {TOPOLOGY_EXAMPLES}")
-    parser.add_argument("--programs", default="train,eval", help="which steps to compile: train, eval (comma-separated)")
+    parser.add_argument(
+        "--programs", default=",".join(PROGRAMS), help=f"which programs to compile: {', '.join(PROGRAMS)} (comma-separated)"
+    )
+    parser.add_argument("--sample_rows", type=int, default=8, help="the sampler's prompts per call (prefill, decode)")
+    parser.add_argument("--prompt_len", type=int, default=0, help="the sampler's prompt tokens (default: half the window)")
     parser.add_argument("--no_search", action="store_true", help="do not search for a micro-batch that fits")
     args, rest = parser.parse_known_args(argv)
 
     def body() -> int:
         programs = [p.strip() for p in args.programs.split(",") if p.strip()]
-        unknown = sorted(set(programs) - {"train", "eval"})
+        unknown = sorted(set(programs) - set(PROGRAMS))
         if unknown or not programs:
-            raise UserError(f"--programs takes train and/or eval, got {args.programs!r}")
+            raise UserError(f"--programs takes some of {', '.join(PROGRAMS)}, got {args.programs!r}")
         _compile_only_jax()
         config = config_lib.load_config(args.config)
         config_lib.apply_overrides(config, config_lib.parse_overrides(rest))
-        report = check(config, args.topology, programs, search=not args.no_search, config_name=args.config)
+        report = check(
+            config, args.topology, programs, search=not args.no_search, config_name=args.config,
+            sample_rows=args.sample_rows, prompt_len=args.prompt_len,
+        )
         print(format_report(report))
         return 0 if report.fits else 1
 

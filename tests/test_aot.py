@@ -1,5 +1,6 @@
-"""`gptjax.aot`: the TPU compile of the real train step (libtpu, no TPU), its per-chip memory
-against the analytic figure, the search for a micro-batch that fits, and its one-line errors.
+"""`gptjax.aot`: the TPU compile of the real train and eval steps and of the sampler (libtpu, no
+TPU), per-chip memory against the analytic figure, eval without full logits, the search for a
+micro-batch that fits, and its one-line errors; `gptjax.load` onto a mesh.
 
 The compiling tests need libtpu (in the test extra: `pip install -e ".[test]"`) and are
 skipped without it; the rest run anywhere."""
@@ -85,18 +86,24 @@ def test_micro_batches():
 
 
 @needs_libtpu
-def test_124m_train_step_on_v5e_2x2_holds_12_bytes_per_parameter_per_fsdp_chip():
-    """Parameters (fp32) and AdamW's two moments: 12 bytes per parameter, split over fsdp=4."""
+def test_124m_on_v5e_2x2_train_holds_12_bytes_per_parameter_per_fsdp_chip_and_eval_no_logits():
+    """Train step: parameters (fp32) and AdamW's two moments, 12 bytes per parameter, split over
+    fsdp=4. Eval step: its temporaries are at most the train step's and smaller than its
+    batch's [rows, seq, vocab] fp32 logits alone (the head is applied a sequence chunk at a time)."""
+    rows, seq = 4, 512
     config = config_lib.load_config(os.path.join(ROOT, "configs/gpt2_124m.py"))
-    config_lib.apply_overrides(config, [("train.batch_size", "4"), ("train.seq_len", "128")])
-    report = aot.check(config, "v5e:2x2", programs=("train",))
+    config_lib.apply_overrides(config, [("train.batch_size", str(rows)), ("train.seq_len", str(seq))])
+    report = aot.check(config, "v5e:2x2", programs=("train", "eval"))
     assert report.n_devices == 4 and report.mesh["fsdp"] == 4 and report.fits
-    (column,) = report.columns
+    train, evaluation = report.columns
     analytic = report.n_params * 12 / 4
-    batch_bytes = 3 * 4 * 128 * 4 // 4  # inputs, targets, weights: 4 bytes per token, per chip
-    assert column.compiled.argument - batch_bytes == pytest.approx(analytic, rel=0.10)
-    assert sum(column.state) == pytest.approx(analytic, rel=0.01)
-    assert column.compiled.flops > 0 and column.compiled.bytes_accessed > 0
+    batch_bytes = 3 * rows * seq * 4 // 4  # inputs, targets, weights: 4 bytes per token, per chip
+    assert train.compiled.argument - batch_bytes == pytest.approx(analytic, rel=0.10)
+    assert sum(train.state) == pytest.approx(analytic, rel=0.01)
+    assert train.compiled.flops > 0 and train.compiled.bytes_accessed > 0
+    logits_per_chip = rows * seq * report.vocab_size * 4 / 4
+    assert 0 < evaluation.compiled.temp <= train.compiled.temp
+    assert evaluation.compiled.temp < logits_per_chip / 2
     text = aot.format_report(report)
     assert "fits as configured" in text and "TPU v5 lite" in text
 
@@ -135,3 +142,62 @@ def test_roofline_takes_the_slower_bound_over_the_whole_step():
     heavy = aot.Compiled("train", 0.0, flops=1e12, bytes_accessed=1e12)
     r = aot.roofline(aot.Column("train", heavy, "", 4096, 2e12, None, repeats=4), chip)
     assert r.bound == "HBM" and r.seconds == pytest.approx(4e12 / chip.hbm_bytes_per_s)
+
+
+@needs_libtpu
+def test_sampler_prefill_and_decode_compile_for_v5e_2x2_with_sharded_parameters():
+    """The sampler's programs compile for the slice with parameters split over fsdp x tensor:
+    each chip holds a quarter of the (decode-layout) parameters, and the table shows both."""
+    overrides = [("model.n_layer", "1"), ("model.n_embd", "64"), ("model.n_head", "4"), ("model.block_size", "32"),
+                 ("train.seq_len", "32"), ("train.batch_size", "4"), ("mesh.data", "1"), ("mesh.fsdp", "2"),
+                 ("mesh.tensor", "2")]
+    config = config_lib.base_config()
+    config_lib.apply_overrides(config, overrides)
+    report = aot.check(config, "v5e:2x2", programs=("prefill", "decode"), sample_rows=2, prompt_len=8)
+    prefill, step = report.columns
+    assert (prefill.title, step.title) == ("prefill", "decode step")
+    for c in (prefill.compiled, step.compiled):
+        assert c.oom_used is None and c.flops > 0 and c.seconds > 0 and c.total > c.argument
+    whole = report.n_params * 4  # fp32, in either layout
+    assert whole / 4 <= prefill.compiled.argument < whole / 2  # split, not replicated
+    assert prefill.compiled.argument < step.compiled.argument < whole  # the decode loop also takes the cache
+    text = aot.format_report(report)
+    assert "prefill" in text and "decode step" in text and "2 x 1 (cache 32)" in text
+
+
+def test_load_onto_a_mesh_samples_the_single_device_tokens(tmp_path):
+    """`gptjax.load(path, mesh=...)` splits the parameters over fsdp x tensor (8 CPU devices)
+    and samples the same greedy tokens as the model loaded on one device."""
+    import jax
+    import numpy as np
+
+    import gptjax
+    from gptjax import sharding, train
+    from gptjax.errors import UserError
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "corpus").mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "omega", "theta"]
+    for d in range(8):
+        text = " ".join(str(rng.choice(words)) + str(i % 7) for i in range(400))
+        (tmp_path / "corpus" / f"doc{d}.txt").write_text(text)
+    c = config_lib.base_config()
+    c.data.source = f"files:{tmp_path}/corpus/*.txt"
+    c.data.val_fraction = 0.2
+    c.tokenizer.vocab_size = 300
+    c.model.update(n_layer=1, n_head=4, n_embd=32, block_size=32)
+    c.train.update(steps=2, batch_size=4, seq_len=32, eval_every=2, eval_batches=1, log_every=1, checkpoint_every=2)
+    c.optim.update(lr=3e-3, warmup_steps=1)
+    path = str(tmp_path / "run")
+    train.run(c, path, devices=jax.devices()[:1])
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}, jax.devices()[:8])
+    split = gptjax.load(path, mesh=mesh)
+    alone = gptjax.load(path)
+    wte = split.params["wte"]["embedding"]
+    assert len(wte.sharding.device_set) == 8 and wte.addressable_shards[0].data.shape == (300 // 4, 32 // 2)
+    prompts = [[5, 17, 42], [7], [100, 3, 9, 250, 11]]
+    controls = dict(max_new_tokens=40, temperature=0.0, stop_tokens=())  # past the window: a crop and a second prefill
+    assert split.generate_tokens(prompts, **controls) == alone.generate_tokens(prompts, **controls)
+    with pytest.raises(UserError, match="not both"):
+        gptjax.load(path, device=jax.devices()[0], mesh=mesh)

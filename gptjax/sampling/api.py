@@ -7,10 +7,12 @@ streamed token chunks are turned into text pieces that never split a multi-byte 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Iterator, Sequence
 
 import jax
+from jax.sharding import Mesh
 
 from gptjax.errors import UserError
 from gptjax.model import GPTConfig
@@ -86,18 +88,46 @@ class LoadedModel:
         return [self.tokenizer.decode(t) for t in result.tokens]
 
 
-def load(path: str, device: jax.Device | None = None) -> LoadedModel:
+def load(path: str, device: jax.Device | None = None, mesh: Mesh | None = None) -> LoadedModel:
     """Load a workdir or one of its checkpoint step directories (local, or a gs:// URL) for sampling.
 
     The parameters go to `device` (default: the default backend's first device), whatever
-    mesh the run was trained on.
+    mesh the run was trained on; or, with `mesh`, are split over its devices by the training
+    rules (`gptjax.sharding.RULES`: tensor-parallel over `tensor`, over `fsdp` along the width),
+    for a model bigger than one chip. They are read on the host first, then placed.
     """
     from gptjax.checkpoint import load_for_inference
     from gptjax.layout import find_run
     from gptjax.tokenizer import load_tokenizer, tokenizer_saved
 
+    if device is not None and mesh is not None:
+        raise UserError("give load() a device or a mesh, not both")
     run, _ = find_run(str(path))
     if not tokenizer_saved(run.tokenizer):
         raise UserError(f"{run.root!r} has no tokenizer directory; is it a gptjax run?")
-    config, params = load_for_inference(str(path), device=device or jax.devices()[0])
-    return LoadedModel(config, params, load_tokenizer(run.tokenizer))
+    host = jax.devices("cpu")[0] if mesh is not None else device or jax.devices()[0]
+    config, params = load_for_inference(str(path), device=host)
+    model_config = GPTConfig.from_config(config.model)
+    if mesh is not None:
+        params = place_on_mesh(model_config, params, mesh)
+    return LoadedModel(config, params, load_tokenizer(run.tokenizer), model_config)
+
+
+def place_on_mesh(cfg: GPTConfig, params: Any, mesh: Mesh) -> Any:
+    """The parameters split over `mesh` as training splits them (their logical axis names
+    through `gptjax.sharding.RULES`); a width a mesh axis does not divide is a UserError."""
+    from gptjax import sharding
+    from gptjax.step import param_shapes
+
+    shardings = sharding.logical_shardings(mesh, param_shapes(cfg, boxed=True))
+    for path, x, s in zip(*_flat(param_shapes(cfg)), jax.tree_util.tree_leaves(shardings)):
+        for dim, axes in zip(x.shape, s.spec):
+            size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+            if dim % size:
+                raise UserError(f"parameter {path} has {dim} along an axis split {size} ways by the mesh {dict(mesh.shape)}")
+    return jax.device_put(params, shardings)
+
+
+def _flat(tree: Any) -> tuple[list[str], list[Any]]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in leaves], [x for _, x in leaves]

@@ -401,3 +401,43 @@ class Decoder:
 def generate_tokens(cfg: GPTConfig, params: Any, prompts: Sequence[Sequence[int]], **controls: Any) -> list[list[int]]:
     """New token ids per prompt; a functional shortcut for `Decoder(cfg, params).generate_tokens`."""
     return Decoder(cfg, params).generate_tokens(prompts, **controls).tokens
+
+
+# -- ahead of time -------------------------------------------------------------------------------
+
+
+def _abstract_call(
+    cfg: GPTConfig, rows: int, prompt_len: int, max_new_tokens: int, placement: jax.sharding.Sharding
+) -> tuple[_Static, int, int, tuple[jax.ShapeDtypeStruct, ...]]:
+    """A first call's static choices, prompt bucket P, output columns N and its controls as
+    ShapeDtypeStructs: `rows` prompts of `prompt_len` tokens, sampled (temperature 1, no
+    top-k or top-p: the sample CLI's defaults)."""
+    p_len, cache_len, n_len = plan_lengths(prompt_len, max_new_tokens, cfg.block_size)
+    s = _Static(cfg=cfg, cache_len=cache_len, greedy=False, use_k=False, use_p=False, m=num_candidates(cfg.vocab_size, 0))
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
+    controls = (sds((rows, 2), jnp.uint32), sds((), jnp.float32), sds((), jnp.int32), sds((), jnp.float32), sds((4,), jnp.int32))
+    return s, p_len, n_len, controls
+
+
+def lower_prefill(
+    cfg: GPTConfig, decode_params: Any, rows: int, prompt_len: int, max_new_tokens: int, placement: jax.sharding.Sharding
+) -> jax.stages.Lowered:
+    """A call's first prefill, lowered from abstract inputs: `decode_params` are the decode-layout
+    parameters as ShapeDtypeStructs with their shardings; prompts and controls take `placement`."""
+    s, p_len, n_len, controls = _abstract_call(cfg, rows, prompt_len, max_new_tokens, placement)
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
+    return _prefill.lower(
+        decode_params, sds((rows, p_len), jnp.int32), sds((rows, p_len), jnp.bool_), sds((rows, n_len), jnp.int32),
+        sds((), jnp.int32), sds((rows,), jnp.bool_), *controls, s=s,
+    )
+
+
+def lower_decode(
+    cfg: GPTConfig, decode_params: Any, state: DecodeState, rows: int, prompt_len: int, max_new_tokens: int,
+    placement: jax.sharding.Sharding,
+) -> jax.stages.Lowered:
+    """The decode loop that follows `lower_prefill`'s prefill, lowered from abstract inputs;
+    `state` is that prefill's output (ShapeDtypeStructs with shardings). The compiler's cost
+    analysis counts the loop body, one decode step, once."""
+    s, _, _, controls = _abstract_call(cfg, rows, prompt_len, max_new_tokens, placement)
+    return _advance.lower(decode_params, state, jax.ShapeDtypeStruct((), jnp.int32, sharding=placement), *controls, s=s)
