@@ -161,7 +161,8 @@ def run_convert(command: str, cwd: str) -> None:
 def run_bench_train(command: str, cwd: str) -> None:
     """The benchmark's flags as written, on its smoke-test shape (--quick), without the reference."""
     r = ok(shell(command + " --quick --no_torch", ROOT), command)
-    assert ("guard cost" if "--guard_ab" in command else "| gptjax") in r.out, r.out[-2000:]
+    expected = "guard cost" if "--guard_ab" in command else "initial weights" if "--check" in command else "| gptjax"
+    assert expected in r.out, r.out[-2000:]
 
 
 def run_bench_sample(command: str, cwd: str) -> None:
