@@ -12,6 +12,10 @@ key/value cache in the `cache` collection, writes the keys and values of the tok
 given at the cache's current index, and attends over everything written so far. Prefill
 passes a whole (padded) prompt at once; decoding then passes one token per call.
 
+A full pass computes attention with einsums and a softmax (`model.attention="xla"`, the
+reference), or with `jax.nn.dot_product_attention` ("dot_product": cuDNN's fused kernel on a
+GPU); decoding always uses the einsums over its cache.
+
 A full pass may take segment ids and per-example positions: the rows of supervised
 fine-tuning hold several examples packed one after another, and `attention_mask` keeps each
 token to the earlier tokens of its own example.
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 from gptjax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION = ("xla", "dot_product")  # model.attention: einsums (with attention dropout), or fused_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,7 @@ class GPTConfig:
     ln_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype; parameters are always fp32
     remat: bool = False  # recompute each block's activations in the backward pass
+    attention: str = "xla"  # one of ATTENTION
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -72,6 +78,12 @@ class GPTConfig:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in DTYPES:
             raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTION:
+            raise UserError(f"model.attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        if self.attention != "xla" and self.dropout > 0:
+            raise UserError(
+                f"model.attention={self.attention!r} has no attention dropout; use model.dropout=0 or model.attention='xla'"
+            )
 
     @classmethod
     def from_config(cls, model_cfg: Mapping[str, Any]) -> "GPTConfig":
@@ -272,6 +284,24 @@ def attention_mask(t: int, token_mask: jax.Array | None, segment_ids: jax.Array 
     return mask_BxHxTxS
 
 
+def fused_attention(q_BxHxTxD: jax.Array, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.Array, token_mask: jax.Array | None,
+                    segment_ids: jax.Array | None) -> jax.Array:
+    """Causal attention of a full pass by `jax.nn.dot_product_attention` (`model.attention=
+    "dot_product"`), masked as `attention_mask` says: [B, H, T, D] in, [B, H, T, D] out.
+
+    The implementation is cuDNN's fused kernel on a GPU with a 16-bit compute dtype (it takes
+    no fp32), XLA's elsewhere (the same arithmetic as the einsums, without attention dropout).
+    """
+    implementation = "cudnn" if jax.default_backend() == "gpu" and q_BxHxTxD.dtype != jnp.float32 else "xla"
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BxHxTxD, k_BxHxTxD, v_BxHxTxD))  # [B, T, H, D]
+    if token_mask is None and segment_ids is None:
+        y_BxTxHxD = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    else:
+        mask_BxHxTxS = attention_mask(q.shape[1], token_mask, segment_ids)
+        y_BxTxHxD = jax.nn.dot_product_attention(q, k, v, mask=mask_BxHxTxS, implementation=implementation)
+    return jnp.swapaxes(y_BxTxHxD, 1, 2)
+
+
 class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
     decode_layout: bool = False
@@ -284,7 +314,26 @@ class CausalSelfAttention(nn.Module):
         # Head-major layout throughout: q, k, v and the cache are [batch, heads, seq, head_dim],
         # so the attention matmuls batch over leading axes and need no transposed copies.
         q_BxHxTxD, k_BxHxTxD, v_BxHxTxD = QKVProjection(cfg, self.decode_layout, name="c_attn")(x_BxTxC)
-        b, t = x_BxTxC.shape[:2]
+        if not decode and cfg.attention == "dot_product":
+            y_BxHxTxD = fused_attention(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids)
+        else:
+            y_BxHxTxD = self._attend(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids, deterministic, decode)
+        y_BxTxC = Projection(
+            "bhtd,hdc->btc",
+            kernel_shape=(h, d, cfg.n_embd),
+            kernel_axes=("heads", "head_dim", "embed"),
+            std=0.02 / math.sqrt(2 * cfg.n_layer),
+            dtype=cfg.compute_dtype,
+            decode_layout=self.decode_layout,
+            name="c_proj",
+        )(y_BxHxTxD)
+        return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
+
+    def _attend(self, q_BxHxTxD: jax.Array, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.Array, token_mask: jax.Array | None,
+                segment_ids: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
+        """The einsum attention (`model.attention="xla"`, and decoding): [B, H, T, D], fp32."""
+        cfg = self.cfg
+        b, h, t, d = q_BxHxTxD.shape
         if decode:  # S: the cache's slots
             k_NxSxD, v_NxSxD, mask_BxHxTxS = self._update_cache(k_BxHxTxD, v_BxHxTxD, token_mask)
             # Rows and heads merged (N = B * H): the attention reads the cache in the layout
@@ -301,19 +350,8 @@ class CausalSelfAttention(nn.Module):
         probs_BxHxTxS = probs_BxHxTxS.astype(cfg.compute_dtype)
         if decode:
             y_NxTxD = matmul("nqk,nkd->nqd", probs_BxHxTxS.reshape(b * h, t, -1), v_NxSxD)
-            y_BxHxTxD = y_NxTxD.reshape(b, h, t, d)
-        else:
-            y_BxHxTxD = matmul("bhqk,bhkd->bhqd", probs_BxHxTxS, v_BxHxTxD)
-        y_BxTxC = Projection(
-            "bhtd,hdc->btc",
-            kernel_shape=(h, d, cfg.n_embd),
-            kernel_axes=("heads", "head_dim", "embed"),
-            std=0.02 / math.sqrt(2 * cfg.n_layer),
-            dtype=cfg.compute_dtype,
-            decode_layout=self.decode_layout,
-            name="c_proj",
-        )(y_BxHxTxD)
-        return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
+            return y_NxTxD.reshape(b, h, t, d)
+        return matmul("bhqk,bhkd->bhqd", probs_BxHxTxS, v_BxHxTxD)
 
     def _update_cache(
         self, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.Array, token_mask: jax.Array | None

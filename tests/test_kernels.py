@@ -1,7 +1,10 @@
 """Computations with a faster or smaller form against their plain reference, within fp32
-tolerance: the eval step's chunked tied-head loss against full logits."""
+tolerance: the eval step's chunked tied-head loss against full logits; each `model.attention`
+option against the einsum attention (loss and gradients, with and without segment ids)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,8 @@ import pytest
 from gptjax import config as C
 from gptjax import loss as loss_lib
 from gptjax.loss import cross_entropy
-from gptjax.model import GPT
+from gptjax.errors import UserError
+from gptjax.model import ATTENTION, GPT, GPTConfig, init_params
 from gptjax.run import resolve
 
 
@@ -70,3 +74,38 @@ def test_eval_step_equals_the_full_logits_loss(monkeypatch, chunk_bytes):
     for s, got in enumerate(per_source):
         assert got == pytest.approx(reference(batch, np.flatnonzero(batch["sources"][:, s])), rel=1e-5)
     assert run.trainer.evaluate_sources(params, [plain]) == (pytest.approx(reference(plain, np.arange(8)), rel=1e-5), None)
+
+
+@pytest.mark.parametrize("attention", [a for a in ATTENTION if a != "xla"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_option_gives_the_reference_loss_and_gradients(attention, packed):
+    """Loss and every parameter's gradient equal those of the einsum attention ("xla"), on
+    plain rows and on packed rows (segment ids, per-example positions)."""
+    reference = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=32, block_size=16)
+    params = init_params(reference, jax.random.PRNGKey(0))
+    batch = _packed_batch(np.random.default_rng(1), 4, 16, 97, n_sources=1)
+    segments = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]} if packed else {}
+
+    def loss_and_grads(cfg: GPTConfig) -> tuple[jax.Array, dict]:
+        def loss(p: dict) -> jax.Array:
+            logits = GPT(cfg).apply({"params": p}, batch["inputs"], segments.get("positions"),
+                                    segment_ids=segments.get("segment_ids"))
+            s, n = cross_entropy(logits, batch["targets"], batch["weights"])
+            return s / n
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    want_loss, want_grads = loss_and_grads(reference)
+    got_loss, got_grads = loss_and_grads(dataclasses.replace(reference, attention=attention))
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
+    flat_want = jax.tree_util.tree_leaves_with_path(want_grads)
+    for (path, want), got in zip(flat_want, jax.tree_util.tree_leaves(got_grads)):
+        scale = float(np.abs(want).max()) or 1.0
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_attention_option_is_checked():
+    with pytest.raises(UserError, match="model.attention must be one of"):
+        GPTConfig(vocab_size=97, attention="flash")
+    with pytest.raises(UserError, match="no attention dropout"):
+        GPTConfig(vocab_size=97, attention="dot_product", dropout=0.1)
