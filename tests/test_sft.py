@@ -21,29 +21,9 @@ from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.metrics import eval_line, eval_metrics, source_labels
 from gptjax.model import GPT, GPTConfig, init_params
+from test_data import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids and 256 as end-of-text: streams that do not depend on a trained model."""
-
-    kind, vocab_size, eot_id = "bytes", 257, 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids) -> str:
-        return "".join("|" if i == self.eot_id else chr(i) for i in np.asarray(ids).tolist())
-
-    def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-
-    def fingerprint(self) -> str:
-        return "bytes"
 
 
 def _records(n: int, seed: int = 0, long: int = 0) -> list[dict[str, str]]:
