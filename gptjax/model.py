@@ -13,8 +13,9 @@ given at the cache's current index, and attends over everything written so far. 
 passes a whole (padded) prompt at once; decoding then passes one token per call.
 
 A full pass computes attention with einsums and a softmax (`model.attention="xla"`, the
-reference), or with `jax.nn.dot_product_attention` ("dot_product": cuDNN's fused kernel on a
-GPU); decoding always uses the einsums over its cache.
+reference), with `jax.nn.dot_product_attention` ("dot_product": cuDNN's fused kernel on a
+GPU), or with the Pallas splash kernel ("splash", `gptjax.kernels`: TPU; interpreted on a CPU);
+decoding always uses the einsums over its cache.
 
 A full pass may take segment ids and per-example positions: the rows of supervised
 fine-tuning hold several examples packed one after another, and `attention_mask` keeps each
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 from gptjax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION = ("xla", "dot_product")  # model.attention: einsums (with attention dropout), or fused_attention
+ATTENTION = ("xla", "dot_product", "splash")  # model.attention: einsums (with attention dropout), fused_attention, kernels.splash_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +317,10 @@ class CausalSelfAttention(nn.Module):
         q_BxHxTxD, k_BxHxTxD, v_BxHxTxD = QKVProjection(cfg, self.decode_layout, name="c_attn")(x_BxTxC)
         if not decode and cfg.attention == "dot_product":
             y_BxHxTxD = fused_attention(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids)
+        elif not decode and cfg.attention == "splash":
+            from gptjax import kernels  # on use: Pallas is a heavy import
+
+            y_BxHxTxD = kernels.splash_attention(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids)
         else:
             y_BxHxTxD = self._attend(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids, deterministic, decode)
         y_BxTxC = Projection(

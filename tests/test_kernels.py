@@ -109,3 +109,105 @@ def test_attention_option_is_checked():
         GPTConfig(vocab_size=97, attention="flash")
     with pytest.raises(UserError, match="no attention dropout"):
         GPTConfig(vocab_size=97, attention="dot_product", dropout=0.1)
+
+
+def _splash_loss_and_grads(run, batch: dict[str, np.ndarray]) -> tuple[jax.Array, dict, str]:
+    """Loss and gradients of `run`'s model on the sharded batch, under the run's mesh and rules
+    (as its train step runs), and the jaxpr of that computation."""
+    trainer = run.trainer
+    params = trainer.init_state().params
+    global_batch = trainer.to_global(batch, accum=False)
+
+    def loss(p: dict, b: dict) -> jax.Array:
+        logits = trainer.model.apply({"params": p}, b["inputs"], b["positions"], segment_ids=b["segment_ids"])
+        s, n = cross_entropy(logits, b["targets"], b["weights"])
+        return s / n
+
+    fn = jax.jit(jax.value_and_grad(loss))
+    with trainer.context():
+        value, grads = fn(params, global_batch)
+        jaxpr = str(jax.make_jaxpr(fn)(params, global_batch))
+    return value, grads, jaxpr
+
+
+def test_splash_attention_on_a_mesh_gives_the_reference_loss_and_gradients():
+    """model.attention='splash' on a data x fsdp x tensor mesh (the kernel in shard_map over
+    batch and heads; Pallas interpret mode on the CPU) gives the einsum attention's loss and
+    gradients on packed rows with segment ids."""
+    batch = _packed_batch(np.random.default_rng(2), 8, 16, 300, n_sources=1)
+    batch = {k: batch[k] for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
+    want_loss, want_grads, _ = _splash_loss_and_grads(_tiny_run(), batch)
+    got_loss, got_grads, jaxpr = _splash_loss_and_grads(_tiny_run(attention="splash"), batch)
+    assert "pallas_call" in jaxpr and "shard_map" in jaxpr
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree_util.tree_leaves(got_grads)):
+        scale = float(np.abs(want).max()) or 1.0
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("seq,padded", [(24, True), (128, False)])
+def test_splash_attention_matches_the_reference_on_real_tokens(seq, padded):
+    """The kernel's outputs and input gradients equal the einsum attention's at every real
+    token: with left padding (token_mask) on a sequence that is not a multiple of the kernel's
+    block (padded at its end), and with neither (the kernel without segment ids)."""
+    from gptjax.kernels import splash_attention
+    from gptjax.model import attention_mask
+
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 2, seq, 8)), jnp.float32) for _ in range(3))
+    token_mask = np.ones((2, seq), bool)
+    if padded:
+        token_mask[0, :5] = False
+    real = jnp.asarray(np.broadcast_to(token_mask[:, None, :, None], q.shape))
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * real
+
+    def reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(8)
+        scores = jnp.where(attention_mask(seq, jnp.asarray(token_mask), None), scores, jnp.finfo(jnp.float32).min)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, -1), v)
+
+    def kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return splash_attention(q, k, v, jnp.asarray(token_mask) if padded else None, None)
+
+    for_real = lambda f: jax.value_and_grad(lambda *a: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2))
+    want, want_grads = jax.jit(for_real(reference))(q, k, v)
+    got, got_grads = jax.jit(for_real(kernel))(q, k, v)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(kernel(q, k, v))[np.asarray(real)], np.asarray(reference(q, k, v))[np.asarray(real)],
+                               rtol=0, atol=1e-5)
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_splash_attention_refuses_a_gpu(monkeypatch):
+    from gptjax.kernels import splash_attention
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x = jnp.zeros((1, 2, 8, 4), jnp.float32)
+    with pytest.raises(UserError, match="on a GPU use model.attention='dot_product'"):
+        splash_attention(x, x, x, None, None)
+
+
+def test_splash_train_step_compiles_for_v5e_2x2_with_the_kernel():
+    """With libtpu: the train step with model.attention='splash' compiles for a v5e:2x2 slice
+    (batch over fsdp, heads over tensor) with the Pallas kernels (forward, dq, dkv) as TPU
+    custom calls in the compiled program, each on its shard: 4 of the 8 rows, 1 of the 2 heads."""
+    import re
+
+    from gptjax import aot
+    from gptjax import config as config_lib
+
+    if not aot.libtpu_installed():
+        pytest.skip('libtpu is not installed (pip install -e ".[tpu]")')
+    overrides = [("model.n_layer", "1"), ("model.n_embd", "128"), ("model.n_head", "2"), ("model.block_size", "256"),
+                 ("model.dtype", "bfloat16"), ("model.attention", "splash"), ("train.seq_len", "256"),
+                 ("train.batch_size", "8"), ("mesh.data", "1"), ("mesh.fsdp", "2"), ("mesh.tensor", "2")]
+    config = config_lib.base_config()
+    config_lib.apply_overrides(config, overrides)
+    (train,) = aot.check(config, "v5e:2x2", programs=("train",), search=False).columns
+    assert train.compiled.oom_used is None and train.compiled.flops > 0
+    calls = [line for line in train.compiled.executable.as_text().splitlines()
+             if 'custom_call_target="tpu_custom_call"' in line]
+    kernels = sorted(m.group(1) for m in (re.match(r"\s*%splash_mha_(fwd|dq|dkv)_", line) for line in calls) if m)
+    assert len(calls) == 3 and kernels == ["dkv", "dq", "fwd"]
+    assert all("bf16[4,1,256,64]" in line for line in calls)
