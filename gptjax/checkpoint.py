@@ -200,8 +200,6 @@ def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[Con
     process saved since are seen.
     """
     from gptjax.data.storage import refresh
-    from gptjax.model import GPTConfig  # here to keep this module light for tools
-    from gptjax.step import param_shapes
 
     refresh(str(path))
     run_dir, step = find_run(str(path))
@@ -211,14 +209,18 @@ def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[Con
         manager = ocp.CheckpointManager(
             run_dir.checkpoints,
             item_names=ITEMS,
+            item_handlers={"params": ocp.StandardCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(create=False, save_interval_steps=0),
         )
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-    shapes = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        param_shapes(GPTConfig.from_config(config.model)),
-    )
-    restore = lambda s: manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))["params"]
+
+    def restore(s: int) -> Any:
+        # The saved shapes and dtypes (the checkpoint's metadata) onto one device: no model
+        # is built to learn them, which would cost more than reading a small model.
+        with quiet_orbax_errors():
+            saved = manager.item_metadata(s)["params"]
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), saved)
+        return manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))["params"]
     try:
         if step is None:
             found = newest_readable(manager, restore, run_dir.checkpoints)

@@ -187,14 +187,49 @@ def test_print_rows_moves_to_the_next_row_when_one_ends():
     assert single.getvalue() == ">ab\n"
 
 
-def test_cli_stores_its_compiled_programs(workdir, tmp_path):
-    """The sampler's programs go to the persistent compilation cache, small ones included
-    (JAX's default skips programs that compile in under a second), so a second run loads them."""
+def _sample_cli(workdir, cache, extra_env=None):
+    """One `python -m gptjax.sample` run with its own caches; (stdout, compile log lines)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "xla")
-    cmd = [sys.executable, "-m", "gptjax.sample", "--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "8"]
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_LOG_COMPILES="1", **(extra_env or {}))
+    cmd = [sys.executable, "-m", "gptjax.sample", "--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "24", "--top_k", "20"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    stored = os.listdir(tmp_path / "xla")
-    for program in ("jit__prefill", "jit__advance", "jit_to_decode_layout"):
+    return r.stdout, [line for line in r.stderr.splitlines() if "Compiling jit(" in line]
+
+
+def test_a_second_cli_run_loads_the_sampler_without_compiling(workdir, tmp_path):
+    """The first run compiles the sampler's programs and stores them; the second traces and
+    compiles nothing and prints the same text; a damaged stored program is compiled again."""
+    cache = tmp_path / "xla"
+    first, compiled = _sample_cli(workdir, cache)
+    assert any("jit(_prefill)" in line for line in compiled) and any("jit(_advance)" in line for line in compiled)
+    stored = sorted(os.listdir(cache / "gptjax-sampler"))
+    for program in ("prefill-", "advance-", "decode_layout-", "row_keys-"):
         assert any(name.startswith(program) for name in stored), (program, stored)
+    second, compiled = _sample_cli(workdir, cache)
+    assert compiled == [] and second == first
+    prefill = next(name for name in stored if name.startswith("prefill-"))
+    (cache / "gptjax-sampler" / prefill).write_bytes(b"not an executable")
+    third, compiled = _sample_cli(workdir, cache)
+    assert third == first and len(compiled) == 1 and "jit(_prefill)" in compiled[0]
+
+
+def test_programs_found_in_jaxs_own_cache_are_compiled_afresh_before_storing(workdir, tmp_path):
+    """An executable JAX loaded from its persistent cache serializes without some kernels (a
+    later process fails with "Function ... not found"); the sampler stores only programs it
+    compiled itself, so a run after one that filled JAX's cache still loads working programs."""
+    cache = tmp_path / "xla"
+    script = (
+        "import sys, jax; from gptjax import sample; from gptjax.sampling import programs;"
+        "programs.call = lambda name, lower, static, args: lower().compile()(*args);"
+        "sample.main(sys.argv[1:])"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache))
+    cmd = [sys.executable, "-c", script, "--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "24", "--top_k", "20"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert any(name.startswith("jit__prefill") for name in os.listdir(cache))  # JAX's cache holds the programs
+    first, _ = _sample_cli(workdir, cache)  # compiles its own and stores them
+    second, compiled = _sample_cli(workdir, cache)  # loads them
+    assert compiled == [] and second == first == r.stdout

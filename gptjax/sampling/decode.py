@@ -49,6 +49,7 @@ from flax import struct
 
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig, matmul, to_decode_layout
+from gptjax.sampling import programs
 from gptjax.sampling.filters import check_controls, choose_tokens, num_candidates
 
 _MIN_PROMPT_BUCKET = 8
@@ -272,7 +273,8 @@ class Decoder:
     def decode_params(self) -> Any:
         """The parameters in decode layout (`gptjax.model.to_decode_layout`), made on first use."""
         if self._decode_params is None:
-            self._decode_params = to_decode_layout(self.cfg, self.params)
+            cfg, params = self.cfg, self.params
+            self._decode_params = programs.call("decode_layout", lambda: to_decode_layout.lower(cfg, params), cfg, (params,))
         return self._decode_params
 
     def stream(
@@ -314,7 +316,10 @@ class Decoder:
             if not 0 <= t < cfg.vocab_size:
                 raise UserError(f"stop token {t} is outside the vocabulary [0, {cfg.vocab_size})")
         b = len(prompts)
-        row_keys = _row_keys(np.uint32(seed), b) if row_keys is None else jnp.asarray(row_keys)
+        if row_keys is None:
+            seed_arg = (np.uint32(seed),)
+            row_keys = programs.call("row_keys", lambda: _row_keys.lower(*seed_arg, b), b, seed_arg)
+        row_keys = jnp.asarray(row_keys)
         if row_keys.shape[0] != b:
             raise UserError(f"row_keys has {row_keys.shape[0]} keys for {b} prompts")
         stops = np.full((_pow2_at_least(len(stop_list), 4),), -1, np.int32)
@@ -348,7 +353,8 @@ class Decoder:
 
     def _prefill(self, call: _Call, rows: list[list[int]], length: int, out_BxN: Any, t: int, done_B: Any) -> DecodeState:
         tokens_BxP, mask_BxP = _left_pad(rows, length)
-        return _prefill(self.decode_params, tokens_BxP, mask_BxP, out_BxN, np.int32(t), done_B, *call.controls, s=call.s)
+        args = (self.decode_params, tokens_BxP, mask_BxP, out_BxN, np.int32(t), done_B, *call.controls)
+        return programs.call("prefill", lambda: _prefill.lower(*args, s=call.s), call.s, args)
 
     def _run_to(self, call: _Call, state: DecodeState, limit: int) -> DecodeState:
         """Decode, cropping full contexts, until `limit` new tokens exist or every row stopped."""
@@ -362,7 +368,8 @@ class Decoder:
                 length = _round_up(max(len(r) for r in rows), _ALIGN)
                 state = self._prefill(call, rows, length, state.out_BxN, int(t), state.done_B)
             else:
-                state = _advance(self.decode_params, state, np.int32(limit), *call.controls, s=call.s)
+                args = (self.decode_params, state, np.int32(limit), *call.controls)
+                state = programs.call("advance", lambda: _advance.lower(*args, s=call.s), call.s, args)
 
     def _run(self, call: _Call) -> Iterator[tuple[list[list[int]], Generation]]:
         b = len(call.prompts)
