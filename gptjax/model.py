@@ -63,6 +63,9 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; parameters are always fp32
     remat: bool = False  # recompute each block's activations in the backward pass
     attention: str = "xla"  # one of ATTENTION
+    # Full passes (training, evaluation) run the blocks as one scan over their stacked
+    # parameters, so compile time does not grow with depth; decoding stays unrolled.
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -81,6 +84,8 @@ class GPTConfig:
             raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.attention not in ATTENTION:
             raise UserError(f"model.attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise UserError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
         if self.attention != "xla" and self.dropout > 0:
             raise UserError(
                 f"model.attention={self.attention!r} has no attention dropout; use model.dropout=0 or model.attention='xla'"
@@ -494,15 +499,61 @@ class GPT(nn.Module):
         x_BxTxC = wte(tokens_BxT) + wpe(positions_BxT)
         x_BxTxC = nn.Dropout(cfg.dropout)(x_BxTxC, deterministic=deterministic)
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "seq", "act_embed"))
-        block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
-        for i in range(cfg.n_layer):
-            x_BxTxC = block(cfg, self.decode_layout, name=f"h_{i}")(x_BxTxC, token_mask, segment_ids, deterministic, decode)
+        if cfg.scan_layers and not decode and not self.is_initializing():
+            x_BxTxC = self._scan_blocks(x_BxTxC, token_mask, segment_ids, deterministic)
+        else:
+            block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
+            for i in range(cfg.n_layer):
+                x_BxTxC = block(cfg, self.decode_layout, name=f"h_{i}")(x_BxTxC, token_mask, segment_ids, deterministic, decode)
         x_BxTxC = _layer_norm(cfg, "ln_f")(x_BxTxC)
         if return_hidden:
             return x_BxTxC.astype(cfg.compute_dtype)
         # The tied head reads the [vocab, embed] table as stored: already the [out, in] layout.
         dtype = cfg.compute_dtype
         return matmul("btc,vc->btv", x_BxTxC.astype(dtype), wte.embedding.astype(dtype))
+
+    def _scan_blocks(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, segment_ids: jax.Array | None,
+                     deterministic: bool) -> jax.Array:
+        """The blocks of a full pass as one `jax.lax.scan` (`model.scan_layers`).
+
+        The parameters stay one subtree per layer (`h_{i}`, as `init` makes them), so
+        checkpoints, Hugging Face conversion, per-layer optimizer rules and the sampler read
+        the same tree; here they are stacked on a leading layer axis (one copy of the block
+        parameters per pass, split like each layer's by the mesh rules) and the scan body
+        applies one `Block` to one layer's slice. Dropout draws a key per layer from this
+        module's `dropout` stream. With `model.remat` the body is rematerialized.
+        """
+        cfg = self.cfg
+        block = Block(cfg, self.decode_layout, parent=None)
+        params = self.variables["params"]
+        layers = [nn.meta.unbox(params[f"h_{i}"]) for i in range(cfg.n_layer)]
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+        x_spec = jax.ShapeDtypeStruct(x_BxTxC.shape, x_BxTxC.dtype)
+        boxed = jax.eval_shape(lambda x: block.init(jax.random.PRNGKey(0), x, None, None, True, False), x_spec)
+        names = nn.get_partition_spec(boxed["params"])
+
+        def constrain(tree: Any, lead: tuple[None, ...]) -> Any:
+            def one(x: jax.Array, spec: Any) -> jax.Array:
+                if len(spec) + len(lead) != x.ndim:  # a kernel without logical names (decode layout)
+                    return x
+                return nn.with_logical_constraint(x, (*lead, *spec))
+
+            return jax.tree_util.tree_map(one, tree, names)
+
+        stacked = constrain(stacked, (None,))
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), cfg.n_layer)
+
+        def body(x_BxTxC: jax.Array, layer: tuple[Any, jax.Array | None]) -> tuple[jax.Array, None]:
+            layer_params, key = layer
+            rngs = None if key is None else {"dropout": key}
+            x_BxTxC = block.apply({"params": constrain(layer_params, ())}, x_BxTxC, token_mask, segment_ids,
+                                  deterministic, False, rngs=rngs)
+            return x_BxTxC, None
+
+        if cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x_BxTxC, _ = jax.lax.scan(body, x_BxTxC, (stacked, keys))
+        return x_BxTxC
 
 
 def init_params(cfg: GPTConfig, rng: jax.Array) -> Any:

@@ -1,0 +1,166 @@
+"""`model.scan_layers`: a full pass runs the blocks as one scan over their stacked parameters.
+
+It must compute what the unrolled blocks compute (loss and every gradient, plain and packed
+rows, with and without remat), apply the layers in order, draw dropout from the rng it is
+given, train on a mesh like the reference, and leave the parameter tree (`h_{i}`) as it is, so
+its checkpoints load for sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import config as C
+from gptjax import train
+from gptjax.errors import UserError
+from gptjax.loss import cross_entropy
+from gptjax.model import GPT, GPTConfig, init_params
+from gptjax.sampling import load
+
+REFERENCE = GPTConfig(vocab_size=97, n_layer=3, n_head=4, n_embd=32, block_size=16)
+
+
+def _batch(packed: bool) -> dict[str, np.ndarray]:
+    """Four rows of 16 tokens; packed: two or three examples per row (segment ids, positions)."""
+    rng = np.random.default_rng(1)
+    batch = {
+        "inputs": rng.integers(0, 97, (4, 16)).astype(np.int32),
+        "targets": rng.integers(0, 97, (4, 16)).astype(np.int32),
+        "weights": (rng.random((4, 16)) < 0.8).astype(np.float32),
+    }
+    if packed:
+        segment_ids = np.zeros((4, 16), np.int32)
+        positions = np.zeros((4, 16), np.int32)
+        for r in range(4):
+            cuts = sorted(rng.choice(np.arange(2, 14), size=int(rng.integers(1, 3)), replace=False))
+            for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, 16])):
+                segment_ids[r, a:b] = i + 1
+                positions[r, a:b] = np.arange(b - a)
+        batch.update(segment_ids=segment_ids, positions=positions)
+    return batch
+
+
+def _loss_fn(cfg: GPTConfig, batch: dict[str, np.ndarray], deterministic: bool = True):
+    def loss(params: dict, rng: jax.Array) -> jax.Array:
+        logits = GPT(cfg).apply({"params": params}, batch["inputs"], batch.get("positions"),
+                                segment_ids=batch.get("segment_ids"), deterministic=deterministic,
+                                rngs={"dropout": rng})
+        s, n = cross_entropy(logits, batch["targets"], batch["weights"])
+        return s / n
+
+    return loss
+
+
+def _has_scan(cfg: GPTConfig, params: dict, batch: dict[str, np.ndarray]) -> bool:
+    jaxpr = jax.make_jaxpr(_loss_fn(cfg, batch))(params, jax.random.PRNGKey(0))
+    return any(eqn.primitive.name == "scan" for eqn in jaxpr.jaxpr.eqns)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_scan_gives_the_unrolled_loss_and_every_gradient(packed, remat):
+    """Same loss and gradient of every parameter (each `h_{i}` its own) as the unrolled
+    blocks. The layers are not interchangeable: the reference with two layers swapped gives
+    another loss, so a scan over the wrong order (or over one layer's parameters) fails here;
+    and the option's forward pass is a scan, the reference's is not, so an ignored option fails."""
+    params = init_params(REFERENCE, jax.random.PRNGKey(0))
+    batch = _batch(packed)
+    option = dataclasses.replace(REFERENCE, scan_layers=True, remat=remat)
+    assert _has_scan(option, params, batch) and not _has_scan(REFERENCE, params, batch)
+
+    def loss_and_grads(cfg: GPTConfig, p: dict) -> tuple[jax.Array, dict]:
+        return jax.jit(jax.value_and_grad(_loss_fn(cfg, batch)))(p, jax.random.PRNGKey(0))
+
+    want_loss, want_grads = loss_and_grads(REFERENCE, params)
+    got_loss, got_grads = loss_and_grads(option, params)
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
+    assert jax.tree_util.tree_structure(got_grads) == jax.tree_util.tree_structure(want_grads)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree_util.tree_leaves(got_grads)):
+        scale = float(np.abs(want).max()) or 1.0
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+    swapped = {**params, "h_0": params["h_1"], "h_1": params["h_0"]}
+    assert abs(float(_loss_fn(REFERENCE, batch)(swapped, jax.random.PRNGKey(0))) - float(want_loss)) > 1e-4
+
+
+def test_scan_with_dropout_is_deterministic_for_its_rng():
+    """With dropout the scanned pass depends on the dropout rng only: the same rng gives the
+    same loss and gradients (with remat too), another rng another loss, and both differ from
+    the pass without dropout."""
+    params = init_params(REFERENCE, jax.random.PRNGKey(0))
+    batch = _batch(packed=True)
+    cfg = dataclasses.replace(REFERENCE, scan_layers=True, dropout=0.2)
+    grad = jax.jit(jax.value_and_grad(_loss_fn(cfg, batch, deterministic=False)))
+    a, b = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    loss_a, grads_a = grad(params, a)
+    loss_a2, grads_a2 = grad(params, a)
+    remat_a, remat_grads_a = jax.jit(jax.value_and_grad(_loss_fn(dataclasses.replace(cfg, remat=True), batch, False)))(params, a)
+    assert float(loss_a) == float(loss_a2) == pytest.approx(float(remat_a), rel=1e-6)
+    for g, g2, g3 in zip(*(jax.tree_util.tree_leaves(t) for t in (grads_a, grads_a2, remat_grads_a))):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(g2))
+        np.testing.assert_allclose(np.asarray(g3), np.asarray(g), rtol=0, atol=1e-5 * (float(np.abs(g).max()) or 1.0))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads_a))
+    assert float(grad(params, b)[0]) != pytest.approx(float(loss_a), rel=1e-4)
+    assert float(_loss_fn(cfg, batch)(params, a)) != pytest.approx(float(loss_a), rel=1e-4)
+
+
+def test_scan_layers_is_checked():
+    with pytest.raises(UserError, match="model.scan_layers must be true or false"):
+        GPTConfig(vocab_size=97, scan_layers="yes")
+    config = C.base_config()
+    assert config.model.scan_layers is False
+    C.apply_overrides(config, [("model.scan_layers", "true")])
+    assert config.model.scan_layers is True
+    with pytest.raises(UserError, match="model.scan_layers expects a bool"):
+        C.apply_overrides(config, [("model.scan_layers", "sometimes")])
+
+
+def _corpus(path) -> str:
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "theta"]
+    path.mkdir(parents=True, exist_ok=True)
+    for d in range(20):
+        lines = [f"def f{d}_{i}({rng.choice(words)}):\n    return {rng.choice(words)} + {i}\n" for i in range(20)]
+        (path / f"doc{d:02d}.txt").write_text("".join(lines))
+    return str(path / "*.txt")
+
+
+def test_training_on_a_mesh_matches_the_unrolled_run_and_its_checkpoint_samples(tmp_path):
+    """Three steps on 8 devices (data, fsdp and tensor 2 each: the parameters' logical
+    shardings apply to the stacked ones) give the unrolled run's losses, with remat too;
+    the checkpoint keeps `h_{i}` and loads for sampling, and its full pass (scanned) gives the
+    reference run's logits."""
+    corpus = _corpus(tmp_path / "corpus")
+
+    def config(scan: bool):
+        c = C.base_config()
+        c.data.source = f"files:{corpus}"
+        c.data.val_fraction = 0.1
+        c.tokenizer.vocab_size = 300
+        c.model.update(n_layer=3, n_head=4, n_embd=32, block_size=32, scan_layers=scan, remat=scan)
+        c.train.update(steps=3, batch_size=8, seq_len=32, eval_every=3, eval_batches=1, log_every=1, checkpoint_every=3)
+        c.optim.update(lr=3e-3, warmup_steps=1)
+        c.mesh.update(data=2, fsdp=2, tensor=2)
+        return c
+
+    ref, scan = str(tmp_path / "ref"), str(tmp_path / "scan")
+    want = train.run(config(False), ref)
+    os.makedirs(scan)
+    shutil.copytree(os.path.join(ref, "tokenizer"), os.path.join(scan, "tokenizer"))
+    got = train.run(config(True), scan)
+    for key in ("loss", "val_loss"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+    loaded, reference = load(scan), load(ref)
+    assert loaded.model_config.scan_layers and not reference.model_config.scan_layers
+    assert sorted(k for k in loaded.params if k.startswith("h_")) == ["h_0", "h_1", "h_2"]
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 32)).astype(np.int32)
+    logits = GPT(loaded.model_config).apply({"params": loaded.params}, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(GPT(reference.model_config).apply({"params": reference.params}, tokens)), atol=1e-4, rtol=0)
+    new = loaded.generate_tokens([[1, 2, 3]], max_new_tokens=5, temperature=0.0, stop_tokens=())
+    assert len(new[0]) == 5
