@@ -141,6 +141,24 @@ def test_roofline_takes_the_slower_bound_over_the_whole_step():
     assert r.bound == "HBM" and r.seconds == pytest.approx(4e12 / chip.hbm_bytes_per_s)
 
 
+def test_with_scan_layers_the_cost_rows_are_not_shown():
+    """XLA counts the layer scan's body once: a scanned column shows no HLO FLOPs, HBM bytes or
+    roofline (they would be one layer's), while its memory is shown as for any column."""
+    import re
+
+    body = aot.Compiled("train", 0.0, temp=3 << 30, flops=1e12, bytes_accessed=1e9)
+    columns = [aot.Column(title, body, "", 4096, 2e12, None, repeats=4, scanned=title == "scanned")
+               for title in ("unrolled", "scanned")]
+    report = aot.Report("x", "v5e:2x2", TPUS["v5e"], 4, {"data": 4}, 1, 1, 1, 1, 1, columns, True, None)
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in aot.format_report(report).splitlines())}
+    for label in ("HLO FLOPs per chip", "HLO HBM bytes per chip", "roofline time per call", "MFU at roofline time"):
+        unrolled, scanned = rows[label]
+        assert scanned == "n/a (scan_layers)" and unrolled != scanned, (label, rows[label])
+    assert rows["HLO FLOPs per chip"][0] == "4e+12"
+    unrolled, scanned = rows["temporaries"]
+    assert unrolled == scanned and "3.00 GiB" in scanned
+
+
 @needs_libtpu
 def test_eval_step_holds_no_full_logits():
     """A narrow model with GPT-2's vocabulary, where an eval batch's [rows, seq, vocab] fp32
