@@ -7,8 +7,11 @@ The data and tokenizer are those of configs/gpt2_124m.py (FineWeb-Edu jsonl shar
 docstring has the commands that make them). Batch 512 x 1024 tokens per step, as for 124M; the
 parameters, AdamW state and gradients (16 bytes per parameter: 23.2 GiB, 0.72 GiB per chip here)
 are split over all chips (fsdp), each block's activations are recomputed in the backward pass
-(model.remat), and grad_accum=16 micro-batches of 32 sequences make one step. On another slice,
-ask `python -m gptjax.aot` for the grad_accum that fits (--config.train.grad_accum).
+(model.remat), and grad_accum=16 micro-batches of 32 sequences make one step. The 48 blocks run
+as one scan (model.scan_layers), so the step compiles in about the time of a shallow model's;
+unrolled, the AOT check had not finished compiling it after 30 minutes on a 2-core machine.
+On another slice, ask `python -m gptjax.aot` for the grad_accum that fits
+(--config.train.grad_accum).
 """
 
 import os
@@ -19,7 +22,7 @@ from gptjax.config import load_config
 def get_config():
     """The 124M recipe (data, tokenizer, schedule, fsdp mesh) at this model's shape."""
     c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_124m.py"))
-    c.model.update(n_layer=48, n_head=25, n_embd=1600, remat=True)
+    c.model.update(n_layer=48, n_head=25, n_embd=1600, remat=True, scan_layers=True)
     c.train.grad_accum = 16
     c.optim.lr = 2e-4
     return c
