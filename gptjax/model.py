@@ -371,9 +371,12 @@ class CausalSelfAttention(nn.Module):
         The cache holds keys and values as [batch * heads, slots, head_dim] (N x S x D), the
         layout the attention's matmuls read. (From a [batch, heads, ...] cache with one row,
         XLA folds the unit batch axis away between the update and the matmul, and then copies
-        every cache buffer once per decode step.) S is the sequence length the cache was
-        initialised with. A query at slot i sees slots j <= i whose token was real
-        (token_mask True when written).
+        every cache buffer once per decode step.) The updated keys and values pass an
+        optimization barrier before the matmuls read them: with a bfloat16 cache, XLA's CPU
+        backend upcasts the matmuls' operands to fp32, and without the barrier it writes the
+        cache in fp32 and converts it back, copying every buffer, at every step. S is the
+        sequence length the cache was initialised with. A query at slot i sees slots j <= i
+        whose token was real (token_mask True when written).
         """
         b, h, t, d = k_BxHxTxD.shape
         is_initialized = self.has_variable("cache", "cached_key")
@@ -387,8 +390,10 @@ class CausalSelfAttention(nn.Module):
         s = cached_k.value.shape[1]
         i = index.value
         tm_BxT = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_NxTxD.astype(cached_k.value.dtype), (0, i, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_NxTxD.astype(cached_v.value.dtype), (0, i, 0))
+        cached_k.value, cached_v.value = jax.lax.optimization_barrier((
+            jax.lax.dynamic_update_slice(cached_k.value, k_NxTxD.astype(cached_k.value.dtype), (0, i, 0)),
+            jax.lax.dynamic_update_slice(cached_v.value, v_NxTxD.astype(cached_v.value.dtype), (0, i, 0)),
+        ))
         valid.value = jax.lax.dynamic_update_slice(valid.value, tm_BxT, (0, i))
         index.value = i + t
         q_slot_Tx1 = i + jnp.arange(t)[:, None]

@@ -368,3 +368,30 @@ def test_decode_loop_updates_the_cache_in_place(trained, batch):
     shape = "f32[" + ",".join(map(str, cache_shape)) + "]"
     assert hlo.count(shape) > 0
     assert not [line for line in hlo.splitlines() if " copy(" in line and shape in line.split("copy(")[0]]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_bfloat16_decode_loop_updates_the_cache_in_place(trained, batch):
+    """With a bfloat16 cache the compiled decode loop copies no array the size of a cache buffer,
+    in any dtype or layout (XLA's CPU backend once rewrote the whole cache through fp32, copying
+    every buffer, every step)."""
+    import dataclasses
+    import re
+
+    from gptjax.sampling import decode
+
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    decoder = sampling.Decoder(cfg, trained)
+    call = decoder._plan(
+        [encode("the quick")] * batch, max_new_tokens=20, temperature=1.0, top_k=5, top_p=0.9,
+        stop_tokens=(), seed=0, row_keys=None, truncate_prompt=False, chunk=None,
+    )
+    state = decoder._prefill(call, call.prompts, call.p_len, np.zeros((batch, call.n_len), np.int32), 0, np.zeros(batch, bool))
+    cache_k = state.cache["h_0"]["attn"]["cached_key"]
+    assert cache_k.dtype == jnp.bfloat16
+    hlo = decode._advance.lower(decoder.decode_params, state, np.int32(20), *call.controls, s=call.s).compile().as_text()
+    dims = ",".join(map(str, cache_k.shape))
+    assert re.search(rf"bf16\[{dims}\]", hlo)
+    ops = re.findall(r"= \w+\[([\d,]*)\]\S* ([\w-]+)\(", hlo)  # (dims, opcode) of array-valued instructions
+    assert "dot" in {op for _, op in ops}, "the pattern no longer reads XLA's HLO text"
+    assert not [d for d, op in ops if op == "copy" and d and math.prod(map(int, d.split(","))) == cache_k.size]
