@@ -76,7 +76,9 @@ def test_eval_step_equals_the_full_logits_loss(monkeypatch, chunk_bytes):
     assert run.trainer.evaluate_sources(params, [plain]) == (pytest.approx(reference(plain, np.arange(8)), rel=1e-5), None)
 
 
-@pytest.mark.parametrize("attention", [a for a in ATTENTION if a != "xla"])
+# splash runs in Pallas interpret mode here (slow): its own tests below cover plain, packed,
+# padded and sharded rows.
+@pytest.mark.parametrize("attention", [a for a in ATTENTION if a not in ("xla", "splash")])
 @pytest.mark.parametrize("packed", [False, True])
 def test_attention_option_gives_the_reference_loss_and_gradients(attention, packed):
     """Loss and every parameter's gradient equal those of the einsum attention ("xla"), on
