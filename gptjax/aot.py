@@ -103,7 +103,12 @@ def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """What the TPU compiler says about one program, per chip. `total` is its peak HBM use."""
+    """What the TPU compiler says about one program, per chip. `total` is its peak HBM use.
+
+    It fits when the compiler accepted it and its total is within the chip's HBM (`hbm`, 0 when
+    not known): the compiler's own limit is on part of that total, so acceptance alone is not
+    enough (it accepts programs whose arguments and temporaries together exceed the chip).
+    """
 
     name: str
     seconds: float
@@ -116,6 +121,7 @@ class Compiled:
     bytes_accessed: float = 0.0
     oom_used: int | None = None  # the compiler refused it: bytes it needed
     oom_limit: int | None = None  # ... of this many it could use
+    hbm: int = 0  # the chip's HBM bytes
     executable: Any = dataclasses.field(default=None, compare=False, repr=False)  # when it compiled
 
     @property
@@ -123,6 +129,19 @@ class Compiled:
         if self.oom_used is not None:
             return self.oom_used
         return self.argument + self.output - self.alias + self.temp + self.code
+
+    @property
+    def refused(self) -> bool:
+        return self.oom_used is not None
+
+    @property
+    def fits(self) -> bool:
+        return not self.refused and (not self.hbm or self.total <= self.hbm)
+
+    @property
+    def limit(self) -> int:
+        """The bytes a fitting program may use: the compiler's figure when it refused, else HBM."""
+        return self.oom_limit or self.hbm or self.total
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -149,8 +168,9 @@ def parse_oom(message: str) -> tuple[int, int] | None:
     return None
 
 
-def compile_lowered(name: str, lowered: jax.stages.Lowered) -> Compiled:
-    """Compile for the lowered program's devices; an out-of-HBM refusal becomes a result."""
+def compile_lowered(name: str, lowered: jax.stages.Lowered, hbm: int = 0) -> Compiled:
+    """Compile for the lowered program's devices (chips of `hbm` bytes); an out-of-HBM refusal
+    becomes a result."""
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -158,7 +178,7 @@ def compile_lowered(name: str, lowered: jax.stages.Lowered) -> Compiled:
         oom = parse_oom(str(e))
         if oom is None:
             raise
-        return Compiled(name, time.perf_counter() - start, oom_used=oom[0], oom_limit=oom[1])
+        return Compiled(name, time.perf_counter() - start, oom_used=oom[0], oom_limit=oom[1], hbm=hbm)
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -173,6 +193,7 @@ def compile_lowered(name: str, lowered: jax.stages.Lowered) -> Compiled:
         code=mem.generated_code_size_in_bytes,
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        hbm=hbm,
         executable=compiled,
     )
 
@@ -189,6 +210,28 @@ def resolve_run(config: config_lib.ConfigDict, devices: Sequence[jax.Device], gr
         config = config.copy_and_resolve_references()
         config_lib.apply_overrides(config, [("train.grad_accum", str(grad_accum))])
     return run_lib.resolve(config, None, devices)
+
+
+def unrolled_cost(
+    config: config_lib.ConfigDict, devices: Sequence[jax.Device], grad_accum: int, program: str, hbm: int
+) -> tuple[float, float] | None:
+    """HLO (FLOPs, HBM bytes) per micro-batch of `program` ('train' or 'eval') with its blocks
+    unrolled, for a model that scans them (XLA counts a scan's body once): the blocks are alike,
+    so the cost of n layers is c(1) + (n - 1) * (c(2) - c(1)), from 1- and 2-layer compiles of
+    the same step. None when either is refused."""
+    costs = []
+    for layers in (1, 2):
+        shallow = config.copy_and_resolve_references()
+        config_lib.apply_overrides(shallow, [("model.n_layer", str(layers)), ("model.scan_layers", "false")])
+        run = resolve_run(shallow, devices, grad_accum)
+        _log(f"  compiling the {program} step with {layers} unrolled layer(s) for its cost ...")
+        compiled = compile_lowered(program, lower_train(run) if program == "train" else lower_eval(run), hbm)
+        if compiled.refused:
+            return None
+        costs.append((compiled.flops, compiled.bytes_accessed))
+    n = config.model.n_layer
+    (f1, b1), (f2, b2) = costs
+    return f1 + (n - 1) * (f2 - f1), b1 + (n - 1) * (b2 - b1)
 
 
 def lower_train(run: Any) -> jax.stages.Lowered:
@@ -258,7 +301,7 @@ def micro_batches(batch_size: int, data_parallel: int) -> list[int]:
 def largest_fitting(
     candidates: Sequence[int], refused: dict[int, Compiled], fixed: int, compile_at: Callable[[int], Compiled]
 ) -> tuple[int, Compiled] | None:
-    """The largest candidate micro-batch whose train step the compiler accepts, or None.
+    """The largest candidate micro-batch whose train step fits (`Compiled.fits`), or None.
 
     `refused` maps micro-batches already refused to their refusals; `fixed` is the
     part of a step's memory that does not grow with the micro-batch (its state). Each probe is
@@ -267,7 +310,7 @@ def largest_fitting(
     neighbours, so the answer does not depend on the line being right.
     """
     bad = {m: c.total for m, c in refused.items()}
-    limit = min(c.oom_limit or c.total for c in refused.values())
+    limit = min(c.limit for c in refused.values())
     good: dict[int, Compiled] = {}
     while True:
         hi = min(bad)
@@ -281,7 +324,7 @@ def largest_fitting(
         fitting = [m for m in untried if m <= guess]
         probe = max(fitting) if fitting else min(untried)
         result = compile_at(probe)
-        if result.oom_used is None:
+        if result.fits:
             good[probe] = result
         else:
             bad[probe] = result.total
@@ -306,16 +349,22 @@ class Column:
     state: tuple[int, int] | None  # per-chip (parameters, optimizer state) bytes from the shardings
     repeats: int = 1  # micro-batches per call: the compiler counts the loop over them once
     scanned: bool = False  # the blocks run as one scan (model.scan_layers): its body is counted once
+    unrolled: tuple[float, float] | None = None  # a scanned step's (FLOPs, HBM bytes) per micro-batch, unrolled
+
+    @property
+    def counted(self) -> bool:
+        """Whether the compiler's cost figures cover the whole call (not one layer of a scan)."""
+        return not self.scanned or self.unrolled is not None
 
     @property
     def hlo_flops(self) -> float:
         """The compiler's FLOPs per chip for the whole call (its loop body times `repeats`)."""
-        return self.compiled.flops * self.repeats
+        return (self.unrolled[0] if self.unrolled else self.compiled.flops) * self.repeats
 
     @property
     def hbm_bytes(self) -> float:
         """The compiler's HBM bytes per chip for the whole call (its loop body times `repeats`)."""
-        return self.compiled.bytes_accessed * self.repeats
+        return (self.unrolled[1] if self.unrolled else self.compiled.bytes_accessed) * self.repeats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,9 +423,11 @@ def check(
     config_name: str = "",
     sample_rows: int = 8,
     prompt_len: int = 0,
+    layer_costs: bool = False,
 ) -> Report:
     """Compile the run's `programs` for `topology`; when the train step does not fit and
-    `search`, also find (and compile) the largest micro-batch that does.
+    `search`, also find (and compile) the largest micro-batch that does. With `layer_costs`, a
+    model that scans its layers gets its train and eval cost figures from `unrolled_cost`.
 
     The sampler's programs (prefill, decode) are those of a call with `sample_rows` prompts
     of `prompt_len` tokens (0: half the window) and new tokens up to the window, its
@@ -397,18 +448,23 @@ def check(
     def train_column(r: Any, title: str) -> Column:
         m = r.train.batch_size // r.train.grad_accum
         _log(f"compiling the train step for {topology} (micro-batch {m}, grad_accum {r.train.grad_accum}) ...")
-        compiled = compile_lowered("train", lower_train(r))
+        compiled = compile_lowered("train", lower_train(r), chip.hbm_bytes)
         _log(f"  {_outcome(compiled)}")
         tokens = r.train.batch_size * r.train.seq_len
         shape = f"{m} x {r.train.seq_len} x {r.train.grad_accum}"
         return Column(title, compiled, shape, tokens, train_flops * tokens, state_bytes(r), r.train.grad_accum, gpt.scan_layers)
 
+    def costed(c: Column, grad_accum: int) -> Column:
+        if not (layer_costs and c.scanned) or c.compiled.refused:
+            return c
+        return dataclasses.replace(c, unrolled=unrolled_cost(config, devices, grad_accum, c.compiled.name, chip.hbm_bytes))
+
     columns: list[Column] = []
     fits, found = True, None
     if "train" in programs:
         first = train_column(run, "train step")
-        columns.append(first)
-        fits = first.compiled.oom_used is None
+        columns.append(costed(first, t.grad_accum))
+        fits = first.compiled.fits
         if not fits and search:
             from gptjax import sharding
 
@@ -423,18 +479,19 @@ def check(
             result = largest_fitting(candidates, {micro: first.compiled}, fixed, compile_at)
             if result is not None:
                 found = result[0]
-                columns.append(tried[found])
+                columns.append(costed(tried[found], t.batch_size // found))
     if "eval" in programs:
         # Training evaluates a micro-batch at a time: the one that fits, when one was found.
         eval_run = run if found is None else resolve_run(config, devices, grad_accum=t.batch_size // found)
         rows = found or micro
         _log(f"compiling the eval step for {topology} (batch {rows}) ...")
         tokens = rows * t.seq_len
-        compiled = compile_lowered("eval", lower_eval(eval_run))
+        compiled = compile_lowered("eval", lower_eval(eval_run), chip.hbm_bytes)
         _log(f"  {_outcome(compiled)}")
-        columns.append(Column("eval step", compiled, f"{rows} x {t.seq_len}", tokens, train_flops / 3 * tokens, None, scanned=gpt.scan_layers))
+        column = Column("eval step", compiled, f"{rows} x {t.seq_len}", tokens, train_flops / 3 * tokens, None, scanned=gpt.scan_layers)
+        columns.append(costed(column, t.batch_size // rows))
     if "prefill" in programs or "decode" in programs:
-        columns += sampler_columns(run, topology, programs, sample_rows, prompt_len)
+        columns += sampler_columns(run, topology, chip, programs, sample_rows, prompt_len)
     return Report(
         config_name=config_name,
         topology=topology,
@@ -452,7 +509,7 @@ def check(
     )
 
 
-def sampler_columns(run: Any, topology: str, programs: Sequence[str], rows: int, prompt_len: int) -> list[Column]:
+def sampler_columns(run: Any, topology: str, chip: Chip, programs: Sequence[str], rows: int, prompt_len: int) -> list[Column]:
     """The prefill and decode-step columns (see `check`); the decode loop is compiled with the
     prefill's output shardings, so the prefill is compiled even when only decode is asked."""
     from gptjax.sampling.decode import plan_lengths
@@ -462,7 +519,7 @@ def sampler_columns(run: Any, topology: str, programs: Sequence[str], rows: int,
     forward = lambda context: gpt.flops_per_token(context) / 3 / n  # per token, per chip
     _log(f"compiling the sampler's prefill for {topology} ({rows} prompts of {prompt_len} tokens) ...")
     prefill_lowered, decode_loop = lower_sampler(run, rows, prompt_len)
-    prefill = compile_lowered("prefill", prefill_lowered)
+    prefill = compile_lowered("prefill", prefill_lowered, chip.hbm_bytes)
     _log(f"  {_outcome(prefill)}")
     columns = []
     if "prefill" in programs:
@@ -470,16 +527,16 @@ def sampler_columns(run: Any, topology: str, programs: Sequence[str], rows: int,
                               forward(prompt_len) * rows * prompt_len, None))
     if "decode" in programs:
         _log(f"compiling the sampler's decode step for {topology} ({rows} rows, {slots} cache slots) ...")
-        step = compile_lowered("decode", decode_loop(prefill.executable))
+        step = compile_lowered("decode", decode_loop(prefill.executable), chip.hbm_bytes)
         _log(f"  {_outcome(step)}")
         columns.append(Column("decode step", step, f"{rows} x 1 (cache {slots})", rows, forward(slots) * rows, None))
     return columns
 
 
 def _outcome(c: Compiled) -> str:
-    if c.oom_used is not None:
-        return f"does not fit: needs {_bytes(c.oom_used)} of {_bytes(c.oom_limit or 0)} ({c.seconds:.0f} s)"
-    return f"fits: {_bytes(c.total)} per chip ({c.seconds:.0f} s)"
+    if c.fits:
+        return f"fits: {_bytes(c.total)} per chip ({c.seconds:.0f} s)"
+    return f"does not fit: needs {_bytes(c.total)} of {_bytes(c.limit)} ({c.seconds:.0f} s)"
 
 
 def _bytes(n: float) -> str:
@@ -507,11 +564,11 @@ def format_report(report: Report) -> str:
         rows.append((label, [cell(c) for c in report.columns]))
 
     def ok(cell: Callable[[Column], str]) -> Callable[[Column], str]:
-        return lambda c: "-" if c.compiled.oom_used is not None else cell(c)
+        return lambda c: "-" if c.compiled.refused else cell(c)
 
     def counted(cell: Callable[[Column], str]) -> Callable[[Column], str]:
         """A cell from the compiler's cost analysis: not shown where it counts one layer of n."""
-        return ok(lambda c: "n/a (scan_layers)" if c.scanned else cell(c))
+        return ok(lambda c: cell(c) if c.counted else "n/a (scan_layers; --layer_costs)")
 
     row("rows x tokens x micro-batches", lambda c: c.shape)
     row("parameters (shardings)", lambda c: _bytes(c.state[0]) if c.state else "-")
@@ -525,8 +582,10 @@ def format_report(report: Report) -> str:
     row(
         "fits",
         lambda c: "yes"
-        if c.compiled.oom_used is None
-        else f"no (compiler: {_bytes(c.compiled.oom_limit or 0)} usable)",
+        if c.compiled.fits
+        else f"no (compiler: {_bytes(c.compiled.limit)} usable)"
+        if c.compiled.refused
+        else f"no (over the chip's {chip.hbm_gib:g} GiB)",
     )
     row("HLO FLOPs per chip", counted(lambda c: f"{c.hlo_flops:.3g}"))
     row("model FLOPs per chip (6N + attention)", lambda c: f"{c.model_flops:.3g}")
@@ -541,6 +600,8 @@ def format_report(report: Report) -> str:
     lines.append(" " * width + "  " + "  ".join(c.title.rjust(w) for c, w in zip(report.columns, cols)))
     for label, cells in rows:
         lines.append(label.ljust(width) + "  " + "  ".join(v.rjust(w) for v, w in zip(cells, cols)))
+    if any(c.unrolled for c in report.columns):
+        lines.append("HLO figures of scanned steps: c(1) + (n_layer - 1) * (c(2) - c(1)) from 1- and 2-layer unrolled compiles")
     lines.append("")
     if report.fits:
         lines.append("verdict: the train step fits as configured")
@@ -576,6 +637,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample_rows", type=int, default=8, help="the sampler's prompts per call (prefill, decode)")
     parser.add_argument("--prompt_len", type=int, default=0, help="the sampler's prompt tokens (default: half the window)")
     parser.add_argument("--no_search", action="store_true", help="do not search for a micro-batch that fits")
+    parser.add_argument(
+        "--layer_costs", action="store_true",
+        help="with model.scan_layers, take the train and eval HLO FLOPs and HBM bytes (and so the roofline) from "
+        "1- and 2-layer unrolled compiles (XLA counts a scan's body once); two more compiles per step",
+    )
     args, rest = parser.parse_known_args(argv)
 
     def body() -> int:
@@ -588,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         config_lib.apply_overrides(config, config_lib.parse_overrides(rest))
         report = check(
             config, args.topology, programs, search=not args.no_search, config_name=args.config,
-            sample_rows=args.sample_rows, prompt_len=args.prompt_len,
+            sample_rows=args.sample_rows, prompt_len=args.prompt_len, layer_costs=args.layer_costs,
         )
         print(format_report(report))
         return 0 if report.fits else 1

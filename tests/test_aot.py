@@ -55,10 +55,13 @@ def test_parse_oom():
     assert aot.parse_oom("INVALID_ARGUMENT: something else") is None
 
 
+@pytest.mark.parametrize("refuses", [True, False], ids=["compiler-refuses", "compiler-accepts-too-much"])
 @pytest.mark.parametrize("per_row", [1.0, 7.3, 60.0, 400.0])
-def test_largest_fitting_finds_the_largest_candidate_under_the_limit(per_row):
+def test_largest_fitting_finds_the_largest_candidate_under_the_limit(per_row, refuses):
     """Against a compiler stand-in whose memory grows with the micro-batch (not in a straight
-    line), the search returns exactly the largest candidate that fits, in a few compiles."""
+    line), the search returns exactly the largest candidate that fits, in a few compiles:
+    whether the compiler refuses what is too big or (as libtpu can) accepts a program larger
+    than the chip's HBM."""
     limit, fixed = 1000, 150
     need = lambda m: int(fixed + per_row * m + 0.02 * m * m)
     candidates = aot.micro_batches(512, 4)
@@ -66,9 +69,9 @@ def test_largest_fitting_finds_the_largest_candidate_under_the_limit(per_row):
 
     def compile_at(m: int) -> aot.Compiled:
         compiled.append(m)
-        if need(m) > limit:
-            return aot.Compiled("train", 0.0, oom_used=need(m), oom_limit=limit)
-        return aot.Compiled("train", 0.0, temp=need(m))
+        if need(m) > limit and refuses:
+            return aot.Compiled("train", 0.0, oom_used=need(m), oom_limit=limit, hbm=limit)
+        return aot.Compiled("train", 0.0, temp=need(m), hbm=limit)
 
     first = compile_at(512)
     fitting = [m for m in candidates if need(m) <= limit]
@@ -80,6 +83,24 @@ def test_largest_fitting_finds_the_largest_candidate_under_the_limit(per_row):
     assert len(compiled) <= 5
 
 
+def test_a_program_over_the_chips_hbm_does_not_fit_though_the_compiler_accepted_it():
+    """libtpu accepted a 19 GiB xl train step for a 16 GiB v5e chip: the outcome, the table's
+    fits row and the verdict all say it does not fit."""
+    import re
+
+    chip = TPUS["v5e"]
+    over = aot.Compiled("train", 0.0, argument=5 << 30, temp=14 << 30, hbm=chip.hbm_bytes)
+    within = aot.Compiled("train", 0.0, argument=5 << 30, temp=10 << 30, hbm=chip.hbm_bytes)
+    assert not over.refused and not over.fits and within.fits
+    assert aot._outcome(over).startswith("does not fit: needs 19.00 GiB of 16.00 GiB")
+    columns = [aot.Column(t, c, "", 4096, 2e12, None) for t, c in (("over", over), ("within", within))]
+    report = aot.Report("x", "v5e:2x2", chip, 4, {"fsdp": 4}, 1, 1, 64, 1, 64, columns, over.fits, None)
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in aot.format_report(report).splitlines())}
+    assert rows["fits"] == ["no (over the chip's 16 GiB)", "yes"]
+    assert rows["temporaries"] == ["14.00 GiB", "10.00 GiB"]
+    assert aot.format_report(report).splitlines()[-1].startswith("verdict: does not fit")
+
+
 def test_micro_batches():
     assert aot.micro_batches(512, 4) == [512, 256, 128, 64, 32, 16, 8, 4]
     assert aot.micro_batches(48, 8) == [48, 24, 16, 8]
@@ -88,10 +109,11 @@ def test_micro_batches():
 @needs_libtpu
 def test_124m_on_v5e_2x2_train_holds_12_bytes_per_parameter_per_fsdp_chip_and_eval_no_logits():
     """Train step: parameters (fp32) and AdamW's two moments, 12 bytes per parameter, split over
-    fsdp=4. Eval step: its temporaries are at most the train step's."""
+    fsdp=4. Eval step: its temporaries are at most the train step's. The blocks are scanned
+    (model.scan_layers), which leaves the state as it is and compiles in a third of the time."""
     rows, seq = 4, 512
     config = config_lib.load_config(os.path.join(ROOT, "configs/gpt2_124m.py"))
-    config_lib.apply_overrides(config, [("train.batch_size", str(rows)), ("train.seq_len", str(seq))])
+    config_lib.apply_overrides(config, [("train.batch_size", str(rows)), ("train.seq_len", str(seq)), ("model.scan_layers", "true")])
     report = aot.check(config, "v5e:2x2", programs=("train", "eval"))
     assert report.n_devices == 4 and report.mesh["fsdp"] == 4 and report.fits
     train, evaluation = report.columns
@@ -153,10 +175,33 @@ def test_with_scan_layers_the_cost_rows_are_not_shown():
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in aot.format_report(report).splitlines())}
     for label in ("HLO FLOPs per chip", "HLO HBM bytes per chip", "roofline time per call", "MFU at roofline time"):
         unrolled, scanned = rows[label]
-        assert scanned == "n/a (scan_layers)" and unrolled != scanned, (label, rows[label])
+        assert scanned == "n/a (scan_layers; --layer_costs)" and unrolled != scanned, (label, rows[label])
     assert rows["HLO FLOPs per chip"][0] == "4e+12"
     unrolled, scanned = rows["temporaries"]
     assert unrolled == scanned and "3.00 GiB" in scanned
+
+
+@needs_libtpu
+def test_layer_costs_give_a_scanned_step_the_unrolled_steps_flops_and_bytes():
+    """With --layer_costs a 4-layer scanned model's train step carries the FLOPs and HBM bytes
+    of the same model compiled unrolled (from its 1- and 2-layer compiles), where the scan's own
+    figures count one layer."""
+    overrides = [("model.n_layer", "4"), ("model.n_embd", "64"), ("model.n_head", "4"), ("model.block_size", "128"),
+                 ("model.vocab_size", "256"), ("train.seq_len", "128"), ("train.batch_size", "8"), ("train.grad_accum", "2")]
+
+    def report(scan: bool, layer_costs: bool) -> aot.Report:
+        config = config_lib.load_config("")
+        config_lib.apply_overrides(config, [*overrides, ("model.scan_layers", str(scan).lower())])
+        return aot.check(config, "v5e:2x2", programs=("train",), layer_costs=layer_costs)
+
+    unrolled, scanned = report(False, False), report(True, True)
+    for u, s in zip(unrolled.columns, scanned.columns):
+        assert s.scanned and s.unrolled is not None and u.counted
+        assert s.hlo_flops == pytest.approx(u.hlo_flops, rel=1e-3), s.title
+        assert s.hbm_bytes == pytest.approx(u.hbm_bytes, rel=0.01), s.title
+        assert s.compiled.flops * s.repeats < 0.6 * u.hlo_flops  # the scan's own count: far from the whole
+    text = aot.format_report(scanned)
+    assert "n/a" not in text and "from 1- and 2-layer unrolled compiles" in text
 
 
 @needs_libtpu
