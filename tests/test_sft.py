@@ -238,6 +238,15 @@ def qa(tmp_path_factory: pytest.TempPathFactory) -> str:
     return compare_trainer.make_pairs(str(tmp_path_factory.mktemp("qa") / "qa.jsonl"), 300)
 
 
+def test_compare_trainer_refuses_a_bad_setting_in_one_line(hf_dir, qa, capsys):
+    """A setting gptjax refuses (warm-up longer than the run) is one line and exit status 2."""
+    with pytest.raises(SystemExit) as exit:
+        compare_trainer.main(["--hf_dir", hf_dir, "--pairs", qa, "--steps", "4", "--warmup", "5"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: optim.warmup_steps=5 is more than the 4 training steps")
+
+
 def test_same_completion_losses_as_transformers_trainer(hf_dir, qa, tmp_path):
     """One example per row, the same rows, schedule and AdamW: each step's loss within 1e-3 relative."""
     fig = compare_trainer.compare(hf_dir, qa, str(tmp_path), steps=6, batch_size=4, seq_len=64, lr=1e-3, warmup=2,

@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from gptjax import config as config_lib  # noqa: E402
+from gptjax.errors import run_cli  # noqa: E402
 from gptjax.run import resolve  # noqa: E402
 
 CITIES = ["Lisbon", "Nairobi", "Osaka", "Toronto", "Lima", "Oslo", "Perth", "Dakar", "Quito", "Hanoi"]
@@ -260,16 +261,20 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory(prefix="compare_trainer-") as tmp:
-        hf_dir = args.hf_dir
-        if not hf_dir:
-            sys.path.insert(0, os.path.join(ROOT, "tests"))
-            from hf_fixtures import build_hf_dir
 
-            hf_dir = build_hf_dir(os.path.join(tmp, "gpt2-tiny"), n_positions=256)
-        pairs = args.pairs or make_pairs(os.path.join(tmp, "pairs.jsonl"), args.examples)
-        fig = compare(hf_dir, pairs, tmp, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      lr=args.lr, warmup=args.warmup, eval_every=args.eval_every)
+    def body() -> dict:
+        with tempfile.TemporaryDirectory(prefix="compare_trainer-") as tmp:
+            hf_dir = args.hf_dir
+            if not hf_dir:
+                sys.path.insert(0, os.path.join(ROOT, "tests"))
+                from hf_fixtures import build_hf_dir
+
+                hf_dir = build_hf_dir(os.path.join(tmp, "gpt2-tiny"), n_positions=256)
+            pairs = args.pairs or make_pairs(os.path.join(tmp, "pairs.jsonl"), args.examples)
+            return compare(hf_dir, pairs, tmp, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                           lr=args.lr, warmup=args.warmup, eval_every=args.eval_every)
+
+    fig = run_cli(body)  # a setting gptjax refuses (e.g. --warmup past --steps): one line, exit 2
     print(report(fig, min(args.first, args.steps)))
 
 
