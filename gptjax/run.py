@@ -130,6 +130,8 @@ def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: 
         _check_same_shape(run_dir, gpt)
     # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
     optimizer = optim_lib.make_optimizer(optim_cfg, param_shapes(gpt), train.steps)
+    if resuming:
+        _check_same_optimizer_state(run_dir, gpt, optimizer)
     trainer = Trainer(gpt, optimizer, mesh, top.seed, train.grad_accum)
     resolved = config.copy_and_resolve_references()
     with resolved.unlocked():
@@ -206,6 +208,34 @@ def _check_same_shape(run_dir: RunDir, gpt: GPTConfig) -> None:
             f"workdir {run_dir.root!r} holds a checkpoint of a different model shape "
             f"(field: (saved, requested) = {diff}); use a new --workdir or the saved shape"
         )
+
+
+def _check_same_optimizer_state(run_dir: RunDir, gpt: GPTConfig, optimizer: optim_lib.Optimizer) -> None:
+    """The optimizer state this run would restore has the structure its checkpoints were saved
+    with. A changed rule (layer_decay, freeze, lr_multipliers, ...) changes it; without this
+    check every checkpoint would fail to restore and be set aside as unreadable."""
+    saved = ckpt.read_run_config(run_dir)
+    if saved is None:
+        return
+    params = param_shapes(gpt)
+    try:
+        before = optim_lib.make_optimizer(saved.optim, params, saved.train.steps)
+    except UserError:  # settings this version no longer takes: the restore itself will tell
+        return
+
+    def layout(o: optim_lib.Optimizer) -> tuple[Any, list[tuple[Any, Any]]]:
+        state = jax.eval_shape(o.tx.init, params)
+        return jax.tree_util.tree_structure(state), [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state)]
+
+    if layout(optimizer) == layout(before):
+        return
+    now, then = dataclasses.asdict(optimizer.config), dataclasses.asdict(before.config)
+    diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+    raise UserError(
+        f"workdir {run_dir.root!r} holds checkpoints whose optimizer state has another structure than these "
+        f"optim settings give (field: (saved, requested) = {diff}); resume with the saved settings "
+        f"({run_dir.config}) or use a new --workdir"
+    )
 
 
 def _read_init_from(init_from: str, weights: bool) -> tuple[dict[str, Any], Any, Tokenizer | None]:

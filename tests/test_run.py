@@ -45,6 +45,28 @@ def test_resolve_writes_nothing_and_leaves_the_config_alone(tmp_path):
         run.config.model.vocab_size = 1  # the resolved config is frozen
 
 
+def test_a_changed_optimizer_rule_is_refused_before_any_checkpoint_is_touched(tmp_path):
+    """Resuming with a rule that changes the optimizer state's structure (layer_decay, freeze)
+    is one UserError naming the field, raised before anything is written: the checkpoints stay
+    where they are (not set aside as unreadable) and config.json keeps the saved settings. A
+    change that keeps the structure (the learning rate) resumes."""
+    config = small_config(write_corpus(str(tmp_path / "corpus")))
+    workdir = str(tmp_path / "run")
+    train.run(config, workdir, devices=jax.devices()[:1])
+    run_dir = layout.RunDir.at(workdir)
+    saved, steps = open(run_dir.config).read(), sorted(os.listdir(run_dir.checkpoints))
+    for field, value in (("layer_decay", 0.5), ("freeze", "wpe/*")):
+        changed = config.copy_and_resolve_references()
+        changed.optim[field] = value
+        with pytest.raises(UserError, match=rf"optimizer state has another structure.*'{field}'"):
+            train.run(changed, workdir, devices=jax.devices()[:1])
+        assert sorted(os.listdir(run_dir.checkpoints)) == steps and open(run_dir.config).read() == saved
+        assert not os.path.exists(os.path.join(workdir, "unreadable"))
+    faster = config.copy_and_resolve_references()
+    faster.optim.lr = 1e-3
+    assert resolve(faster, workdir, devices=jax.devices()[:1]).resuming
+
+
 def test_abstract_train_and_eval_steps_lower_for_a_mesh_without_data():
     config = C.base_config()
     config.model.update(n_layer=1, n_head=2, n_embd=16, block_size=16)
