@@ -22,6 +22,23 @@ def _bench_module():
     return module
 
 
+def test_option_ab_times_the_step_with_and_without_an_xla_option():
+    """--option_ab compiles the step with and without the option in one process (the run fails
+    if the two reach different parameters) and prints both step times and XLA temporaries."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    option = "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
+    out = subprocess.run([sys.executable, BENCH, "--quick", "--option_ab", option],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [l for l in out.stdout.splitlines() if l.startswith("|")]
+    assert f"step ms, with {option}" in lines[0] and f"XLA temp MiB, with {option}" in lines[0]
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert row[0] == "tiny" and all(float(x) > 0 for x in (row[2], row[3], row[8], row[9]))
+    bad = subprocess.run([sys.executable, BENCH, "--option_ab", "nonsense"], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "--option_ab takes KEY=VALUE" in bad.stderr
+
+
 @pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16", "--remat"]], ids=["fp32", "bf16-remat"])
 def test_bench_quick_prints_the_table(tmp_path, extra):
     pytest.importorskip("torch")

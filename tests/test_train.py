@@ -206,9 +206,24 @@ def test_cli_subprocess_prints_one_line_and_exits_2(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_the_cpu_train_step_compiles_with_the_memory_optimized_scheduler():
+    """Without remat too, the trainer's CPU step holds less temporary memory than the same step
+    under XLA's default CPU scheduler (it would not, were the option dropped)."""
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    batch = {k: jax.ShapeDtypeStruct((1, 16, 128), d) for k, d in
+             {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}.items()}
+    gpt = GPTConfig(vocab_size=256, n_layer=4, n_head=4, n_embd=64, block_size=128)
+    trainer = step.Trainer(gpt, optim_lib.make_optimizer(C.base_config().optim, step.param_shapes(gpt), 100), mesh, seed=0)
+    with trainer.context():
+        lowered = trainer.train_step_fn.lower(trainer.abstract_state(), batch)
+        ours = lowered.compile().memory_analysis().temp_size_in_bytes
+        default = lowered.compile({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"}).memory_analysis().temp_size_in_bytes
+    assert ours < 0.9 * default, (ours, default)
+
+
 def test_remat_on_cpu_compiles_a_smaller_train_step():
-    """model.remat lowers the train step's temporary memory on XLA's CPU runtime (it compiles
-    with the memory-optimized scheduler, without which remat saved nothing here)."""
+    """model.remat lowers the train step's temporary memory on XLA's CPU runtime (the CPU step
+    compiles with the memory-optimized scheduler, without which remat saved nothing here)."""
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
     batch = {k: jax.ShapeDtypeStruct((1, 16, 128), d) for k, d in dtypes.items()}
@@ -220,4 +235,4 @@ def test_remat_on_cpu_compiles_a_smaller_train_step():
         with trainer.context():
             compiled = trainer.train_step_fn.lower(trainer.abstract_state(), batch).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
-    assert temp[True] < 0.6 * temp[False], temp
+    assert temp[True] < 0.8 * temp[False], temp

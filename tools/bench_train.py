@@ -244,8 +244,9 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
-    """The non-finite guard's cost: the same step compiled with and without it, timed in
-    alternating blocks in one process (so both see the same machine)."""
+    """An A/B of the step in one process (so both see the same machine), timed in alternating
+    blocks: spec["option"] empty, with and without the non-finite guard; else the step
+    compiled with the XLA option KEY=VALUE (variant "guard") and without it ("no_guard")."""
     import jax
     import numpy as np
 
@@ -255,14 +256,16 @@ def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
 
     run = resolve(spec_config(spec), None, devices=jax.devices()[:1])
     host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"])
+    option = spec.get("option") or {}
     variants = {}
-    for name, guard in (("guard", True), ("no_guard", False)):
-        trainer = run.trainer if guard else Trainer(run.model, run.optimizer, run.mesh, run.seed, 1, nonfinite_guard=False)
+    for name, with_it in (("guard", True), ("no_guard", False)):
+        trainer = run.trainer if with_it or option else Trainer(run.model, run.optimizer, run.mesh, run.seed, 1, nonfinite_guard=False)
         state = trainer.init_state()
         with trainer.context():
             batch = trainer.to_global(host, accum=True)
-            compiled = trainer.train_step_fn.lower(state, batch).compile()
-        variants[name] = {"compiled": compiled, "state": state, "batch": batch, "times": [], "cpu": []}
+            compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=(option if with_it else None) or None)
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        variants[name] = {"compiled": compiled, "state": state, "batch": batch, "times": [], "cpu": [], "temp": temp}
 
     def block(v: dict[str, Any], n: int) -> list[float]:
         out = []
@@ -291,17 +294,19 @@ def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("the step with the guard and the step without it reached different parameters")
     g, n = (_median(variants[k]["times"]) for k in ("guard", "no_guard"))
     gc, nc = (_median(variants[k]["cpu"]) for k in ("guard", "no_guard"))
-    return dict(guard_s=g, no_guard_s=n, guard_cpu_s=gc, no_guard_cpu_s=nc, steps_each=len(variants["guard"]["times"]))
+    return dict(guard_s=g, no_guard_s=n, guard_cpu_s=gc, no_guard_cpu_s=nc, steps_each=len(variants["guard"]["times"]),
+                guard_temp=variants["guard"]["temp"], no_guard_temp=variants["no_guard"]["temp"])
 
 
-def bench_guard(name: str, shape: dict[str, int], args: argparse.Namespace) -> str:
-    spec = dict(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, remat=args.remat)
+def bench_guard(name: str, shape: dict[str, int], args: argparse.Namespace, option: dict[str, str] | None = None) -> str:
+    spec = dict(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, remat=args.remat, option=option or {})
     r = run_worker("guard", spec)
     cost = r["guard_s"] / r["no_guard_s"] - 1.0
     cpu_cost = r["guard_cpu_s"] / r["no_guard_cpu_s"] - 1.0
+    mib = lambda n: f"{n / 2**20:.1f}"
     return (f"| {name} | {shape['batch']} x {shape['seq']} | {1e3 * r['guard_s']:.2f} | {1e3 * r['no_guard_s']:.2f} "
             f"| {100 * cost:+.1f}% | {1e3 * r['guard_cpu_s']:.2f} | {1e3 * r['no_guard_cpu_s']:.2f} | {100 * cpu_cost:+.1f}% "
-            f"| {r['steps_each']} |")
+            f"| {mib(r['guard_temp'])} | {mib(r['no_guard_temp'])} | {r['steps_each']} |")
 
 
 def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
@@ -755,6 +760,13 @@ def main(argv: list[str] | None = None) -> None:
         "timed in alternating blocks in one process (medians)",
     )
     p.add_argument(
+        "--option_ab",
+        default="",
+        metavar="KEY=VALUE",
+        help="instead of the table: the step compiled with and without this XLA option (added to the trainer's own), "
+        "timed in alternating blocks in one process (medians), with XLA's temporary bytes of each",
+    )
+    p.add_argument(
         "--check",
         type=int,
         default=0,
@@ -801,12 +813,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nfrom gptjax's initial weights, random batches, {args.dtype}, the optimizer's peak learning rate held constant")
         return
 
-    if args.guard_ab:
-        print("| shape | batch x seq | step ms, guard | step ms, no guard | guard cost | CPU ms, guard | CPU ms, no guard "
-              "| guard cost (CPU) | steps each |")
-        print("|---|---|---|---|---|---|---|---|---|")
+    if args.guard_ab or args.option_ab:
+        if args.option_ab and "=" not in args.option_ab:
+            p.error(f"--option_ab takes KEY=VALUE, got {args.option_ab!r}")
+        option = dict([_parse_option(args.option_ab)]) if args.option_ab else None
+        a, b = (f"with {args.option_ab}", "without") if option else ("guard", "no guard")
+        cost = "its cost" if option else "guard cost"
+        print(f"| shape | batch x seq | step ms, {a} | step ms, {b} | {cost} | CPU ms, {a} | CPU ms, {b} "
+              f"| {cost} (CPU) | XLA temp MiB, {a} | XLA temp MiB, {b} | steps each |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, shape in shapes:
-            print(bench_guard(name, shape, args), flush=True)
+            print(bench_guard(name, shape, args, option), flush=True)
         print(f"\nmedians over steps timed in 8 alternating blocks per variant (wall time, and the process's CPU "
               f"time, which other load on the machine disturbs less); {os.cpu_count()} CPU threads; {args.dtype}")
         return
