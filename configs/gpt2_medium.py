@@ -7,8 +7,9 @@ The data and tokenizer are those of configs/gpt2_124m.py (FineWeb-Edu jsonl shar
 docstring has the commands that make them). Batch 512 x 1024 tokens per step, as for 124M; the
 parameters, AdamW state and gradients (16 bytes per parameter: 5.3 GiB, 1.32 GiB per chip here)
 are split over all chips (fsdp), each block's activations are recomputed in the backward pass
-(model.remat), and grad_accum=16 micro-batches of 32 sequences make one step. On another slice,
-ask `python -m gptjax.aot` for the grad_accum that fits (--config.train.grad_accum).
+(model.remat), and grad_accum=16 micro-batches of 32 sequences make one step. As configured it
+also fits a single chip (v5e:1x1, 15.26 GiB of 16 in the AOT check). On another slice, ask
+`python -m gptjax.aot` for the grad_accum that fits (--config.train.grad_accum).
 """
 
 import os
