@@ -246,7 +246,8 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
 def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
     """An A/B of the step in one process (so both see the same machine), timed in alternating
     blocks: spec["option"] empty, with and without the non-finite guard; else the step
-    compiled with the XLA option KEY=VALUE (variant "guard") and without it ("no_guard")."""
+    compiled with the XLA option KEY=VALUE (variant "guard") and without it ("no_guard").
+    On the devices the table's gptjax row uses (one per core, data parallel)."""
     import jax
     import numpy as np
 
@@ -254,7 +255,7 @@ def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
     from gptjax.run import resolve
     from gptjax.step import Trainer
 
-    run = resolve(spec_config(spec), None, devices=jax.devices()[:1])
+    run = resolve(spec_config(spec), None, devices=_worker_devices(spec))
     host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"])
     option = spec.get("option") or {}
     variants = {}
@@ -295,16 +296,17 @@ def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
     g, n = (_median(variants[k]["times"]) for k in ("guard", "no_guard"))
     gc, nc = (_median(variants[k]["cpu"]) for k in ("guard", "no_guard"))
     return dict(guard_s=g, no_guard_s=n, guard_cpu_s=gc, no_guard_cpu_s=nc, steps_each=len(variants["guard"]["times"]),
-                guard_temp=variants["guard"]["temp"], no_guard_temp=variants["no_guard"]["temp"])
+                guard_temp=variants["guard"]["temp"], no_guard_temp=variants["no_guard"]["temp"], devices=run.mesh.devices.size)
 
 
 def bench_guard(name: str, shape: dict[str, int], args: argparse.Namespace, option: dict[str, str] | None = None) -> str:
-    spec = dict(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, remat=args.remat, option=option or {})
+    spec = dict(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, remat=args.remat, option=option or {},
+                devices=args.devices)
     r = run_worker("guard", spec)
     cost = r["guard_s"] / r["no_guard_s"] - 1.0
     cpu_cost = r["guard_cpu_s"] / r["no_guard_cpu_s"] - 1.0
     mib = lambda n: f"{n / 2**20:.1f}"
-    return (f"| {name} | {shape['batch']} x {shape['seq']} | {1e3 * r['guard_s']:.2f} | {1e3 * r['no_guard_s']:.2f} "
+    return (f"| {name} | {shape['batch']} x {shape['seq']}, {r['devices']} devices | {1e3 * r['guard_s']:.2f} | {1e3 * r['no_guard_s']:.2f} "
             f"| {100 * cost:+.1f}% | {1e3 * r['guard_cpu_s']:.2f} | {1e3 * r['no_guard_cpu_s']:.2f} | {100 * cpu_cost:+.1f}% "
             f"| {mib(r['guard_temp'])} | {mib(r['no_guard_temp'])} | {r['steps_each']} |")
 
