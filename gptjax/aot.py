@@ -406,6 +406,7 @@ class Report:
     columns: list[Column]
     fits: bool  # the train step as configured
     fitting_micro_batch: int | None  # from the search, when it did not fit
+    searched: bool = True  # whether a micro-batch that fits was searched for
 
 
 def _log(message: str) -> None:
@@ -506,6 +507,7 @@ def check(
         columns=columns,
         fits=fits,
         fitting_micro_batch=found,
+        searched=search,
     )
 
 
@@ -611,6 +613,8 @@ def format_report(report: Report) -> str:
             f"verdict: does not fit; the largest micro-batch that fits is {m}: "
             f"--config.train.grad_accum={report.batch_size // m}"
         )
+    elif not report.searched:
+        lines.append("verdict: does not fit as configured (without --no_search the tool finds the micro-batch that fits)")
     else:
         lines.append("verdict: does not fit at any micro-batch; use a larger slice, more fsdp, or a smaller model")
     return "\n".join(lines)

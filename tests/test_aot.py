@@ -7,6 +7,7 @@ skipped without it; the rest run anywhere."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -98,7 +99,9 @@ def test_a_program_over_the_chips_hbm_does_not_fit_though_the_compiler_accepted_
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in aot.format_report(report).splitlines())}
     assert rows["fits"] == ["no (over the chip's 16 GiB)", "yes"]
     assert rows["temporaries"] == ["14.00 GiB", "10.00 GiB"]
-    assert aot.format_report(report).splitlines()[-1].startswith("verdict: does not fit")
+    assert aot.format_report(report).splitlines()[-1] == "verdict: does not fit at any micro-batch; use a larger slice, more fsdp, or a smaller model"
+    unsearched = dataclasses.replace(report, searched=False)
+    assert aot.format_report(unsearched).splitlines()[-1].startswith("verdict: does not fit as configured (without --no_search")
 
 
 def test_micro_batches():
