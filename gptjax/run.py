@@ -212,7 +212,7 @@ def _check_same_shape(run_dir: RunDir, gpt: GPTConfig) -> None:
 
 def _check_same_optimizer_state(run_dir: RunDir, gpt: GPTConfig, optimizer: optim_lib.Optimizer) -> None:
     """The optimizer state this run would restore has the structure its checkpoints were saved
-    with. A changed rule (layer_decay, freeze, lr_multipliers, ...) changes it; without this
+    with. A changed rule (layer_decay, freeze, lr_rules, ...) changes it; without this
     check every checkpoint would fail to restore and be set aside as unreadable."""
     saved = ckpt.read_run_config(run_dir)
     if saved is None:
