@@ -126,12 +126,14 @@ def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: 
     gpt = model_config(config.model.to_dict(), tokenizer_vocab, imported, fit=run_dir is not None)
     if train.seq_len > gpt.block_size:
         raise UserError(f"train.seq_len={train.seq_len} is longer than model.block_size={gpt.block_size}")
-    if resuming:
-        _check_same_shape(run_dir, gpt)
+    saved = ckpt.read_run_config(run_dir) if resuming else None
+    if saved is not None:
+        _check_same_shape(run_dir, saved, gpt)
     # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
-    optimizer = optim_lib.make_optimizer(optim_cfg, param_shapes(gpt), train.steps)
-    if resuming:
-        _check_same_optimizer_state(run_dir, gpt, optimizer)
+    params = param_shapes(gpt)
+    optimizer = optim_lib.make_optimizer(optim_cfg, params, train.steps)
+    if saved is not None:
+        _check_same_optimizer_state(run_dir, saved, params, optimizer)
     trainer = Trainer(gpt, optimizer, mesh, top.seed, train.grad_accum)
     resolved = config.copy_and_resolve_references()
     with resolved.unlocked():
@@ -197,10 +199,8 @@ def _check_batch(train: config_lib.TrainConfig, mesh: Mesh) -> None:
         raise UserError(f"the micro-batch {micro} must be divisible by the number of hosts {jax.process_count()}")
 
 
-def _check_same_shape(run_dir: RunDir, gpt: GPTConfig) -> None:
-    saved = ckpt.read_run_config(run_dir)
-    if saved is None:
-        return
+def _check_same_shape(run_dir: RunDir, saved: config_lib.ConfigDict, gpt: GPTConfig) -> None:
+    """The model shape is the one the run's checkpoints (its saved config, `saved`) were made with."""
     mine, theirs = ckpt.model_shape(gpt), ckpt.model_shape(saved.model)
     if mine != theirs:
         diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
@@ -210,14 +210,13 @@ def _check_same_shape(run_dir: RunDir, gpt: GPTConfig) -> None:
         )
 
 
-def _check_same_optimizer_state(run_dir: RunDir, gpt: GPTConfig, optimizer: optim_lib.Optimizer) -> None:
+def _check_same_optimizer_state(
+    run_dir: RunDir, saved: config_lib.ConfigDict, params: Any, optimizer: optim_lib.Optimizer
+) -> None:
     """The optimizer state this run would restore has the structure its checkpoints were saved
     with. A changed rule (layer_decay, freeze, lr_rules, ...) changes it; without this
-    check every checkpoint would fail to restore and be set aside as unreadable."""
-    saved = ckpt.read_run_config(run_dir)
-    if saved is None:
-        return
-    params = param_shapes(gpt)
+    check every checkpoint would fail to restore and be set aside as unreadable. `saved` is the
+    run's saved config, `params` the parameters' shapes."""
     try:
         before = optim_lib.make_optimizer(saved.optim, params, saved.train.steps)
     except UserError:  # settings this version no longer takes: the restore itself will tell
