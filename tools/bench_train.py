@@ -243,11 +243,11 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
+def worker_ab(spec: dict[str, Any]) -> dict[str, Any]:
     """An A/B of the step in one process (so both see the same machine), timed in alternating
-    blocks: spec["option"] empty, with and without the non-finite guard; else the step
-    compiled with the XLA option KEY=VALUE (variant "guard") and without it ("no_guard").
-    On the devices the table's gptjax row uses (one per core, data parallel)."""
+    blocks: with and without spec["option"], an XLA option {KEY: VALUE}, or (no option) with
+    and without the non-finite guard. On the devices the table's gptjax row uses (one per
+    core, data parallel)."""
     import jax
     import numpy as np
 
@@ -257,14 +257,15 @@ def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
 
     run = resolve(spec_config(spec), None, devices=_worker_devices(spec))
     host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"])
-    option = spec.get("option") or {}
+    option = spec.get("option") or None
     variants = {}
-    for name, with_it in (("guard", True), ("no_guard", False)):
+    for name in ("with", "without"):
+        with_it = name == "with"
         trainer = run.trainer if with_it or option else Trainer(run.model, run.optimizer, run.mesh, run.seed, 1, nonfinite_guard=False)
         state = trainer.init_state()
         with trainer.context():
             batch = trainer.to_global(host, accum=True)
-            compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=(option if with_it else None) or None)
+            compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=option if with_it else None)
         temp = compiled.memory_analysis().temp_size_in_bytes
         variants[name] = {"compiled": compiled, "state": state, "batch": batch, "times": [], "cpu": [], "temp": temp}
 
@@ -283,32 +284,34 @@ def worker_guard(spec: dict[str, Any]) -> dict[str, Any]:
         v["cpu"].clear()
     per_block = max(1, spec["steps"] // 4)
     for r in range(8):  # alternate which goes first
-        order = ("guard", "no_guard") if r % 2 == 0 else ("no_guard", "guard")
-        for name in order:
+        for name in ("with", "without") if r % 2 == 0 else ("without", "with"):
             variants[name]["times"] += block(variants[name], per_block)
     # Both ran the same steps on the same batch from the same start: on finite steps the guard
-    # changes nothing, so the states must agree bit for bit (else the two compute different things).
+    # changes nothing, nor does a scheduling option, so the states must agree bit for bit (else
+    # the two compute different things).
     same = jax.tree_util.tree_all(jax.tree_util.tree_map(
         lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
-        variants["guard"]["state"].params, variants["no_guard"]["state"].params))
+        variants["with"]["state"].params, variants["without"]["state"].params))
     if not same:
-        raise RuntimeError("the step with the guard and the step without it reached different parameters")
-    g, n = (_median(variants[k]["times"]) for k in ("guard", "no_guard"))
-    gc, nc = (_median(variants[k]["cpu"]) for k in ("guard", "no_guard"))
-    return dict(guard_s=g, no_guard_s=n, guard_cpu_s=gc, no_guard_cpu_s=nc, steps_each=len(variants["guard"]["times"]),
-                guard_temp=variants["guard"]["temp"], no_guard_temp=variants["no_guard"]["temp"], devices=run.mesh.devices.size)
+        what = f"the option {option}" if option else "the guard"
+        raise RuntimeError(f"the step with {what} and the step without it reached different parameters")
+    out: dict[str, Any] = {"steps_each": len(variants["with"]["times"]), "devices": run.mesh.devices.size}
+    for name, v in variants.items():
+        out.update({f"{name}_s": _median(v["times"]), f"{name}_cpu_s": _median(v["cpu"]), f"{name}_temp": v["temp"]})
+    return out
 
 
-def bench_guard(name: str, shape: dict[str, int], args: argparse.Namespace, option: dict[str, str] | None = None) -> str:
+def bench_ab(name: str, shape: dict[str, int], args: argparse.Namespace, option: dict[str, Any] | None = None) -> str:
+    """One row of the A/B table (`worker_ab`)."""
     spec = dict(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, remat=args.remat, option=option or {},
                 devices=args.devices)
-    r = run_worker("guard", spec)
-    cost = r["guard_s"] / r["no_guard_s"] - 1.0
-    cpu_cost = r["guard_cpu_s"] / r["no_guard_cpu_s"] - 1.0
+    r = run_worker("ab", spec)
+    cost = r["with_s"] / r["without_s"] - 1.0
+    cpu_cost = r["with_cpu_s"] / r["without_cpu_s"] - 1.0
     mib = lambda n: f"{n / 2**20:.1f}"
-    return (f"| {name} | {shape['batch']} x {shape['seq']}, {r['devices']} devices | {1e3 * r['guard_s']:.2f} | {1e3 * r['no_guard_s']:.2f} "
-            f"| {100 * cost:+.1f}% | {1e3 * r['guard_cpu_s']:.2f} | {1e3 * r['no_guard_cpu_s']:.2f} | {100 * cpu_cost:+.1f}% "
-            f"| {mib(r['guard_temp'])} | {mib(r['no_guard_temp'])} | {r['steps_each']} |")
+    return (f"| {name} | {shape['batch']} x {shape['seq']}, {r['devices']} devices | {1e3 * r['with_s']:.2f} | {1e3 * r['without_s']:.2f} "
+            f"| {100 * cost:+.1f}% | {1e3 * r['with_cpu_s']:.2f} | {1e3 * r['without_cpu_s']:.2f} | {100 * cpu_cost:+.1f}% "
+            f"| {mib(r['with_temp'])} | {mib(r['without_temp'])} | {r['steps_each']} |")
 
 
 def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
@@ -785,7 +788,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         spec = json.loads(args.spec)
-        workers = {"jax": worker_jax, "torch": worker_torch, "nanogpt": worker_nanogpt, "guard": worker_guard}
+        workers = {"jax": worker_jax, "torch": worker_torch, "nanogpt": worker_nanogpt, "ab": worker_ab}
         result = workers[args.worker](spec)
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -825,7 +828,7 @@ def main(argv: list[str] | None = None) -> None:
               f"| {cost} (CPU) | XLA temp MiB, {a} | XLA temp MiB, {b} | steps each |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, shape in shapes:
-            print(bench_guard(name, shape, args, option), flush=True)
+            print(bench_ab(name, shape, args, option), flush=True)
         print(f"\nmedians over steps timed in 8 alternating blocks per variant (wall time, and the process's CPU "
               f"time, which other load on the machine disturbs less); {os.cpu_count()} CPU threads; {args.dtype}")
         return
