@@ -2,7 +2,9 @@
 
 import inspect
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,7 +15,7 @@ import pytest
 
 import gptjax
 from gptjax import config as C
-from gptjax import sample, sampling, train
+from gptjax import checkpoint, checkpoint_read, sample, sampling, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,27 +189,40 @@ def test_print_rows_moves_to_the_next_row_when_one_ends():
     assert single.getvalue() == ">ab\n"
 
 
-def _sample_cli(workdir, cache, extra_env=None):
-    """One `python -m gptjax.sample` run with its own caches; (stdout, compile log lines)."""
+def _sample_cli(workdir, cache, extra_env=None, imports=None):
+    """One `python -m gptjax.sample` run with its own caches; (stdout, compile log lines).
+    With `imports` (a set), the names of the top-level packages the run imported are added to it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_LOG_COMPILES="1", **(extra_env or {}))
+    if imports is not None:
+        env["PYTHONPROFILEIMPORTTIME"] = "1"
     cmd = [sys.executable, "-m", "gptjax.sample", "--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "24", "--top_k", "20"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    if imports is not None:
+        lines = [line for line in r.stderr.splitlines() if line.startswith("import time:")]
+        assert lines, "PYTHONPROFILEIMPORTTIME listed no imports"
+        imports.update(line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines)
     return r.stdout, [line for line in r.stderr.splitlines() if "Compiling jit(" in line]
 
 
 def test_a_second_cli_run_loads_the_sampler_without_compiling(workdir, tmp_path):
     """The first run compiles the sampler's programs and stores them; the second traces and
-    compiles nothing and prints the same text; a damaged stored program is compiled again."""
+    compiles nothing, imports neither Flax nor orbax, and prints the same text; a damaged
+    stored program is compiled again."""
     cache = tmp_path / "xla"
-    first, compiled = _sample_cli(workdir, cache)
+    first_imports: set = set()
+    first, compiled = _sample_cli(workdir, cache, imports=first_imports)
     assert any("jit(_prefill)" in line for line in compiled) and any("jit(_advance)" in line for line in compiled)
+    assert {"jax", "flax"} <= first_imports  # the model was traced
     stored = sorted(os.listdir(cache / "gptjax-sampler"))
     for program in ("prefill-", "advance-", "decode_layout-", "row_keys-"):
         assert any(name.startswith(program) for name in stored), (program, stored)
-    second, compiled = _sample_cli(workdir, cache)
+    second_imports: set = set()
+    second, compiled = _sample_cli(workdir, cache, imports=second_imports)
     assert compiled == [] and second == first
+    assert "jax" in second_imports and "tensorstore" in second_imports
+    assert not {"flax", "orbax", "optax"} & second_imports, sorted(second_imports)
     prefill = next(name for name in stored if name.startswith("prefill-"))
     (cache / "gptjax-sampler" / prefill).write_bytes(b"not an executable")
     third, compiled = _sample_cli(workdir, cache)
@@ -233,3 +248,54 @@ def test_programs_found_in_jaxs_own_cache_are_compiled_afresh_before_storing(wor
     first, _ = _sample_cli(workdir, cache)  # compiles its own and stores them
     second, compiled = _sample_cli(workdir, cache)  # loads them
     assert compiled == [] and second == first == r.stdout
+
+def _leaves(tree):
+    return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def test_parameters_read_from_the_files_equal_what_orbax_restores(workdir):
+    """The direct read (tensorstore, no orbax) of checkpoints saved from an 8-device mesh gives
+    orbax's tree, dtypes and values bit for bit, at the newest step and at a named one."""
+    read = {}
+    for name, path in (("newest", workdir), ("10", os.path.join(workdir, "checkpoints", "10"))):
+        direct = checkpoint_read.read_direct(path)
+        assert direct is not None, path
+        config, params = direct
+        want_config, want = checkpoint.load_for_inference(path)
+        assert config == want_config
+        got, expected = _leaves(params), _leaves(want)
+        assert [k for k, _ in got] == [k for k, _ in expected]
+        for (key, a), (_, b) in zip(got, expected):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), key
+        assert len(jax.tree_util.tree_leaves(params)[0].sharding.device_set) == 1
+        read[name] = got
+    assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(read["newest"], read["10"]))
+
+
+def test_a_checkpoint_the_direct_read_cannot_take_is_left_to_orbax(workdir, tmp_path, capsys):
+    """Damaged files: the direct read gives up, orbax reports the step in one line and the
+    previous checkpoint is used. A layout the reader does not know: it gives up too."""
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    params_dir = os.path.join(copy, "checkpoints", "20", "params")
+    for dirpath, _, files in os.walk(params_dir):
+        for f in files:
+            if f != "_METADATA":
+                path = os.path.join(dirpath, f)
+                os.truncate(path, os.path.getsize(path) // 2)
+    assert checkpoint_read.read_direct(copy) is None
+    model = gptjax.load(copy)
+    err = capsys.readouterr().err
+    assert "checkpoint 20 in" in err and "is unreadable" in err and "trying checkpoint 10" in err, err
+    _, step10 = checkpoint.load_for_inference(os.path.join(copy, "checkpoints", "10"))
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(_leaves(model.params), _leaves(step10)))
+
+    other = str(tmp_path / "other")
+    shutil.copytree(workdir, other)
+    meta_path = os.path.join(other, "checkpoints", "20", "params", "_METADATA")
+    meta = json.load(open(meta_path))
+    first = next(iter(meta["tree_metadata"].values()))
+    first["value_metadata"]["value_type"] = "scalar"
+    json.dump(meta, open(meta_path, "w"))
+    assert checkpoint_read.read_direct(other) is None
+    assert checkpoint_read.read_direct(os.path.join(other, "checkpoints", "10")) is not None

@@ -15,7 +15,7 @@ import jax
 from jax.sharding import Mesh
 
 from gptjax.errors import UserError
-from gptjax.model import GPTConfig
+from gptjax.model_config import GPTConfig
 from gptjax.sampling.decode import Decoder, Generation
 
 
@@ -96,7 +96,7 @@ def load(path: str, device: jax.Device | None = None, mesh: Mesh | None = None) 
     rules (`gptjax.sharding.RULES`: tensor-parallel over `tensor`, over `fsdp` along the width),
     for a model bigger than one chip. They are read on the host first, then placed.
     """
-    from gptjax.checkpoint import load_for_inference
+    from gptjax.checkpoint_read import load_for_inference
     from gptjax.layout import find_run
     from gptjax.tokenizer import load_tokenizer, tokenizer_saved
 

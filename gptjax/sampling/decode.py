@@ -26,6 +26,10 @@ The prefill after a crop runs between two runs of the loop (one host round trip 
 `block_size - keep` tokens) because its length depends on where the rows' contexts stand; it
 is prefilled at that length (rounded up to a multiple of 8), not padded to a fixed one.
 
+The Flax model is imported only when a program is traced (in `_prefill`, `_advance` and the
+decode-layout conversion), so a process that finds every program stored (`programs`) never
+imports Flax.
+
 Randomness: row i of a call with `seed=s` uses the key `jax.random.fold_in(PRNGKey(s), i)`,
 and its t-th new token uses `fold_in(row_key, t)`. The choice for a row depends only on that
 row's logits and key, so a prompt gives the same tokens in a batch as alone with the same row
@@ -41,14 +45,12 @@ import functools
 import time
 from typing import Any, Iterator, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig, matmul, to_decode_layout
+from gptjax.model_config import GPTConfig
 from gptjax.sampling import programs
 from gptjax.sampling.filters import check_controls, choose_tokens, num_candidates
 
@@ -74,7 +76,8 @@ class _Static:
     m: int
 
 
-@struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class DecodeState:
     """The decode loop's state (a pytree, donated to each loop run)."""
 
@@ -96,6 +99,10 @@ def _choose(s: _Static, logits_BxV, row_keys, t, temperature, top_k, tail) -> ja
 @functools.partial(jax.jit, static_argnames=("s",), donate_argnames=("out_BxN",))
 def _prefill(params, tokens_BxP, mask_BxP, out_BxN, t, done_B, row_keys, temperature, top_k, tail, stops, *, s: _Static):
     """Prefill left-padded contexts into a fresh cache and choose each row's new token t."""
+    import flax.linen as nn
+
+    from gptjax.model import GPT, matmul
+
     b, p = tokens_BxP.shape
     model = GPT(s.cfg, decode_layout=True)
     shapes = jax.eval_shape(
@@ -126,6 +133,8 @@ def _prefill(params, tokens_BxP, mask_BxP, out_BxN, t, done_B, row_keys, tempera
 @functools.partial(jax.jit, static_argnames=("s",), donate_argnames=("state",))
 def _advance(params, state: DecodeState, limit, row_keys, temperature, top_k, tail, stops, *, s: _Static) -> DecodeState:
     """Decode until `limit` new tokens exist, every row has stopped, or a row's context is full."""
+    from gptjax.model import GPT
+
     model = GPT(s.cfg, decode_layout=True)
 
     def cond(st: DecodeState) -> jax.Array:
@@ -240,6 +249,12 @@ def cropped_contexts(
     return out
 
 
+def _lower_decode_layout(cfg: GPTConfig, params: Any) -> jax.stages.Lowered:
+    from gptjax.model import to_decode_layout
+
+    return to_decode_layout.lower(cfg, params)
+
+
 @functools.partial(jax.jit, static_argnames=("n",))
 def _row_keys(seed: jax.Array, n: int) -> jax.Array:
     """Row i's key: fold_in(PRNGKey(seed), i)."""
@@ -274,7 +289,7 @@ class Decoder:
         """The parameters in decode layout (`gptjax.model.to_decode_layout`), made on first use."""
         if self._decode_params is None:
             cfg, params = self.cfg, self.params
-            self._decode_params = programs.call("decode_layout", lambda: to_decode_layout.lower(cfg, params), cfg, (params,))
+            self._decode_params = programs.call("decode_layout", lambda: _lower_decode_layout(cfg, params), cfg, (params,))
         return self._decode_params
 
     def stream(

@@ -31,14 +31,15 @@ from typing import Any, Callable
 import jax
 from jax.experimental import serialize_executable
 
-_SOURCES = ("model.py", "sampling/decode.py", "sampling/filters.py", "sampling/programs.py")
+_SOURCES = ("model.py", "model_config.py", "sampling/decode.py", "sampling/filters.py", "sampling/programs.py")
 _loaded: dict[str, Any] = {}
 
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> str:
     """What else a compiled program depends on: versions, XLA flags, and the sampler's source."""
-    import flax
+    import importlib.metadata
+
     import jaxlib
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def _environment() -> str:
     for name in _SOURCES:
         with open(os.path.join(root, name), "rb") as f:
             digest.update(f.read())
-    return repr((jax.__version__, jaxlib.__version__, flax.__version__, os.environ.get("XLA_FLAGS", ""), digest.hexdigest()))
+    return repr((jax.__version__, jaxlib.__version__, importlib.metadata.version("flax"), os.environ.get("XLA_FLAGS", ""), digest.hexdigest()))
 
 
 def _describe(x: Any) -> tuple[Any, ...]:

@@ -1,0 +1,93 @@
+"""Parameters for sampling, read straight from a local checkpoint's files when that is safe.
+
+`python -m gptjax.sample` spends longer importing orbax and letting it restore a small model
+than sampling a short text. A checkpoint's `params` item is, on disk, an OCDBT key-value store
+of one zarr array per parameter (named by its path joined with dots) and a `_METADATA` file
+that lists them; tensorstore, which orbax itself reads them with, opens those arrays directly.
+
+Only the format this reader fully understands is read here: a local checkpoint, OCDBT, every
+entry a dict key path to an array that orbax would restore. Anything else (a bucket, another
+layout, a file that does not read) is left to `gptjax.checkpoint.load_for_inference`, which
+reads with orbax and reports a damaged checkpoint in one line before falling back to an older
+one; so what is read never differs from what orbax would return, only how fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from gptjax.config import ConfigDict, from_json
+from gptjax.layout import find_run, is_url
+
+_ARRAY_TYPES = ("jax.Array", "np.ndarray")
+_DICT_KEY = 2  # orbax's KeyType.DICT
+
+
+def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[ConfigDict, Any]:
+    """(config, params) of a run directory or checkpoint on one device; see
+    `gptjax.checkpoint.load_for_inference`, which this defers to unless the direct read applies."""
+    found = read_direct(path, device)
+    if found is not None:
+        return found
+    from gptjax.checkpoint import load_for_inference as load_with_orbax
+
+    return load_with_orbax(path, device)
+
+
+def read_direct(path: str, device: jax.Device | None = None) -> tuple[ConfigDict, Any] | None:
+    """(config, params) read with tensorstore alone, or None where orbax must read them."""
+    if is_url(path):
+        return None
+    run_dir, step = find_run(str(path))
+    if step is None:
+        steps = run_dir.steps()
+        if not steps:
+            return None
+        step = steps[-1]
+    try:
+        params = _read_params(os.path.join(run_dir.checkpoint(step), "params"))
+        with open(run_dir.config, encoding="utf-8") as f:
+            config = from_json(f.read())
+    except Exception:  # noqa: BLE001 - any surprise: orbax reads it, and reports real damage
+        return None
+    if params is None:
+        return None
+    return config, jax.device_put(params, device or jax.devices()[0])
+
+
+def _read_params(directory: str) -> dict[str, Any] | None:
+    """The nested dict of numpy arrays in an orbax PyTree item, or None for a layout not handled."""
+    import tensorstore as ts
+
+    with open(os.path.join(directory, "_METADATA"), encoding="utf-8") as f:
+        metadata = json.load(f)
+    if metadata.get("use_ocdbt") is not True:
+        return None
+    driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
+    entries = []
+    for entry in metadata["tree_metadata"].values():
+        keys = entry["key_metadata"]
+        value = entry["value_metadata"]
+        if value.get("value_type") not in _ARRAY_TYPES or value.get("skip_deserialize"):
+            return None
+        if not keys or any(k.get("key_type") != _DICT_KEY for k in keys):
+            return None
+        entries.append(tuple(str(k["key"]) for k in keys))
+    base = "file://" + os.path.abspath(directory) + "/"
+    opened = [
+        ts.open({"driver": driver, "kvstore": {"driver": "ocdbt", "base": base, "path": ".".join(keys)}}, open=True, read=True)
+        for keys in entries
+    ]
+    reads = [o.result().read() for o in opened]
+    tree: dict[str, Any] = {}
+    for keys, r in zip(entries, reads):
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = np.asarray(r.result())
+    return tree

@@ -1,0 +1,100 @@
+"""The schema of a GPT's shape and numerics (`config.model`), apart from the Flax modules.
+
+`gptjax.model` builds the modules from a `GPTConfig` and re-exports it. It lives here so that
+code that only needs a model's shape (sampling with stored programs, the checkpoint tools)
+does not import Flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from gptjax.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION = ("xla", "dot_product", "splash")  # model.attention: einsums (with attention dropout), fused_attention, kernels.splash_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The shape and numerics of a GPT: the schema of `config.model` (its defaults are the
+    built-in CPU demo's). Built from a resolved `config.model` with `GPTConfig.from_config`;
+    `vocab_size` has no default because a GPTConfig always holds the resolved size (the
+    config's 0, "the tokenizer's", is resolved by `gptjax.run`)."""
+
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_mlp: int = 0  # 0 means 4 * n_embd
+    block_size: int = 128  # the longest context, and the number of learned positions
+    dropout: float = 0.0
+    ln_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype; parameters are always fp32
+    remat: bool = False  # recompute each block's activations in the backward pass
+    attention: str = "xla"  # one of ATTENTION
+    # Full passes (training, evaluation) run the blocks as one scan over their stacked
+    # parameters, so compile time does not grow with depth; decoding stays unrolled.
+    scan_layers: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_head={self.n_head} must divide model.n_embd={self.n_embd} "
+                f"(allowed: a head count that divides the width, e.g. {_divisors(self.n_embd)})"
+            )
+        if self.n_mlp < 0:
+            raise UserError(f"model.n_mlp must be >= 0 (0 means 4 * n_embd), got {self.n_mlp}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTION:
+            raise UserError(f"model.attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise UserError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
+        if self.attention != "xla" and self.dropout > 0:
+            raise UserError(
+                f"model.attention={self.attention!r} has no attention dropout; use model.dropout=0 or model.attention='xla'"
+            )
+
+    @classmethod
+    def from_config(cls, model_cfg: Mapping[str, Any]) -> "GPTConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(model_cfg) - fields)
+        if unknown:
+            raise UserError(f"unknown model field(s) {unknown}; allowed: {sorted(fields)}")
+        return cls(**{k: model_cfg[k] for k in model_cfg})
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_mlp or 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    def num_params(self) -> int:
+        """Parameter count (the tied output head counted once)."""
+        c, m, layers = self.n_embd, self.mlp_dim, self.n_layer
+        block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * m + m) + (m * c + c)
+        return self.vocab_size * c + self.block_size * c + layers * block + 2 * c
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B convention."""
+        n = self.num_params() - self.block_size * self.n_embd
+        return 6.0 * n + 12.0 * self.n_layer * self.n_embd * seq_len
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
