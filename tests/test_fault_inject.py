@@ -29,12 +29,14 @@ def harness(tmp_path_factory):
     h.close()
 
 
-PLANS = [["prepare", "save"], ["eval"]]
+# The evaluation killed is the first (step 10), which also compiles the eval step: later ones
+# take a few milliseconds here, and a loaded machine can finish one between two polls.
+PLANS = [["prepare", "save"], ["eval@10"]]
 
 
 @pytest.fixture(scope="module")
 def killed(harness):
-    """Two kill trials: during data preparation then an asynchronous save; during evaluation."""
+    """Two kill trials: during data preparation then an asynchronous save; during the first evaluation."""
     return [fi.kill_trial(harness, i, plan) for i, plan in enumerate(PLANS)]
 
 
@@ -43,6 +45,7 @@ def test_killed_runs_end_with_bitwise_identical_checkpoints(killed):
         assert len(trial.kills) == len(plan), trial.line()
         assert trial.state_problems == [], trial.line()
     assert killed[0].kills[0] in ("prepare", "startup"), killed[0].line()  # before config.json
+    assert killed[1].kills == ["eval@10"], killed[1].line()
 
 
 def test_metrics_jsonl_has_each_step_once_after_kills(killed):

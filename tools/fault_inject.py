@@ -635,10 +635,12 @@ def _kill_on(h: Harness, attempt: Attempt, target: str) -> str | None:
 
     'random' is a uniform time over the reference's duration. For step, eval and save a step
     is drawn first (among the steps of that kind after the one the attempt resumes from) and
-    the kill waits for that kind of moment at or after it, so kills spread over the run.
+    the kill waits for that kind of moment at or after it, so kills spread over the run;
+    `kind@N` (e.g. 'eval@10') names that step instead of drawing it.
     """
     ref, settings = h.reference, h.reference.settings
     watch = h.watch(attempt)
+    target, _, named = target.partition("@")
     if target == "random":
         deadline = attempt.started + h.rng.uniform(0.0, ref.duration)
         while attempt.proc.poll() is None and time.monotonic() < deadline:
@@ -649,7 +651,7 @@ def _kill_on(h: Harness, attempt: Attempt, target: str) -> str | None:
     candidates = {"step": [s for s in after if s < settings.steps],
                   "eval": [s for s in after if settings.is_eval_step(s)],
                   "save": [s for s in after if settings.is_checkpoint_step(s)]}.get(target)
-    not_before = h.rng.choice(candidates) if candidates else 0
+    not_before = int(named) if named else h.rng.choice(candidates) if candidates else 0
     reached = lambda m: m == target and (watch.last_step or watch.resumed_from) >= not_before
     if h.poll_until(attempt, watch, reached) is None:
         return None
