@@ -22,6 +22,7 @@ import sys
 from typing import Callable
 
 import pytest
+from conftest import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL = re.compile(r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install -e (\S+) && (.+)$")
@@ -54,6 +55,8 @@ class Result:
 
 def shell(command: str, cwd: str, timeout: int = 600) -> Result:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's shell: one CPU device
+    if FAST_COMPILE in os.environ.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = FAST_COMPILE  # the suite's compile setting (tests/conftest.py)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     r = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return Result(r.returncode, r.stdout, r.stderr)
