@@ -16,7 +16,8 @@ checkpoint that fails to read anyway (files cut short by a copy or a disk error)
 in one line and the newest readable one is used instead (`restore_latest`, `load_for_inference`).
 
 Parameters and optimizer state are separate items so that sampling restores the parameters
-alone, onto whatever devices it has, without knowing the optimizer. The run's config.json
+alone, onto whatever devices it has, without knowing the optimizer (and, from a local
+checkpoint, without orbax: `gptjax.checkpoint_read`). The run's config.json
 (read and written here) is the resolved config of the run (see `gptjax.run`).
 """
 
