@@ -99,9 +99,9 @@ def collection_deferred() -> Iterator[None]:
     """Run the body without Python's cyclic garbage collector, then exempt what it made from
     later collections (`gc.freeze`).
 
-    Importing JAX, Flax and orbax and reading a checkpoint create a few hundred thousand
-    objects that all live until the process ends; each automatic collection on the way walks
-    all of them again, which costs a short sampling run a noticeable share of its wall time.
+    Importing JAX and loading a run create about a hundred thousand objects that all live
+    until the process ends; each automatic collection on the way walks them again, which
+    costs a short sampling run a noticeable share of its wall time.
     """
     was_enabled = gc.isenabled()
     gc.disable()
