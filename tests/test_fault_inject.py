@@ -45,7 +45,6 @@ def test_killed_runs_end_with_bitwise_identical_checkpoints(killed):
         assert len(trial.kills) == len(plan), trial.line()
         assert trial.state_problems == [], trial.line()
     assert killed[0].kills[0] in ("prepare", "startup"), killed[0].line()  # before config.json
-    assert killed[1].kills == ["eval@10"], killed[1].line()
 
 
 def test_metrics_jsonl_has_each_step_once_after_kills(killed):
