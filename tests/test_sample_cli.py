@@ -249,6 +249,7 @@ def test_programs_found_in_jaxs_own_cache_are_compiled_afresh_before_storing(wor
     second, compiled = _sample_cli(workdir, cache)  # loads them
     assert compiled == [] and second == first == r.stdout
 
+
 def _leaves(tree):
     return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
 
@@ -293,9 +294,11 @@ def test_a_checkpoint_the_direct_read_cannot_take_is_left_to_orbax(workdir, tmp_
     other = str(tmp_path / "other")
     shutil.copytree(workdir, other)
     meta_path = os.path.join(other, "checkpoints", "20", "params", "_METADATA")
-    meta = json.load(open(meta_path))
+    with open(meta_path) as f:
+        meta = json.load(f)
     first = next(iter(meta["tree_metadata"].values()))
     first["value_metadata"]["value_type"] = "scalar"
-    json.dump(meta, open(meta_path, "w"))
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
     assert checkpoint_read.read_direct(other) is None
     assert checkpoint_read.read_direct(os.path.join(other, "checkpoints", "10")) is not None
