@@ -33,7 +33,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gptjax.config import ConfigDict, from_json, to_json
+from gptjax.checkpoint_read import read_run_config
+from gptjax.config import ConfigDict, to_json
 from gptjax.errors import UserError
 from gptjax.layout import RunDir, find_run, is_url
 
@@ -172,13 +173,6 @@ def describe_error(e: BaseException, limit: int = 160) -> str:
 def _note(message: str) -> None:
     if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
-
-
-def read_run_config(run_dir: RunDir) -> ConfigDict | None:
-    """The run's saved config.json, or None where there is none."""
-    if not run_dir.exists():
-        return None
-    return from_json(epath.Path(run_dir.config).read_text())
 
 
 def save_config(run_dir: RunDir, config: Any) -> None:

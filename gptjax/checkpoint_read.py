@@ -10,6 +10,9 @@ entry a dict key path to an array that orbax would restore. Anything else (a buc
 layout, a file that does not read) is left to `gptjax.checkpoint.load_for_inference`, which
 reads with orbax and reports a damaged checkpoint in one line before falling back to an older
 one; so what is read never differs from what orbax would return, only how fast.
+
+The run's config.json is read here too (`read_run_config`, which `gptjax.checkpoint` uses as
+well), since reading it needs no orbax.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from gptjax.config import ConfigDict, from_json
-from gptjax.layout import find_run, is_url
+from gptjax.layout import RunDir, find_run, is_url
 
 _ARRAY_TYPES = ("jax.Array", "np.ndarray")
 _DICT_KEY = 2  # orbax's KeyType.DICT
@@ -51,13 +55,19 @@ def read_direct(path: str, device: jax.Device | None = None) -> tuple[ConfigDict
         step = steps[-1]
     try:
         params = _read_params(os.path.join(run_dir.checkpoint(step), "params"))
-        with open(run_dir.config, encoding="utf-8") as f:
-            config = from_json(f.read())
+        config = read_run_config(run_dir)
     except Exception:  # noqa: BLE001 - any surprise: orbax reads it, and reports real damage
         return None
-    if params is None:
+    if params is None or config is None:
         return None
     return config, jax.device_put(params, device or jax.devices()[0])
+
+
+def read_run_config(run_dir: RunDir) -> ConfigDict | None:
+    """The run's saved config.json, or None where there is none (local or in a bucket)."""
+    if not run_dir.exists():
+        return None
+    return from_json(epath.Path(run_dir.config).read_text())
 
 
 def _read_params(directory: str) -> dict[str, Any] | None:
