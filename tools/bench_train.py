@@ -301,6 +301,100 @@ def worker_ab(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def worker_paired(spec: dict[str, Any]) -> dict[str, Any]:
+    """gptjax's step, the nanoGPT reference's and transformers' in one process, timed in turns.
+
+    The machine's speed drifts by tens of percent over seconds (a step's CPU time drifts with
+    its wall time, so it is the CPU, not the program), and a subprocess per framework sees a
+    different stretch of it. Here every round times a block of `per_block` steps of each, in an
+    order that rotates, with a pause before each block so that the other framework's worker
+    threads have gone idle; each round gives each reference's ratio over gptjax, and the
+    medians of those ratios are reported (paired: both sides of a ratio ran seconds apart).
+    """
+    import jax
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    sys.path.insert(0, REPO)
+    from gptjax.run import resolve
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    devices = _worker_devices(spec)
+    run = resolve(spec_config(spec), None, devices=devices)
+    b, t = spec["batch"], spec["seq"]
+    host = random_batch(run.model.vocab_size, b, t)
+    trainer = run.trainer
+    state = trainer.init_state()
+    with trainer.context():
+        batch = trainer.to_global(host, accum=True)
+        compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=spec.get("xla_options") or None)
+    holder = {"state": state}
+
+    def jax_step() -> None:
+        holder["state"], m = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], m))
+
+    torch.manual_seed(0)
+    nano = nanogpt_model(spec)
+    nano.train()
+    inputs, targets = _torch_batch(host)
+    nano_train = nanogpt_step(nano, spec["torch_optim"], spec.get("dtype") == "bfloat16")
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=spec["vocab_size"], n_positions=spec["block_size"], n_embd=spec["n_embd"], n_layer=spec["n_layer"],
+        n_head=spec["n_head"], n_inner=spec.get("n_mlp", 0) or None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        activation_function="gelu_new",
+    ))
+    hf.train()
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    def hf_step() -> None:
+        loss = hf(input_ids=inputs, labels=inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+        float(loss)
+
+    steps = {"jax": jax_step, "nanogpt": lambda: nano_train(inputs, targets), "torch": hf_step}
+    for step in steps.values():
+        for _ in range(spec["warmup"]):
+            step()
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    ratios: dict[str, list[float]] = {"nanogpt": [], "torch": []}
+    for r in range(spec["rounds"]):
+        block = {}
+        for k in names[r % 3:] + names[: r % 3]:
+            time.sleep(spec["pause"])
+            block[k] = _median(_time_steps(steps[k], 0, spec["per_block"]))
+            times[k].append(block[k])
+        for ref in ratios:
+            ratios[ref].append(block[ref] / block["jax"])
+    return dict(
+        step_s={k: _median(v) for k, v in times.items()},
+        ratio={k: _median(v) for k, v in ratios.items()},
+        ratio_range={k: (min(v), max(v)) for k, v in ratios.items()},
+        jax_faster_rounds={k: sum(x >= 1.0 for x in v) for k, v in ratios.items()},
+        rounds=spec["rounds"],
+        devices=len(devices),
+    )
+
+
+def bench_paired(name: str, shape: dict[str, int], args: argparse.Namespace) -> str:
+    """One row of the paired table (`worker_paired`)."""
+    spec = dict(shape, warmup=args.warmup, dtype=args.dtype, remat=args.remat, devices=args.devices,
+                xla_options=dict(_parse_option(o) for o in args.xla_option), rounds=args.paired,
+                per_block=max(1, args.steps // 2), pause=0.3)
+    spec["torch_optim"] = torch_optim_settings(spec)
+    r = run_worker("paired", spec)
+    ms = {k: f"{1e3 * v:.1f}" for k, v in r["step_s"].items()}
+    tokens = shape["batch"] * shape["seq"]
+    cells = [f"{r['ratio'][k]:.2f}x ({r['ratio_range'][k][0]:.2f}-{r['ratio_range'][k][1]:.2f}; "
+             f"{r['jax_faster_rounds'][k]} of {r['rounds']})" for k in ("nanogpt", "torch")]
+    return (f"| {name} | {shape['batch']} x {shape['seq']}, {r['devices']} devices | {ms['jax']} | {tokens / r['step_s']['jax']:.0f} "
+            f"| {ms['nanogpt']} | {cells[0]} | {ms['torch']} | {cells[1]} |")
+
+
 def bench_ab(name: str, shape: dict[str, int], args: argparse.Namespace, option: dict[str, Any] | None = None) -> str:
     """One row of the A/B table (`worker_ab`)."""
     spec = dict(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, remat=args.remat, option=option or {},
@@ -779,6 +873,14 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of the table: STEPS train steps of gptjax and of the nanoGPT reference from the same "
         "weights on the same batches (constant peak learning rate), both losses per step",
     )
+    p.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead of the table: the three steps in one process, timed in turns for ROUNDS rounds "
+        "(--steps // 2 steps per block); the medians of each round's ratios (no memory figures)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny shape, 2 steps, all workers at once: a smoke test")
     p.add_argument("--json", default="", help="also write the rows (with raw step times) to this file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -788,7 +890,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         spec = json.loads(args.spec)
-        workers = {"jax": worker_jax, "torch": worker_torch, "nanogpt": worker_nanogpt, "ab": worker_ab}
+        workers = {"jax": worker_jax, "torch": worker_torch, "nanogpt": worker_nanogpt, "ab": worker_ab,
+                   "paired": worker_paired}
         result = workers[args.worker](spec)
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -816,6 +919,17 @@ def main(argv: list[str] | None = None) -> None:
         for name, shape in shapes:
             print(check_shape(name, shape, args), flush=True)
         print(f"\nfrom gptjax's initial weights, random batches, {args.dtype}, the optimizer's peak learning rate held constant")
+        return
+
+    if args.paired:
+        print("| shape | batch x seq | gptjax step ms | gptjax tokens/s | nanoGPT step ms | vs nanoGPT tokens/s "
+              "(range; rounds gptjax faster) | transformers step ms | vs HF tokens/s (range; rounds gptjax faster) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, shape in shapes:
+            print(bench_paired(name, shape, args), flush=True)
+        print(f"\nthe three steps in one process, in turns: each round times a block of {max(1, args.steps // 2)} steps "
+              f"of each (order rotating, 0.3 s pause before each block); step ms: medians over rounds of the "
+              f"blocks' medians; ratios: medians over rounds of that round's ratio; {os.cpu_count()} CPU threads; {args.dtype}")
         return
 
     if args.guard_ab or args.option_ab:
