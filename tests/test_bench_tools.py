@@ -3,6 +3,7 @@ columns), and the check that its nanoGPT reference computes what gptjax computes
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,44 @@ def test_option_ab_times_the_step_with_and_without_an_xla_option():
     bad = subprocess.run([sys.executable, BENCH, "--option_ab", "nonsense"], capture_output=True, text=True, env=env,
                          cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "--option_ab takes KEY=VALUE" in bad.stderr
+
+
+def test_paired_ratios_are_taken_round_by_round():
+    """A machine that runs at half speed in some rounds slows every framework in those rounds:
+    the paired ratio is unchanged by it, while a ratio of two separate medians is not."""
+    bench = _bench_module()
+    fast = {"jax": 0.050, "nanogpt": 0.055, "torch": 0.070}
+    slow = {k: 2 * v for k, v in fast.items()}
+    # gptjax met the slow stretch more often than the references (as separate runs can).
+    rounds = [fast, slow, slow, dict(slow, nanogpt=fast["nanogpt"]), fast]
+    out = bench.paired_summary(rounds)
+    assert out["rounds"] == 5
+    assert out["step_s"]["jax"] == pytest.approx(0.100)  # the median block
+    # Three of five rounds give nanoGPT / gptjax = 1.1; the one where only nanoGPT ran fast gives 0.55.
+    assert out["ratio"]["nanogpt"] == pytest.approx(1.1)
+    assert out["ratio_range"]["nanogpt"] == pytest.approx((0.55, 1.1))
+    assert out["jax_faster_rounds"] == {"nanogpt": 4, "torch": 5}
+    assert out["ratio"]["torch"] == pytest.approx(1.4)
+
+
+def test_paired_prints_each_references_ratio_from_one_process():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, BENCH, "--quick", "--paired", "3"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [l for l in out.stdout.splitlines() if l.startswith("|")]
+    assert "vs nanoGPT tokens/s" in lines[0] and "vs HF tokens/s" in lines[0]
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert row[0] == "tiny"
+    jax_ms, tokens, nano_ms, hf_ms = float(row[2]), float(row[3]), float(row[4]), float(row[6])
+    assert min(jax_ms, nano_ms, hf_ms) > 0
+    tiny = _bench_module().SHAPES["tiny"]
+    assert tokens == pytest.approx(tiny["batch"] * tiny["seq"] / (jax_ms / 1e3), rel=0.01)
+    for cell in (row[5], row[7]):  # "1.06x (0.85-1.38; 17 of 20)"
+        ratio, lo, hi, faster, rounds = re.match(r"([\d.]+)x \(([\d.]+)-([\d.]+); (\d+) of (\d+)\)", cell).groups()
+        assert float(lo) <= float(ratio) <= float(hi) and int(rounds) == 3 and 0 <= int(faster) <= 3
 
 
 @pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16", "--remat"]], ids=["fp32", "bf16-remat"])

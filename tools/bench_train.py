@@ -45,6 +45,14 @@ CPU device per core, as `python -m gptjax.train` arranges them by default (the f
 column gives the count; `--devices 1` times a single device). CPU timings are noisy: compare
 ratios from one run, and use `--rounds` to alternate the frameworks more than once (medians
 over rounds are reported).
+
+`--paired ROUNDS` is the speed comparison that such noise does not decide: the machine's speed
+drifts by tens of percent over seconds, so separate subprocesses can each meet a different
+stretch of it. It runs gptjax's step and both references in one process, each round a block of
+steps of each (order rotating, a pause before each block), and reports the median over rounds
+of each round's ratio, its range, and how many rounds gptjax was at least as fast; no memory.
+
+    python tools/bench_train.py --shapes nanogpt,default --paired 30 --steps 20
 """
 
 from __future__ import annotations
@@ -360,23 +368,28 @@ def worker_paired(spec: dict[str, Any]) -> dict[str, Any]:
         for _ in range(spec["warmup"]):
             step()
     names = list(steps)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    ratios: dict[str, list[float]] = {"nanogpt": [], "torch": []}
+    rounds = []
     for r in range(spec["rounds"]):
         block = {}
         for k in names[r % 3:] + names[: r % 3]:
             time.sleep(spec["pause"])
             block[k] = _median(_time_steps(steps[k], 0, spec["per_block"]))
-            times[k].append(block[k])
-        for ref in ratios:
-            ratios[ref].append(block[ref] / block["jax"])
+        rounds.append(block)
+    return dict(paired_summary(rounds), devices=len(devices))
+
+
+def paired_summary(rounds: list[dict[str, float]]) -> dict[str, Any]:
+    """From each round's block medians {"jax": s, "nanogpt": s, "torch": s}: each framework's
+    median step time, and each reference's ratio to gptjax (reference step / gptjax step,
+    gptjax's tokens/s over the reference's) as the median of the rounds' ratios, with their
+    range and the number of rounds where gptjax was at least as fast."""
+    ratios = {ref: [r[ref] / r["jax"] for r in rounds] for ref in ("nanogpt", "torch")}
     return dict(
-        step_s={k: _median(v) for k, v in times.items()},
+        step_s={k: _median([r[k] for r in rounds]) for k in rounds[0]},
         ratio={k: _median(v) for k, v in ratios.items()},
         ratio_range={k: (min(v), max(v)) for k, v in ratios.items()},
         jax_faster_rounds={k: sum(x >= 1.0 for x in v) for k, v in ratios.items()},
-        rounds=spec["rounds"],
-        devices=len(devices),
+        rounds=len(rounds),
     )
 
 
