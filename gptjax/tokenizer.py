@@ -13,6 +13,7 @@ and `tokenizer_meta.json` is written last, so a directory with it is complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -20,15 +21,16 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 from etils import epath
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
-import tokenizers
 
 from gptjax.errors import UserError
+
+if TYPE_CHECKING:
+    import tokenizers
 
 EOT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
@@ -130,8 +132,15 @@ class SentencePieceTokenizer:
         if self._sp.unk_id() in self._space_ids:
             raise UserError("SentencePiece model lacks byte-fallback pieces; train it with train_sentencepiece")
         self._threads = os.cpu_count() or 1
+
+    @functools.cached_property
+    def model_type(self) -> str:
+        """'bpe' or 'unigram', from the model's trainer spec (read on first use: the protobuf
+        module it needs costs a short sampling run a noticeable share of its imports)."""
+        from sentencepiece import sentencepiece_model_pb2
+
         proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
-        self.model_type: str = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
+        return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
 
     def encode(self, text: str) -> list[int]:
         if _SPM_SPACE not in text:
@@ -266,6 +275,8 @@ class GPT2BPETokenizer:
     @classmethod
     def from_files(cls, directory: str) -> "GPT2BPETokenizer":
         """Read `directory`/tokenizer.json, or else vocab.json + merges.txt."""
+        import tokenizers  # on use: only runs imported from GPT-2 need it
+
         path = epath.Path(directory, "tokenizer.json")
         vocab, merges = epath.Path(directory, "vocab.json"), epath.Path(directory, "merges.txt")
         if path.is_file():

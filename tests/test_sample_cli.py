@@ -191,7 +191,8 @@ def test_print_rows_moves_to_the_next_row_when_one_ends():
 
 def _sample_cli(workdir, cache, extra_env=None, imports=None):
     """One `python -m gptjax.sample` run with its own caches; (stdout, compile log lines).
-    With `imports` (a set), the names of the top-level packages the run imported are added to it."""
+    With `imports` (a set), the names of the modules the run imported are added to it, and
+    those of their top-level packages."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_LOG_COMPILES="1", **(extra_env or {}))
     if imports is not None:
@@ -202,14 +203,17 @@ def _sample_cli(workdir, cache, extra_env=None, imports=None):
     if imports is not None:
         lines = [line for line in r.stderr.splitlines() if line.startswith("import time:")]
         assert lines, "PYTHONPROFILEIMPORTTIME listed no imports"
-        imports.update(line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines)
+        names = [line.rsplit("|", 1)[1].strip() for line in lines]
+        imports.update(names)
+        imports.update(name.split(".")[0] for name in names)
     return r.stdout, [line for line in r.stderr.splitlines() if "Compiling jit(" in line]
 
 
 def test_a_second_cli_run_loads_the_sampler_without_compiling(workdir, tmp_path):
     """The first run compiles the sampler's programs and stores them; the second traces and
-    compiles nothing, imports neither Flax nor orbax, and prints the same text; a damaged
-    stored program is compiled again."""
+    compiles nothing, imports neither Flax nor orbax (nor what only training a tokenizer or
+    reading a GPT-2 one needs), and prints the same text; a damaged stored program is
+    compiled again."""
     cache = tmp_path / "xla"
     first_imports: set = set()
     first, compiled = _sample_cli(workdir, cache, imports=first_imports)
@@ -222,7 +226,8 @@ def test_a_second_cli_run_loads_the_sampler_without_compiling(workdir, tmp_path)
     second, compiled = _sample_cli(workdir, cache, imports=second_imports)
     assert compiled == [] and second == first
     assert "jax" in second_imports and "tensorstore" in second_imports
-    assert not {"flax", "orbax", "optax"} & second_imports, sorted(second_imports)
+    assert not {"flax", "orbax", "optax", "tokenizers", "sentencepiece.sentencepiece_model_pb2"} & second_imports, sorted(
+        second_imports)
     prefill = next(name for name in stored if name.startswith("prefill-"))
     (cache / "gptjax-sampler" / prefill).write_bytes(b"not an executable")
     third, compiled = _sample_cli(workdir, cache)
@@ -302,3 +307,33 @@ def test_a_checkpoint_the_direct_read_cannot_take_is_left_to_orbax(workdir, tmp_
         json.dump(meta, f)
     assert checkpoint_read.read_direct(other) is None
     assert checkpoint_read.read_direct(os.path.join(other, "checkpoints", "10")) is not None
+
+
+def test_the_plugin_scan_sees_only_jax_distributions_while_jax_is_imported():
+    """JAX's import-time ROCm plugin scan reads the metadata of every distribution it is shown;
+    `plugin_scan_narrowed` shows it only those named jax..., without reading the others', and
+    leaves `importlib.metadata` as it was."""
+    import importlib.metadata
+
+    from gptjax.sample import plugin_scan_narrowed
+
+    every = importlib.metadata.distributions
+    names = {d.metadata["Name"].lower().replace("-", "_") for d in every()}
+    assert {"jax", "jaxlib", "numpy"} <= names
+    read = []
+    original_read_text = importlib.metadata.PathDistribution.read_text
+
+    def counting_read_text(self, filename):
+        read.append((self._path.name, filename))
+        return original_read_text(self, filename)
+
+    importlib.metadata.PathDistribution.read_text = counting_read_text
+    try:
+        with plugin_scan_narrowed():
+            shown_names = {d.metadata["Name"].lower().replace("-", "_") for d in importlib.metadata.distributions()}
+    finally:
+        importlib.metadata.PathDistribution.read_text = original_read_text
+    assert shown_names == {n for n in names if n.startswith("jax")}
+    # Choosing them read no other distribution's files: only the shown ones' metadata was read.
+    assert read and all(path.startswith("jax") for path, _ in read), read
+    assert importlib.metadata.distributions is every
