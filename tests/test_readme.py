@@ -164,9 +164,15 @@ def run_convert(command: str, cwd: str) -> None:
 
 
 def run_bench_train(command: str, cwd: str) -> None:
-    """The benchmark's flags as written, on its smoke-test shape (--quick), without the reference."""
-    r = ok(shell(command + " --quick --no_torch", ROOT), command)
-    expected = "guard cost" if "--guard_ab" in command else "initial weights" if "--check" in command else "| gptjax"
+    """The benchmark's flags as written, on its smoke-test shape (--quick), without the references
+    (--paired, which times them in its own process: with them, for two rounds)."""
+    if "--paired" in command:
+        command = re.sub(r"--paired \d+", "--paired 2", command)
+        r = ok(shell(command + " --quick", ROOT), command)
+    else:
+        r = ok(shell(command + " --quick --no_torch", ROOT), command)
+    expected = ("guard cost" if "--guard_ab" in command else "initial weights" if "--check" in command
+                else "vs nanoGPT tokens/s (range" if "--paired" in command else "| gptjax")
     assert expected in r.out, r.out[-2000:]
 
 

@@ -935,6 +935,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     if args.paired:
+        if args.no_torch:
+            p.error("--paired times the torch references beside gptjax; it cannot take --no_torch")
         print("| shape | batch x seq | gptjax step ms | gptjax tokens/s | nanoGPT step ms | vs nanoGPT tokens/s "
               "(range; rounds gptjax faster) | transformers step ms | vs HF tokens/s (range; rounds gptjax faster) |")
         print("|---|---|---|---|---|---|---|---|")
