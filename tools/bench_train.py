@@ -321,7 +321,6 @@ def worker_paired(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import jax
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     sys.path.insert(0, REPO)
     from gptjax.run import resolve
@@ -347,21 +346,7 @@ def worker_paired(spec: dict[str, Any]) -> dict[str, Any]:
     nano.train()
     inputs, targets = _torch_batch(host)
     nano_train = nanogpt_step(nano, spec["torch_optim"], spec.get("dtype") == "bfloat16")
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=spec["vocab_size"], n_positions=spec["block_size"], n_embd=spec["n_embd"], n_layer=spec["n_layer"],
-        n_head=spec["n_head"], n_inner=spec.get("n_mlp", 0) or None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        activation_function="gelu_new",
-    ))
-    hf.train()
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-
-    def hf_step() -> None:
-        loss = hf(input_ids=inputs, labels=inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
-        float(loss)
+    _, hf_step, _ = transformers_step(spec)
 
     steps = {"jax": jax_step, "nanogpt": lambda: nano_train(inputs, targets), "torch": hf_step}
     for step in steps.values():
@@ -421,22 +406,22 @@ def bench_ab(name: str, shape: dict[str, int], args: argparse.Namespace, option:
             f"| {mib(r['with_temp'])} | {mib(r['without_temp'])} | {r['steps_each']} |")
 
 
-def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
+def transformers_step(spec: dict[str, Any]) -> tuple[Any, Any, list[float]]:
+    """(model, step, losses) of transformers' `GPT2LMHeadModel` at `spec`: `step()` runs forward
+    with labels, backward, `clip_grad_norm_` and `torch.optim.AdamW` on a fixed random batch
+    and appends the loss to `losses`; under torch's CPU autocast to bf16 (fp32 weights and
+    optimizer, the same mixed precision as gptjax's model.dtype="bfloat16") when spec asks."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    _trim()
-    base_kb = _status_kb("VmRSS")
     torch.manual_seed(0)
-    n_mlp = spec.get("n_mlp", 0) or None
     cfg = GPT2Config(
         vocab_size=spec["vocab_size"],
         n_positions=spec["block_size"],
         n_embd=spec["n_embd"],
         n_layer=spec["n_layer"],
         n_head=spec["n_head"],
-        n_inner=n_mlp,
+        n_inner=spec.get("n_mlp", 0) or None,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -448,10 +433,7 @@ def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
     b, t = spec["batch"], spec["seq"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec["vocab_size"], (b, t), generator=g)
-    losses = []
-
-    # bf16: torch's CPU autocast (fp32 weights and optimizer, bf16 matmuls), the same mixed
-    # precision as gptjax's model.dtype="bfloat16".
+    losses: list[float] = []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.get("dtype") == "bfloat16")
 
     def step() -> None:
@@ -463,6 +445,16 @@ def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         losses.append(float(out.loss))
 
+    return model, step, losses
+
+
+def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    _trim()
+    base_kb = _status_kb("VmRSS")
+    model, step, losses = transformers_step(spec)
     return dict(_time_torch_steps(step, spec, base_kb), attn=getattr(model.config, "_attn_implementation", "?"), loss=losses[-1])
 
 
