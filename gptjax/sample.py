@@ -100,8 +100,8 @@ def plugin_scan_narrowed() -> Iterator[None]:
     distributions whose name starts with "jax".
 
     On import JAX looks for a ROCm plugin (`jax-rocm*-plugin`) by reading and parsing the
-    metadata of every installed distribution (jax/_src/numpy/array_constructors.py): about
-    45 ms of a short sampling run with 150 distributions installed. The name used here comes
+    metadata of every installed distribution (jax/_src/numpy/array_constructors.py), a
+    noticeable share of a short sampling run where many are installed. The name used here comes
     from each distribution's `.dist-info` directory, without reading its metadata; one whose
     name cannot be found that way is shown as before. JAX's plugin discovery (at backend
     start, after this) sees every distribution.
