@@ -64,7 +64,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,12 +199,38 @@ def _worker_devices(spec: dict[str, Any]) -> list[Any]:
     return devices[: max(d for d in range(1, len(devices) + 1) if spec["batch"] % d == 0)]
 
 
-def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
+def gptjax_step(spec: dict[str, Any], devices: list[Any]) -> tuple[Callable[[], Any], Any, Any, float]:
+    """(step, model config, compiled step, compile seconds) of gptjax's train step at `spec`,
+    compiled for `devices` with spec's XLA options, on a fixed random batch. `step()` runs one
+    step on the state the previous one left (donated) and returns its metrics, once ready."""
     import jax
 
     sys.path.insert(0, REPO)
-    from gptjax.metrics import measure_matmul_flops
     from gptjax.run import resolve
+
+    run = resolve(spec_config(spec), None, devices=devices)
+    trainer = run.trainer
+    state = trainer.init_state()
+    host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"])
+    with trainer.context():
+        batch = trainer.to_global(host, accum=True)
+        t0 = time.perf_counter()
+        compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=spec.get("xla_options") or None)
+        compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def step() -> Any:
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+        return metrics
+
+    return step, run.model, compiled, compile_s
+
+
+def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, REPO)
+    import gptjax.run  # noqa: F401  (loaded before the memory baseline: not the step's)
+    from gptjax.metrics import measure_matmul_flops
 
     devices = _worker_devices(spec)
     dtype = spec.get("dtype", "float32")
@@ -212,31 +238,15 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     _trim()
     base_kb = _status_kb("VmRSS")
 
-    run = resolve(spec_config(spec), None, devices=devices)
-    gpt, trainer = run.model, run.trainer
-    b, t = spec["batch"], spec["seq"]
-    state = trainer.init_state()
-    host = random_batch(gpt.vocab_size, b, t)
-    with trainer.context():
-        batch = trainer.to_global(host, accum=True)
-        t0 = time.perf_counter()
-        compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=spec.get("xla_options") or None)
-        compile_s = time.perf_counter() - t0
+    step, gpt, compiled, compile_s = gptjax_step(spec, devices)
     mem = compiled.memory_analysis()
     compile_kb = _status_kb("VmHWM") - base_kb
     _trim()
     _reset_peak()
 
-    holder = {"state": state}
-
-    def step() -> None:
-        s, m = compiled(holder["state"], batch)
-        holder["state"] = s
-        jax.block_until_ready((s, m))
-
     times = _time_steps(step, spec["warmup"], spec["steps"])
     peak_kb = _status_kb("VmHWM") - base_kb
-    loss = float(jax.device_get(compiled(holder["state"], batch)[1]["loss"]))
+    loss = float(step()["loss"])
     return dict(
         compile_s=compile_s,
         step_s=_median(times),
@@ -245,7 +255,7 @@ def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
         compile_mb=compile_kb / 1024,
         xla_temp_mb=getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem is not None else None,
         matmul_flops=peak_flops,
-        flops_per_token=gpt.flops_per_token(t),
+        flops_per_token=gpt.flops_per_token(spec["seq"]),
         loss=loss,
         devices=len(devices),
     )
@@ -319,36 +329,11 @@ def worker_paired(spec: dict[str, Any]) -> dict[str, Any]:
     threads have gone idle; each round gives each reference's ratio over gptjax, and the
     medians of those ratios are reported (paired: both sides of a ratio ran seconds apart).
     """
-    import jax
     import torch
-
-    sys.path.insert(0, REPO)
-    from gptjax.run import resolve
 
     torch.set_num_threads(os.cpu_count() or 1)
     devices = _worker_devices(spec)
-    run = resolve(spec_config(spec), None, devices=devices)
-    b, t = spec["batch"], spec["seq"]
-    host = random_batch(run.model.vocab_size, b, t)
-    trainer = run.trainer
-    state = trainer.init_state()
-    with trainer.context():
-        batch = trainer.to_global(host, accum=True)
-        compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=spec.get("xla_options") or None)
-    holder = {"state": state}
-
-    def jax_step() -> None:
-        holder["state"], m = compiled(holder["state"], batch)
-        jax.block_until_ready((holder["state"], m))
-
-    torch.manual_seed(0)
-    nano = nanogpt_model(spec)
-    nano.train()
-    inputs, targets = _torch_batch(host)
-    nano_train = nanogpt_step(nano, spec["torch_optim"], spec.get("dtype") == "bfloat16")
-    _, hf_step, _ = transformers_step(spec)
-
-    steps = {"jax": jax_step, "nanogpt": lambda: nano_train(inputs, targets), "torch": hf_step}
+    steps = {"jax": gptjax_step(spec, devices)[0], "nanogpt": nanogpt_train(spec), "torch": transformers_step(spec)[1]}
     for step in steps.values():
         for _ in range(spec["warmup"]):
             step()
@@ -378,11 +363,14 @@ def paired_summary(rounds: list[dict[str, float]]) -> dict[str, Any]:
     )
 
 
-def bench_paired(name: str, shape: dict[str, int], args: argparse.Namespace) -> str:
+PAIRED_PAUSE_S = 0.3  # before each block: the other framework's worker threads go idle
+
+
+def bench_paired(name: str, shape: dict[str, int], args: argparse.Namespace, per_block: int) -> str:
     """One row of the paired table (`worker_paired`)."""
     spec = dict(shape, warmup=args.warmup, dtype=args.dtype, remat=args.remat, devices=args.devices,
                 xla_options=dict(_parse_option(o) for o in args.xla_option), rounds=args.paired,
-                per_block=max(1, args.steps // 2), pause=0.3)
+                per_block=per_block, pause=PAIRED_PAUSE_S)
     spec["torch_optim"] = torch_optim_settings(spec)
     r = run_worker("paired", spec)
     ms = {k: f"{1e3 * v:.1f}" for k, v in r["step_s"].items()}
@@ -450,6 +438,7 @@ def transformers_step(spec: dict[str, Any]) -> tuple[Any, Any, list[float]]:
 
 def worker_torch(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
+    from transformers import GPT2LMHeadModel  # noqa: F401  (loaded before the memory baseline: not the step's)
 
     torch.set_num_threads(os.cpu_count() or 1)
     _trim()
@@ -635,21 +624,30 @@ def _torch_batch(host: dict[str, Any]) -> tuple[Any, Any]:
     return (torch.from_numpy(host["inputs"].astype("int64")), torch.from_numpy(host["targets"].astype("int64")))
 
 
+def nanogpt_train(spec: dict[str, Any]) -> Callable[[], float]:
+    """`step() -> loss` of the nanoGPT reference at `spec` (torch seeded with 0, nanoGPT's
+    initialisation), training on a fixed random batch."""
+    import torch
+
+    torch.manual_seed(0)
+    model = nanogpt_model(spec)
+    model.train()
+    inputs, targets = _torch_batch(random_batch(spec["vocab_size"], spec["batch"], spec["seq"]))
+    train_step = nanogpt_step(model, spec["torch_optim"], spec.get("dtype") == "bfloat16")
+    return lambda: train_step(inputs, targets)
+
+
 def worker_nanogpt(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     _trim()
     base_kb = _status_kb("VmRSS")
-    torch.manual_seed(0)
-    model = nanogpt_model(spec)
-    model.train()
-    inputs, targets = _torch_batch(random_batch(spec["vocab_size"], spec["batch"], spec["seq"]))
-    train_step = nanogpt_step(model, spec["torch_optim"], spec.get("dtype") == "bfloat16")
+    train = nanogpt_train(spec)
     losses = []
 
     def step() -> None:
-        losses.append(train_step(inputs, targets))
+        losses.append(train())
 
     return dict(_time_torch_steps(step, spec, base_kb), loss=losses[-1])
 
@@ -932,10 +930,11 @@ def main(argv: list[str] | None = None) -> None:
         print("| shape | batch x seq | gptjax step ms | gptjax tokens/s | nanoGPT step ms | vs nanoGPT tokens/s "
               "(range; rounds gptjax faster) | transformers step ms | vs HF tokens/s (range; rounds gptjax faster) |")
         print("|---|---|---|---|---|---|---|---|")
+        per_block = max(1, args.steps // 2)
         for name, shape in shapes:
-            print(bench_paired(name, shape, args), flush=True)
-        print(f"\nthe three steps in one process, in turns: each round times a block of {max(1, args.steps // 2)} steps "
-              f"of each (order rotating, 0.3 s pause before each block); step ms: medians over rounds of the "
+            print(bench_paired(name, shape, args, per_block), flush=True)
+        print(f"\nthe three steps in one process, in turns: each round times a block of {per_block} steps "
+              f"of each (order rotating, {PAIRED_PAUSE_S} s pause before each block); step ms: medians over rounds of the "
               f"blocks' medians; ratios: medians over rounds of that round's ratio; {os.cpu_count()} CPU threads; {args.dtype}")
         return
 
