@@ -309,7 +309,7 @@ def test_a_checkpoint_the_direct_read_cannot_take_is_left_to_orbax(workdir, tmp_
     assert checkpoint_read.read_direct(os.path.join(other, "checkpoints", "10")) is not None
 
 
-def test_the_plugin_scan_sees_only_jax_distributions_while_jax_is_imported():
+def test_the_plugin_scan_sees_only_jax_distributions_while_jax_is_imported(monkeypatch):
     """JAX's import-time ROCm plugin scan reads the metadata of every distribution it is shown;
     `plugin_scan_narrowed` shows it only those named jax..., without reading the others', and
     leaves `importlib.metadata` as it was."""
@@ -327,12 +327,9 @@ def test_the_plugin_scan_sees_only_jax_distributions_while_jax_is_imported():
         read.append((self._path.name, filename))
         return original_read_text(self, filename)
 
-    importlib.metadata.PathDistribution.read_text = counting_read_text
-    try:
-        with plugin_scan_narrowed():
-            shown_names = {d.metadata["Name"].lower().replace("-", "_") for d in importlib.metadata.distributions()}
-    finally:
-        importlib.metadata.PathDistribution.read_text = original_read_text
+    monkeypatch.setattr(importlib.metadata.PathDistribution, "read_text", counting_read_text)
+    with plugin_scan_narrowed():
+        shown_names = {d.metadata["Name"].lower().replace("-", "_") for d in importlib.metadata.distributions()}
     assert shown_names == {n for n in names if n.startswith("jax")}
     # Choosing them read no other distribution's files: only the shown ones' metadata was read.
     assert read and all(path.startswith("jax") for path, _ in read), read
