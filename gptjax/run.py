@@ -90,6 +90,20 @@ class Run:
             raise
         return dataclasses.replace(self, tokenizer=tokenizer, dataset=dataset, pretrained=pretrained)
 
+    def derive(self, **changes: Mapping[str, Any]) -> "Run":
+        """A "what if" of this run, resolved on the same devices without a workdir: each keyword
+        names a section and maps fields to new values, e.g.
+        `run.derive(train={"grad_accum": 8}, model={"n_layer": 2, "scan_layers": False})`."""
+        config = ml_collections.ConfigDict(self.config.to_dict())
+        for name, fields in changes.items():
+            if name not in config or not isinstance(config[name], ml_collections.ConfigDict):
+                raise ValueError(f"Run.derive: no config section {name!r}")
+            for field, value in fields.items():
+                if field not in config[name]:
+                    raise ValueError(f"Run.derive: no field {name}.{field}")
+                config[name][field] = value
+        return resolve(config, None, list(self.mesh.devices.flat))
+
 
 def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: Sequence[jax.Device] | None = None) -> Run:
     """Check `config` and resolve the run in `workdir` on `devices` (default:
