@@ -1,15 +1,17 @@
-"""Run configuration: ml_collections ConfigDicts, loaded from a file and overridden from argv.
+"""Run configuration: ml_collections ConfigDicts, loaded from a file and overridden from argv,
+then parsed once into typed sections.
 
 A config file is a Python file with `get_config() -> ConfigDict` (see configs/). Recipes start
 from `base_config()` and change what they need, so every field exists in every run and a typo
 on the command line is caught.
 
-The schema of each section is a frozen dataclass (`schema()`: GPTConfig, OptimConfig,
-DataConfig and the ones below) that holds the fields, their defaults and their validation;
-`base_config()` is built from those defaults, and `section()` builds a dataclass back from a
-ConfigDict. The ConfigDict is what files and the command line edit; the dataclasses are what
-the code reads. Overrides look like `--config.optim.lr=3e-4` (or
-`--config.optim.lr 3e-4`) and are converted to the type of the field they replace.
+Each section's schema is a frozen dataclass that holds its fields, defaults and validation
+(`schema()`: GPTConfig, TokenizerConfig, DataConfig, OptimConfig, TrainConfig, MeshConfig);
+`base_config()` is built from those defaults. The ConfigDict is what files and the command line
+edit; `sections()` parses it once into `Sections`, and nothing after that reads the ConfigDict
+(`gptjax.run.resolve` takes the sections; `to_config` turns them back into the config.json a
+run saves). Overrides look like `--config.optim.lr=3e-4` (or `--config.optim.lr 3e-4`) and are
+converted to the type of the field they replace.
 """
 
 from __future__ import annotations
@@ -19,89 +21,30 @@ import dataclasses
 import importlib.util
 import json
 import os
+import types
 from typing import Any, Sequence
 
 import ml_collections
 
 from gptjax.errors import UserError
+from gptjax.model_config import GPTConfig
+from gptjax.schema import (  # noqa: F401  (the section classes are part of this module's API)
+    MODEL_VOCAB_FROM_TOKENIZER,
+    DataConfig,
+    MeshConfig,
+    OptimConfig,
+    Sections,
+    TokenizerConfig,
+    TopConfig,
+    TrainConfig,
+    parse,
+)
 
 ConfigDict = ml_collections.ConfigDict
 
 
-@dataclasses.dataclass(frozen=True)
-class TopConfig:
-    """The config's top-level fields."""
-
-    seed: int = 0  # parameter initialisation, dropout and the batches drawn
-    # '' trains from scratch; 'hf:/path/to/gpt2' starts from a local Hugging Face GPT-2
-    # directory (model shape and tokenizer come from it).
-    init_from: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
-    """`config.tokenizer`: the SentencePiece model a run trains when its workdir has none."""
-
-    vocab_size: int = 2048
-    model_type: str = "bpe"  # 'bpe' or 'unigram'
-    max_chars: int = 10_000_000  # characters sampled from the training text to train it
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """`config.train`: the loop's length, batch, and how often it evaluates, logs and saves."""
-
-    steps: int = 1000
-    batch_size: int = 16  # global batch (sequences per optimizer step)
-    seq_len: int = 128
-    grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
-    eval_every: int = 250
-    eval_batches: int = 8
-    log_every: int = 10
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 3
-    peak_tflops: float = 0.0  # per device, for MFU; 0: measured (CPU) or looked up (GPU/TPU)
-    # Steps in a row whose loss or gradient is not finite (each one skipped) before the run
-    # stops with an error, keeping its last good checkpoint.
-    max_bad_steps: int = 5
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_batches < 0:
-            raise UserError(f"train.eval_batches must be >= 0, got {self.eval_batches}")
-        if self.peak_tflops < 0:
-            raise UserError(f"train.peak_tflops must be >= 0 (0: measured or looked up), got {self.peak_tflops}")
-        if self.batch_size % self.grad_accum:
-            raise UserError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}")
-
-    @property
-    def micro_batch(self) -> int:
-        """Sequences per micro-batch (one forward and backward pass)."""
-        return self.batch_size // self.grad_accum
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """`config.mesh`: device mesh axis sizes; one may be -1 for "all remaining devices"."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-
-
-# config.model.vocab_size = 0 means "the tokenizer's": a GPTConfig always holds the resolved
-# size, so the field has no dataclass default and its config default lives here.
-MODEL_VOCAB_FROM_TOKENIZER = 0
-
-
 def schema() -> dict[str, type]:
     """The dataclass of each config section: its fields, defaults and validation."""
-    from gptjax.data import DataConfig  # here: config files import this module, light
-    from gptjax.model import GPTConfig
-    from gptjax.optim import OptimConfig
-
     return {
         "model": GPTConfig,
         "tokenizer": TokenizerConfig,
@@ -131,14 +74,22 @@ def base_config() -> ConfigDict:
     return c
 
 
-def section(config: Any, name: str) -> Any:
-    """The section `name` of `config` as its schema dataclass (validated); '' for the top level.
+def sections(config: ConfigDict) -> Sections:
+    """Check `config` against the schema (unknown fields, wrong types, invalid values) and parse
+    every section once."""
+    check_types(config)
+    parsed = {name: parse(cls, config[name], name) for name, cls in schema().items() if name != "model"}
+    top = parse(TopConfig, {k: v for k, v in config.items() if not isinstance(v, ConfigDict)}, "top-level")
+    return Sections(top=top, model=types.MappingProxyType(config.model.to_dict()), **parsed)
 
-    `model` is built by `gptjax.run`, which resolves its vocabulary size first.
-    """
-    cls = TopConfig if not name else schema()[name]
-    node = config if not name else config[name]
-    return cls(**{f.name: node[f.name] for f in dataclasses.fields(cls) if f.name in node})
+
+def to_config(s: Sections) -> ConfigDict:
+    """The ConfigDict of parsed sections: what a run saves as config.json."""
+    c = ConfigDict(dataclasses.asdict(s.top))
+    c.model = ConfigDict(dict(s.model))
+    for name in ("tokenizer", "data", "optim", "train", "mesh"):
+        c[name] = ConfigDict(dataclasses.asdict(getattr(s, name)))
+    return c
 
 
 def load_config(path: str | None) -> ConfigDict:

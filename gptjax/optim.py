@@ -50,62 +50,12 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.errors import UserError
+from gptjax.schema import SCHEDULES, OptimConfig, parse
 
-SCHEDULES = ("cosine", "linear", "constant")
 FROZEN = "frozen"
 _REGEX_CHARS = set(".+()|\\^${}")
 _BLOCK = re.compile(r"h_(\d+)")
 _EMBEDDINGS = ("wte", "wpe")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """The fields of `config.optim` (defaults match `gptjax.config.base_config`)."""
-
-    lr: float = 3e-3  # peak learning rate
-    schedule: str = "cosine"  # 'cosine' | 'linear' | 'constant'
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # the final lr is min_lr_ratio * lr
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # decoupled (AdamW); 0 turns it off everywhere
-    grad_clip: float = 1.0  # global norm of the trainable gradients; 0 = off
-    no_decay: str = "*bias,*ln_*,ln_f/*,wte/*,wpe/*"  # patterns without weight decay
-    freeze: str = ""  # patterns of frozen parameters
-    train_only: str = ""  # patterns of the only trainable parameters
-    train_last_blocks: int = 0  # train only the last N blocks and ln_f (0 = off)
-    layer_decay: float = 1.0  # per-block lr decay, in (0, 1]; 1 = off
-    lr_rules: str = ""  # 'pattern=multiplier,...'; matching multipliers multiply
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"optim.lr must be a positive number, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"optim.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        if self.warmup_steps < 0:
-            raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("b1", "b2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("eps", "weight_decay", "grad_clip"):
-            if not getattr(self, name) >= 0.0:
-                raise UserError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
-        if self.train_last_blocks < 0:
-            raise UserError(f"optim.train_last_blocks must be >= 0 (0 = off), got {self.train_last_blocks}")
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise UserError(f"optim.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
-
-    @classmethod
-    def from_config(cls, optim_cfg: Mapping[str, Any] | Any) -> "OptimConfig":
-        """From `config.optim` (a ConfigDict or dict); missing fields take the defaults."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(optim_cfg) - fields)
-        if unknown:
-            raise UserError(f"unknown optim field(s) {unknown}; allowed: {sorted(fields)}")
-        return cls(**{k: optim_cfg[k] for k in optim_cfg})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +116,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[Any], jax.Arr
 
 def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps: int) -> Optimizer:
     """The optimizer for `params` (arrays, ShapeDtypeStructs or boxed; only paths matter)."""
-    cfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_config(optim_cfg)
+    cfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else parse(OptimConfig, optim_cfg, "optim")
     total_steps = int(total_steps)
     if total_steps < 1:
         raise UserError(f"the number of training steps must be >= 1, got {total_steps}")

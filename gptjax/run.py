@@ -44,13 +44,9 @@ from gptjax.tokenizer import Tokenizer, load_tokenizer, tokenizer_saved
 class Run:
     """A fully resolved run. Built by `resolve`; `prepare` adds what needs the disk."""
 
-    config: ml_collections.FrozenConfigDict  # the resolved config: what config.json holds
+    sections: config_lib.Sections  # the config, parsed once
     run_dir: RunDir | None  # None: resolved without a run directory (ahead-of-time compilation)
-    seed: int
-    init_from: str
-    model: GPTConfig
-    data: data_lib.DataConfig
-    train: config_lib.TrainConfig
+    model: GPTConfig  # config.model with its vocabulary size (and an import's shape) resolved
     optimizer: optim_lib.Optimizer  # built once; `optimizer.config` is the OptimConfig
     mesh: Mesh
     trainer: Trainer  # abstract train state, its shardings, and the jitted steps
@@ -59,6 +55,28 @@ class Run:
     dataset: data_lib.Dataset | None = None  # set by prepare()
     pretrained: Any = None  # init_from's host parameters, for a new run (set by prepare())
     devices_note: str = ""  # how the devices were chosen, when the CLI chose them (sharding.default_devices)
+
+    @property
+    def seed(self) -> int:
+        return self.sections.top.seed
+
+    @property
+    def init_from(self) -> str:
+        return self.sections.top.init_from
+
+    @property
+    def data(self) -> data_lib.DataConfig:
+        return self.sections.data
+
+    @property
+    def train(self) -> config_lib.TrainConfig:
+        return self.sections.train
+
+    @property
+    def config(self) -> ml_collections.FrozenConfigDict:
+        """The resolved config (the model section as the run builds it): what config.json holds."""
+        resolved = dataclasses.replace(self.sections, model=dataclasses.asdict(self.model))
+        return ml_collections.FrozenConfigDict(config_lib.to_config(resolved))
 
     def prepare(self, data: bool = True) -> "Run":
         """The run with its workdir created, init_from's weights and tokenizer read (a new run),
@@ -79,7 +97,7 @@ class Run:
                 _, pretrained, given = _read_init_from(self.init_from, weights=True)
             tokenizer, dataset = given or self.tokenizer, None
             if data:
-                dataset = data_lib.prepare(self.config, self.run_dir.root, tokenizer=given)
+                dataset = data_lib.prepare(self.data, self.sections.tokenizer, self.run_dir.root, tokenizer=given)
                 dataset.check(self.train.seq_len)
                 tokenizer = dataset.tokenizer
             if tokenizer is not None:
@@ -93,51 +111,54 @@ class Run:
     def derive(self, **changes: Mapping[str, Any]) -> "Run":
         """A "what if" of this run, resolved on the same devices without a workdir: each keyword
         names a section and maps fields to new values, e.g.
-        `run.derive(train={"grad_accum": 8}, model={"n_layer": 2, "scan_layers": False})`."""
-        config = ml_collections.ConfigDict(self.config.to_dict())
+        `run.derive(train={"grad_accum": 8}, model={"n_layer": 2, "scan_layers": False})`.
+        The model keeps this run's resolved vocabulary."""
+        s = dataclasses.replace(self.sections, model=dataclasses.asdict(self.model))
         for name, fields in changes.items():
-            if name not in config or not isinstance(config[name], ml_collections.ConfigDict):
+            current = getattr(s, name) if name != "sections" else None
+            if current is None:
                 raise ValueError(f"Run.derive: no config section {name!r}")
-            for field, value in fields.items():
-                if field not in config[name]:
-                    raise ValueError(f"Run.derive: no field {name}.{field}")
-                config[name][field] = value
-        return resolve(config, None, list(self.mesh.devices.flat))
+            if name == "model":
+                unknown = set(fields) - set(current)
+                if unknown:
+                    raise ValueError(f"Run.derive: no model field(s) {sorted(unknown)}")
+                s = dataclasses.replace(s, model={**current, **fields})
+            else:
+                s = dataclasses.replace(s, **{name: dataclasses.replace(current, **fields)})
+        return resolve(s, None, list(self.mesh.devices.flat))
 
 
-def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: Sequence[jax.Device] | None = None) -> Run:
-    """Check `config` and resolve the run in `workdir` on `devices` (default:
-    `sharding.default_devices`, all of them unless the CLI arranged one CPU device per core);
-    write nothing.
+def resolve(
+    config: config_lib.ConfigDict | config_lib.Sections, workdir: str | None = None, devices: Sequence[jax.Device] | None = None
+) -> Run:
+    """Check `config` (a ConfigDict, or one already parsed by `config.sections`) and resolve the
+    run in `workdir` on `devices` (default: `sharding.default_devices`, all of them unless the
+    CLI arranged one CPU device per core); write nothing.
 
     With `workdir=None` no run directory is read: the vocabulary comes from model.vocab_size,
     an init_from checkpoint's config.json, or else tokenizer.vocab_size (the size a tokenizer
     would be trained to).
     """
-    config_lib.check_types(config)
-    top = config_lib.section(config, "")
-    train = config_lib.section(config, "train")
-    data = config_lib.section(config, "data")
-    optim_cfg = config_lib.section(config, "optim")
-    mesh_sizes = dataclasses.asdict(config_lib.section(config, "mesh"))
+    s = config if isinstance(config, config_lib.Sections) else config_lib.sections(config)
+    train = s.train
     devices_note = ""
     if devices is None:
-        devices, devices_note = sharding.default_devices(mesh_sizes, train.micro_batch)
-    mesh = sharding.make_mesh(mesh_sizes, devices)
+        devices, devices_note = sharding.default_devices(s.mesh, train.micro_batch)
+    mesh = sharding.make_mesh(s.mesh, devices)
     _check_batch(train, mesh)
-    data_lib.parse_source(data.source)
+    data_lib.parse_source(s.data.source)
 
     run_dir = None if workdir is None else RunDir.at(workdir)
     resuming = run_dir is not None and bool(run_dir.steps())
-    imported = _read_init_from(top.init_from, weights=False)[0] if top.init_from else None
+    imported = _read_init_from(s.top.init_from, weights=False)[0] if s.top.init_from else None
     tokenizer = None
     if run_dir is not None and tokenizer_saved(run_dir.tokenizer):
         tokenizer = load_tokenizer(run_dir.tokenizer)
     if tokenizer is not None:
         tokenizer_vocab = tokenizer.vocab_size
     else:  # the size a tokenizer will be trained to; an imported one comes with its model's size
-        tokenizer_vocab = None if imported else config.tokenizer.vocab_size
-    gpt = model_config(config.model.to_dict(), tokenizer_vocab, imported, fit=run_dir is not None)
+        tokenizer_vocab = None if imported else s.tokenizer.vocab_size
+    gpt = model_config(s.model, tokenizer_vocab, imported, fit=run_dir is not None)
     if train.seq_len > gpt.block_size:
         raise UserError(f"train.seq_len={train.seq_len} is longer than model.block_size={gpt.block_size}")
     saved = ckpt.read_run_config(run_dir) if resuming else None
@@ -145,21 +166,14 @@ def resolve(config: config_lib.ConfigDict, workdir: str | None = None, devices: 
         _check_same_shape(run_dir, saved, gpt)
     # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
     params = param_shapes(gpt)
-    optimizer = optim_lib.make_optimizer(optim_cfg, params, train.steps)
+    optimizer = optim_lib.make_optimizer(s.optim, params, train.steps)
     if saved is not None:
         _check_same_optimizer_state(run_dir, saved, params, optimizer)
-    trainer = Trainer(gpt, optimizer, mesh, top.seed, train.grad_accum)
-    resolved = config.copy_and_resolve_references()
-    with resolved.unlocked():
-        resolved.model = ml_collections.ConfigDict(dataclasses.asdict(gpt))
+    trainer = Trainer(gpt, optimizer, mesh, s.top.seed, train.grad_accum)
     return Run(
-        config=ml_collections.FrozenConfigDict(resolved),
+        sections=s,
         run_dir=run_dir,
-        seed=top.seed,
-        init_from=top.init_from,
         model=gpt,
-        data=data,
-        train=train,
         optimizer=optimizer,
         mesh=mesh,
         trainer=trainer,

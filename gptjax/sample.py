@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Any, Iterable, Iterator, TextIO
 
+from gptjax import runtime
 from gptjax.errors import UserError, run_cli
 
 
@@ -42,22 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--truncate_prompt", action="store_true", help="cut a prompt longer than the context window from the left")
     p.add_argument("--chunk", type=int, default=16, help="decode steps per call between prints")
     return p.parse_args(argv)
-
-
-def enable_compilation_cache() -> None:
-    """Keep the sampler's compiled programs on disk, so that a second run skips compiling.
-
-    The place is training's: JAX_COMPILATION_CACHE_DIR, default ~/.cache/gptjax/xla (empty:
-    off). JAX stores only programs that took at least a second to compile unless told
-    otherwise; a small model's prefill and decode loop compile faster than that, yet together
-    they are most of a short run's time, so every program is stored.
-    """
-    import jax
-
-    path = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/gptjax/xla"))
-    if path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def print_rows(stream: Iterable[tuple[list[str], Any]], prompt: str, rows: int, out: TextIO) -> Any:
@@ -167,10 +152,11 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError:
                 raise UserError(f"--stop_tokens must be comma-separated token ids, got {args.stop_tokens!r}") from None
         with collection_deferred():
+            runtime.cpu_unless_accelerated()  # before JAX starts its backends
             if "jax" not in sys.modules:
                 with plugin_scan_narrowed():
                     import jax  # noqa: F401
-            enable_compilation_cache()
+            runtime.enable_compilation_cache(store_all=True)
             model = gptjax.load(args.workdir)
         prompts = [prompt] * args.num_samples
         stream = model.stream(

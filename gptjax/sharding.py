@@ -73,21 +73,21 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def arrange_cpu_devices(mesh_sizes: Mapping[str, int]) -> int | None:
+def arrange_cpu_devices(mesh: MeshConfig) -> int | None:
     """For the training CLI, before JAX's backends start: one CPU device per core, so that a
     CPU run is data parallel over its cores (a small model's step is many small operations,
     which one device does not spread over the cores as well as a batch shard per core does).
 
     Only when the user chose neither a device count (--xla_force_host_platform_device_count in
-    XLA_FLAGS, jax_num_cpu_devices / JAX_NUM_CPU_DEVICES) nor a mesh (`mesh_sizes`, the
-    config's mesh section, at its defaults), the platforms allow a CPU, the process is not one
+    XLA_FLAGS, jax_num_cpu_devices / JAX_NUM_CPU_DEVICES) nor a mesh (`mesh`, the config's
+    mesh section, at its defaults), the platforms allow a CPU, the process is not one
     host of several, and the backends have not started (the count is fixed when they do).
     Returns the count arranged, or None. `default_devices` then chooses among them.
     """
     global _arranged_cpu_devices
     if _DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
         return None
-    if dict(mesh_sizes) != dataclasses.asdict(MeshConfig()):
+    if mesh != MeshConfig():
         return None
     platforms = [p.strip() for p in (jax.config.jax_platforms or "").split(",") if p.strip()]
     if platforms and "cpu" not in platforms:
@@ -105,7 +105,7 @@ def arrange_cpu_devices(mesh_sizes: Mapping[str, int]) -> int | None:
     return cores
 
 
-def default_devices(mesh_sizes: Mapping[str, int], micro_batch: int) -> tuple[list[jax.Device], str]:
+def default_devices(mesh: MeshConfig, micro_batch: int) -> tuple[list[jax.Device], str]:
     """The devices a run uses when none are given, and a line saying why ('' if nothing to say).
 
     All devices, except in a process where `arrange_cpu_devices` made one CPU device per core
@@ -115,7 +115,7 @@ def default_devices(mesh_sizes: Mapping[str, int], micro_batch: int) -> tuple[li
     """
     devices = jax.devices()
     arranged = _arranged_cpu_devices
-    if arranged is None or devices[0].platform != "cpu" or dict(mesh_sizes) != dataclasses.asdict(MeshConfig()):
+    if arranged is None or devices[0].platform != "cpu" or mesh != MeshConfig():
         return devices, ""
     n = max(d for d in range(1, min(len(devices), arranged) + 1) if micro_batch % d == 0)
     if n == arranged:
@@ -160,7 +160,10 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, int, int]
     return tuple(values)  # type: ignore[return-value]
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(sizes: MeshConfig | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of `sizes` (the config's mesh section, or a mapping of its axis sizes) over `devices`."""
+    if isinstance(sizes, MeshConfig):
+        sizes = dataclasses.asdict(sizes)
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
     # Auto axes: the compiler propagates shardings from the annotated params, batch and

@@ -77,8 +77,10 @@ def test_base_config_defaults_are_the_schemas():
             assert node[f.name] == expected, (name, f.name)
         if name:
             assert set(node.keys()) == {f.name for f in fields}, name
-    assert C.section(c, "train") == C.TrainConfig()
-    assert model_config(c.model.to_dict(), 300).vocab_size == 300
+    parsed = C.sections(c)
+    assert (parsed.top, parsed.train, parsed.mesh, parsed.optim) == (C.TopConfig(), C.TrainConfig(), C.MeshConfig(), C.OptimConfig())
+    assert model_config(parsed.model, 300).vocab_size == 300
+    assert C.to_config(parsed).to_dict() == c.to_dict()  # what a run saves holds every field as given
 
 
 @pytest.mark.parametrize(
@@ -93,4 +95,4 @@ def test_train_section_validates(field, value, message):
     c = C.base_config()
     c.train[field] = value
     with pytest.raises(UserError, match=message):
-        C.section(c, "train")
+        C.sections(c)

@@ -16,7 +16,7 @@ from gptjax import config as C
 from gptjax import sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MESH = {"data": -1, "fsdp": 1, "tensor": 1}
+DEFAULT_MESH = C.MeshConfig()
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +67,14 @@ def test_arranged_devices_are_the_most_that_divide_the_micro_batch(monkeypatch, 
 def test_without_arranging_or_with_a_mesh_every_device_is_used(monkeypatch):
     assert sharding.default_devices(DEFAULT_MESH, 5) == (jax.devices(), "")  # the tests' 8 devices, as given
     monkeypatch.setattr(sharding, "_arranged_cpu_devices", 4)
-    assert sharding.default_devices({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (jax.devices(), "")
+    assert sharding.default_devices(C.MeshConfig(data=2, fsdp=2, tensor=2), 8) == (jax.devices(), "")
 
 
 def test_arranging_leaves_a_chosen_count_a_mesh_and_a_started_backend_alone(monkeypatch):
     jax.devices()  # the backends have started
     assert sharding.arrange_cpu_devices(DEFAULT_MESH) is None  # XLA_FLAGS names a count (conftest)
     monkeypatch.setenv("XLA_FLAGS", "")
-    assert sharding.arrange_cpu_devices({"data": 1, "fsdp": 1, "tensor": 1}) is None
+    assert sharding.arrange_cpu_devices(C.MeshConfig(data=1, fsdp=1, tensor=1)) is None
     assert sharding.arrange_cpu_devices(DEFAULT_MESH) is None  # too late: the count is fixed
     assert jax.config.jax_num_cpu_devices == -1 and sharding._arranged_cpu_devices is None
 

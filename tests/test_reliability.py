@@ -15,7 +15,7 @@ import pytest
 from gptjax import checkpoint as ckpt
 from gptjax import config as C
 from gptjax import optim as optim_lib
-from gptjax import sharding, train
+from gptjax import loop, sharding, train
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.metrics import MetricsWriter, truncate_metrics
@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def trainer():
     gpt = GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16)
-    optim = optim_lib.make_optimizer(C.section(C.base_config(), "optim"), param_shapes(gpt), 100)
+    optim = optim_lib.make_optimizer(C.sections(C.base_config()).optim, param_shapes(gpt), 100)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     return Trainer(gpt, optim, mesh, seed=0)
 
@@ -68,7 +68,7 @@ def test_all_finite_sees_a_nan_anywhere_in_the_state(trainer):
 
 
 def test_bad_steps_stop_only_after_the_limit_in_a_row():
-    bad = train.BadSteps(limit=3, total=2)
+    bad = loop.BadSteps(limit=3, total=2)
     assert [bad.observe(s) for s in (1, 1, 0, 1, 1, 1)] == [False, False, False, False, False, True]
     assert bad.total == 7 and bad.streak == 3
 

@@ -21,7 +21,7 @@ from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.metrics import eval_line, eval_metrics, source_labels
 from gptjax.model import GPT, GPTConfig, init_params
-from test_data import ByteTokenizer
+from test_data import ByteTokenizer, typed_sections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def _write_jsonl(path, records: list[dict]) -> str:
 
 def _dataset(tmp_path, source: str, **fields) -> data.Dataset:
     config = ml_collections.ConfigDict({"data": {"source": source, "val_fraction": 0.2, **fields}})
-    return data.prepare(config, str(tmp_path / "run"), tokenizer=ByteTokenizer())
+    return data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=ByteTokenizer())
 
 
 @pytest.fixture

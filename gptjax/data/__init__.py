@@ -21,28 +21,28 @@ What may be host-local: the copies of a gs:// token cache that each host memory-
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from gptjax.data import storage
 from gptjax.data.batches import Dataset
 from gptjax.data.cache import TokenStream, token_dtype, token_streams
 from gptjax.data.hosts import STATUS_FILE, Beacon, Hosts, wait_for
 from gptjax.data.progress import Progress, short_path
-from gptjax.data.sources import DataConfig, SourceSpec, parse_source, resolve, stdlib_files
+from gptjax.data.sources import SourceSpec, parse_source, resolve, stdlib_files
 from gptjax.layout import RunDir
+from gptjax.schema import DataConfig, TokenizerConfig
 from gptjax.tokenizer import Tokenizer, describe, load_tokenizer, tokenizer_saved, workdir_tokenizer
 
 __all__ = ["DataConfig", "Dataset", "SourceSpec", "TokenStream", "parse_source", "prepare", "stdlib_files",
            "token_dtype"]
 
 
-def prepare(config: Any, workdir: str, *, tokenizer: Tokenizer | None = None,
+def prepare(data: DataConfig, tokenizer_config: TokenizerConfig, workdir: str, *, tokenizer: Tokenizer | None = None,
             process_index: int | None = None, process_count: int | None = None) -> Dataset:
-    """Tokenizer and token streams for `config.data.source`, built once and cached under workdir.
+    """Tokenizer and token streams for `data.source`, built once and cached under workdir.
 
     Without `tokenizer`, `<workdir>/tokenizer/` is loaded, or a SentencePiece model is trained
-    (config.tokenizer.vocab_size / model_type / max_chars) and saved there. A given tokenizer
-    (e.g. GPT-2's, from an imported checkpoint) is used as is and saved there when none is.
+    (as `tokenizer_config` says) and saved there. A given tokenizer (e.g. GPT-2's, from an
+    imported checkpoint) is used as is and saved there when none is.
     Of a pod's processes (default: jax.process_index() of jax.process_count()) only process 0
     trains, saves and tokenizes; the others wait for its results (see gptjax.data.hosts).
     What is done is printed to stderr on process 0. `workdir` and data.cache_dir may be URLs.
@@ -51,20 +51,20 @@ def prepare(config: Any, workdir: str, *, tokenizer: Tokenizer | None = None,
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    cfg = DataConfig.from_config(config.data)
     run = RunDir(workdir) if storage.is_url(workdir) else RunDir.at(workdir)
-    hosts = Hosts(int(process_index), int(process_count), float(cfg.host_wait_s),
+    hosts = Hosts(int(process_index), int(process_count), float(data.host_wait_s),
                   storage.join(run.data_cache, STATUS_FILE))
     with Beacon(hosts):
-        return _prepare(config, cfg, run, tokenizer, hosts)
+        return _prepare(data, tokenizer_config, run, tokenizer, hosts)
 
 
-def _prepare(config: Any, cfg: DataConfig, run: RunDir, tokenizer: Tokenizer | None, hosts: Hosts) -> Dataset:
+def _prepare(cfg: DataConfig, tokenizer_config: TokenizerConfig, run: RunDir, tokenizer: Tokenizer | None,
+             hosts: Hosts) -> Dataset:
     specs = [s for s in parse_source(cfg.source) if s.weight > 0]
     sources = [resolve(s, cfg, download=hosts.builds) for s in specs]
     progress = Progress(hosts.index == 0)
     if tokenizer is None:
-        tokenizer = _workdir_tokenizer(config, cfg, run.tokenizer, sources, progress, hosts)
+        tokenizer = _workdir_tokenizer(tokenizer_config, cfg, run.tokenizer, sources, progress, hosts)
     elif hosts.builds and not tokenizer_saved(run.tokenizer):
         tokenizer.save(run.tokenizer)
         progress.say(f"tokenizer: {describe(tokenizer)}, given; saved to {short_path(run.tokenizer)}")
@@ -78,13 +78,11 @@ def _prepare(config: Any, cfg: DataConfig, run: RunDir, tokenizer: Tokenizer | N
                    long_examples=cfg.long_examples, document_mask=cfg.document_mask, say=progress.say)
 
 
-def _workdir_tokenizer(config: Any, cfg: DataConfig, directory: str, sources: list, progress: Progress,
+def _workdir_tokenizer(t: TokenizerConfig, cfg: DataConfig, directory: str, sources: list, progress: Progress,
                        hosts: Hosts) -> Tokenizer:
     """The run's tokenizer: trained and saved by process 0 unless saved already; the others wait."""
     if not hosts.builds:
         wait_for(lambda: tokenizer_saved(directory), directory, "the tokenizer", hosts)
         return load_tokenizer(directory)
     texts = [(s.spec.weight, s.training_texts(cfg.val_fraction)) for s in sources]
-    t = config.tokenizer
-    return workdir_tokenizer(short_path(directory), int(t.vocab_size), str(t.model_type), int(t.max_chars),
-                             texts, progress.say)
+    return workdir_tokenizer(short_path(directory), t.vocab_size, t.model_type, t.max_chars, texts, progress.say)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from gptjax.data.cache import TokenStream
-from gptjax.data.sources import LONG_EXAMPLES
+from gptjax.schema import LONG_EXAMPLES
 from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from gptjax.data import storage
 from gptjax.errors import UserError
+from gptjax.schema import DataConfig
 
 SOURCE_KINDS = ("stdlib", "files", "tfds", "pairs")
 _SOURCE_HELP = ("allowed: 'stdlib', 'files:GLOB[,GLOB]', 'tfds:NAME', 'pairs:GLOB[,GLOB]', "
@@ -37,7 +38,6 @@ LINE_DELIMITED = (".jsonl", ".ndjson")
 # Long texts are read and encoded in pieces of about this many characters, cut after a newline:
 # SentencePiece encodes short strings faster, and the pieces spread over encode_batch's threads.
 TEXT_CHUNK_CHARS = 1 << 16
-LONG_EXAMPLES = ("truncate", "drop")  # what becomes of a pairs example longer than a row (data.long_examples)
 _TFDS_READ_BATCH = 256
 
 Advance = Callable[[int], None]  # told how much more input (bytes or documents) has been read
@@ -45,42 +45,6 @@ Advance = Callable[[int], None]  # told how much more input (bytes or documents)
 
 def _ignore(n: int) -> None:
     pass
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """`config.data`: where the documents come from and how they are held out."""
-
-    source: str = "stdlib"
-    text_field: str = "text"
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
-    tfds_split: str = "train"
-    tfds_val_split: str = ""  # '' holds out val_fraction of tfds_split; else this split is validation
-    tfds_feature: str = "text"
-    tfds_data_dir: str = ""
-    val_fraction: float = 0.02
-    cache_dir: str = ""  # '' means <workdir>/data; shared by a pod's hosts like the workdir (may be gs://)
-    host_wait_s: float = 600.0  # how long other hosts wait without a sign of progress from host 0's preparation
-    # pairs: sources. Rows hold whole examples with segment ids, so that an example attends only to
-    # itself: several packed into each row, or (False) one per row, padded.
-    packing: bool = True
-    long_examples: str = "truncate"  # an example longer than seq_len+1 tokens: 'truncate' (its prompt, from the left) or 'drop'
-    # Plain-text sources: a token attends only within its document (split at end-of-text) and positions restart.
-    document_mask: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 < float(self.val_fraction) < 1.0:
-            raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not float(self.host_wait_s) > 0:
-            raise UserError(f"data.host_wait_s must be a positive number of seconds, got {self.host_wait_s}")
-        if self.long_examples not in LONG_EXAMPLES:
-            raise UserError(f"data.long_examples must be one of {list(LONG_EXAMPLES)}, got {self.long_examples!r}")
-
-    @classmethod
-    def from_config(cls, data_cfg: Mapping[str, Any]) -> "DataConfig":
-        """The fields this module reads; any that `data_cfg` lacks keep their defaults."""
-        return cls(**{f.name: data_cfg[f.name] for f in dataclasses.fields(cls) if f.name in data_cfg})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ the source files that define the sampler. The executable is stored serialized
 compiling.
 
 The files live in `<jax_compilation_cache_dir>/gptjax-sampler` when JAX's cache directory is
-set (`python -m gptjax.sample` sets it; see `gptjax.sample.enable_compilation_cache`), next to
+set (`python -m gptjax.sample` sets it; see `gptjax.runtime.enable_compilation_cache`), next to
 the executables JAX itself caches there, with the same trust: loading an executable runs code,
 so the directory must be one only you write to. Without a cache directory programs are kept in
 memory only. A missing, unreadable or stale file means compiling and writing it again; a failed

@@ -1,0 +1,253 @@
+"""The training loop: the steps from a train state to the end of the run, a stop request or
+`stop_at`, and its small parts, each with one job:
+
+    Cadence      which of log / evaluate / save a finished step is due for
+    Throughput   tokens/s and MFU over the steps since the last log line
+    BadSteps     the non-finite guard's skipped steps, in total and in a row
+    Saves        checkpoints: refused for a non-finite state or a full disk; the last good one
+    StepProgress what a person watching sees (a bar on a terminal, lines in a log)
+
+The device runs ahead of the host: a step's skip flag is read one step late, and metrics are
+fetched only at log steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from gptjax import checkpoint as ckpt
+from gptjax.failures import RunFailed, check_space, io_failure
+from gptjax.metrics import MetricsWriter, eval_line, eval_metrics, peak_flops
+from gptjax.preemption import StopRequested, any_host
+from gptjax.run import Run
+from gptjax.runtime import log
+from gptjax.schema import TrainConfig
+from gptjax.step import TrainState
+
+
+def train_loop(
+    r: Run,
+    state: TrainState,
+    skipped_total: int,
+    checkpointer: ckpt.Checkpointer,
+    writer: MetricsWriter,
+    stop: StopRequested,
+    stop_at: int | None,
+) -> dict[str, float]:
+    """The training steps from `state.step` to the end, a stop request or `stop_at`; the last
+    logged and evaluated metrics, with the step reached."""
+    assert r.run_dir is not None and r.dataset is not None
+    t, start = r.train, int(state.step)
+    cadence = Cadence(t)
+    rate = Throughput(t.batch_size * t.seq_len, r.model.flops_per_token(t.seq_len), peak_flops(t.peak_tflops, r.mesh))
+    eval_data = r.dataset.eval_batches(t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count())
+    log(_model_line(r, rate.tokens_per_step))
+    bad = BadSteps(t.max_bad_steps, skipped_total)
+    saves = Saves(checkpointer, r.trainer, start)
+    progress = StepProgress(t.steps, start, rate.tokens_per_step)
+    final: dict[str, float] = {}
+    pending: tuple[int, dict[str, jax.Array]] | None = None  # a step whose skip flag is unread
+    stop.arm()
+    for step in range(start, t.steps):
+        state, metrics = r.trainer.train_step(state, _batch(r, step))
+        done = step + 1
+        if pending is not None:  # read one step late, so the host never waits on the device here
+            bad.check(*pending, saves.last_good())
+        pending = (done, metrics)
+        rate.count()
+        is_log, is_eval, is_save = cadence.log(done), cadence.evaluate(done), cadence.save(done)
+        stopping = _stopping(done, stop_at, is_log, stop)
+        if is_log or is_eval or is_save or stopping:
+            bad.check(*pending, saves.last_good())
+            pending = None
+        if is_log:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m.update(skipped_total=float(bad.total), **rate.take())
+            _write(writer, r, done, m)
+            progress.logged(done, m)
+            final.update(m)
+        progress.update()
+        if is_eval:
+            ev = eval_metrics(*r.trainer.evaluate_sources(state.params, eval_data), r.dataset.sources)
+            _write(writer, r, done, ev)
+            final.update(ev)
+            progress.write(eval_line(done, ev))
+            rate.restart()
+        if is_save or stopping:
+            saves.save(done, state, bad.total)
+        if stopping:
+            break
+    progress.close()
+    final["step"] = int(state.step)
+    return final
+
+
+def _model_line(r: Run, tokens_per_step: int) -> str:
+    gpt, mesh = r.model, r.mesh
+    return (
+        f"model: {gpt.num_params() / 1e6:.2f}M params, {gpt.n_layer} layers, width {gpt.n_embd}; "
+        f"mesh {dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} device(s); "
+        f"vocab {gpt.vocab_size}; {tokens_per_step} tokens/step"
+    )
+
+
+def _batch(r: Run, step: int) -> dict[str, np.ndarray]:
+    """This host's rows of the batch for `step`: a function of (seed, step) alone."""
+    t = r.train
+    return r.dataset.get_batch(step, t.batch_size, t.seq_len, r.seed, jax.process_index(), jax.process_count())
+
+
+def _stopping(done: int, stop_at: int | None, is_log: bool, stop: StopRequested) -> bool:
+    """Whether the run stops after step `done`: `stop_at`, or a SIGTERM/SIGINT. A pod's hosts
+    agree on a request at log steps (a collective); a single process stops at once."""
+    stopping = done == stop_at or (is_log and any_host(stop.requested))
+    return stopping or (jax.process_count() == 1 and stop.requested)
+
+
+def _write(writer: MetricsWriter, r: Run, step: int, metrics: dict[str, float]) -> None:
+    try:
+        writer.write(step, metrics)
+    except OSError as e:
+        raise io_failure("writing metrics", e, r.run_dir.metrics) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """Which of log / evaluate / save the finished step `done` is due for: every `*_every`
+    steps and at the last step."""
+
+    train: TrainConfig
+
+    def log(self, done: int) -> bool:
+        return done % self.train.log_every == 0 or done == self.train.steps
+
+    def evaluate(self, done: int) -> bool:
+        t = self.train
+        return t.eval_batches > 0 and (done % t.eval_every == 0 or done == t.steps)
+
+    def save(self, done: int) -> bool:
+        return done % self.train.checkpoint_every == 0 or done == self.train.steps
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last log line (`take`); time spent evaluating
+    is left out (`restart`)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_token * tokens_per_step
+        self.peak = peak
+        self.start, self.steps = time.perf_counter(), 0
+
+    def count(self) -> None:
+        self.steps += 1
+
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+
+    def take(self) -> dict[str, float]:
+        """The window's tokens_per_s and mfu; a new window starts."""
+        elapsed = time.perf_counter() - self.start
+        out = {
+            "tokens_per_s": self.tokens_per_step * self.steps / elapsed,
+            "mfu": self.flops_per_step * self.steps / elapsed / self.peak,
+        }
+        self.start, self.steps = time.perf_counter(), 0
+        return out
+
+
+class BadSteps:
+    """Counts the steps the non-finite guard skipped: in total and in a row."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.streak = limit, total, 0
+
+    def observe(self, skipped: int) -> bool:
+        """Record one step; True when `limit` steps in a row were skipped."""
+        self.total += skipped
+        self.streak = self.streak + 1 if skipped else 0
+        return self.streak >= self.limit
+
+    def check(self, step: int, metrics: dict[str, jax.Array], last_good: str) -> None:
+        """Record step `step` from its metrics; RunFailed when the run has diverged."""
+        if self.observe(int(metrics["skipped"])):
+            raise RunFailed(
+                f"step {step}: the loss or gradient was not finite for {self.streak} steps in a row "
+                f"(train.max_bad_steps={self.limit}); stopped without saving; {last_good}. "
+                f"Lower optim.lr or raise optim.warmup_steps and resume"
+            )
+
+
+class Saves:
+    """The run's checkpoints as the loop writes them: a state with non-finite values or a save
+    the disk cannot hold is refused, and a failed write is one line naming the last good one."""
+
+    def __init__(self, checkpointer: ckpt.Checkpointer, trainer: Any, start: int):
+        self.checkpointer, self.trainer, self.last_saved = checkpointer, trainer, start
+
+    def last_good(self) -> str:
+        if not self.last_saved:
+            return "no checkpoint was saved"
+        return f"the last good checkpoint is step {self.last_saved} in {self.checkpointer.directory}"
+
+    def save(self, step: int, state: TrainState, skipped_total: int) -> None:
+        directory = self.checkpointer.directory
+        if not self.trainer.all_finite(state):
+            raise RunFailed(f"step {step}: the parameters or optimizer state hold non-finite values; "
+                            f"not saved; {self.last_good()}")
+        try:
+            self.checkpointer.wait()
+        except Exception as e:  # the previous, asynchronous save failed
+            raise io_failure(f"saving checkpoint {self.last_saved}", e, directory) from e
+        check_space(step, state, directory, self.last_good())
+        try:
+            self.checkpointer.save(step, state.params, state.opt_state, skipped_steps=skipped_total)
+        except Exception as e:  # disk full, permissions
+            raise io_failure(f"saving checkpoint {step}", e, directory) from e
+        self.last_saved = step
+
+
+class StepProgress:
+    """Training progress on process 0 (nothing on the other hosts of a pod): a tqdm bar on
+    stderr when it is a terminal; otherwise (a pod's log, a file, a pipe) one plain line per
+    logged step, without carriage returns: step, loss, tokens/s and the time left."""
+
+    def __init__(self, total: int, start: int, tokens_per_step: int):
+        self.enabled = jax.process_index() == 0
+        self.total, self.tokens_per_step = total, tokens_per_step
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, unit="step")
+
+    def logged(self, step: int, m: dict[str, float]) -> None:
+        """Show a logged step's metrics (loss, tokens_per_s)."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
+        elif self.enabled:
+            left_s = (self.total - step) * self.tokens_per_step / max(m["tokens_per_s"], 1e-9)
+            eta = time.strftime("%H:%M:%S", time.gmtime(left_s)) if left_s < 86400 else f"{left_s / 3600:.0f} h"
+            print(f"step {step}/{self.total}: loss {m['loss']:.4f}, {m['tokens_per_s']:,.0f} tokens/s, ETA {eta}",
+                  file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, line: str) -> None:
+        """A line of its own (stdout), below the bar on a terminal."""
+        if self.bar is not None:
+            self.bar.write(line)
+        elif self.enabled:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,187 @@
+"""The schema of a run's config: one frozen dataclass per section, holding its fields, their
+defaults and their validation. `gptjax.config` builds the base config from these defaults and
+parses a config into them; the rest of gptjax reads only these dataclasses.
+
+The model section's schema is `gptjax.model_config.GPTConfig` (beside the model it describes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, TypeVar
+
+from gptjax.errors import UserError
+
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+LONG_EXAMPLES = ("truncate", "drop")  # what becomes of a pairs example longer than a row (data.long_examples)
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopConfig:
+    """The config's top-level fields."""
+
+    seed: int = 0  # parameter initialisation, dropout and the batches drawn
+    # '' trains from scratch; 'hf:/path/to/gpt2' starts from a local Hugging Face GPT-2
+    # directory (model shape and tokenizer come from it).
+    init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """`config.tokenizer`: the SentencePiece model a run trains when its workdir has none."""
+
+    vocab_size: int = 2048
+    model_type: str = "bpe"  # 'bpe' or 'unigram'
+    max_chars: int = 10_000_000  # characters sampled from the training text to train it
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`config.train`: the loop's length, batch, and how often it evaluates, logs and saves."""
+
+    steps: int = 1000
+    batch_size: int = 16  # global batch (sequences per optimizer step)
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
+    eval_every: int = 250
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    peak_tflops: float = 0.0  # per device, for MFU; 0: measured (CPU) or looked up (GPU/TPU)
+    # Steps in a row whose loss or gradient is not finite (each one skipped) before the run
+    # stops with an error, keeping its last good checkpoint.
+    max_bad_steps: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_batches < 0:
+            raise UserError(f"train.eval_batches must be >= 0, got {self.eval_batches}")
+        if self.peak_tflops < 0:
+            raise UserError(f"train.peak_tflops must be >= 0 (0: measured or looked up), got {self.peak_tflops}")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}")
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per micro-batch (one forward and backward pass)."""
+        return self.batch_size // self.grad_accum
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """`config.mesh`: device mesh axis sizes; one may be -1 for "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """`config.data`: where the documents come from and how they are held out."""
+
+    source: str = "stdlib"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    tfds_split: str = "train"
+    tfds_val_split: str = ""  # '' holds out val_fraction of tfds_split; else this split is validation
+    tfds_feature: str = "text"
+    tfds_data_dir: str = ""
+    val_fraction: float = 0.02
+    cache_dir: str = ""  # '' means <workdir>/data; shared by a pod's hosts like the workdir (may be gs://)
+    host_wait_s: float = 600.0  # how long other hosts wait without a sign of progress from host 0's preparation
+    # pairs: sources. Rows hold whole examples with segment ids, so that an example attends only to
+    # itself: several packed into each row, or (False) one per row, padded.
+    packing: bool = True
+    long_examples: str = "truncate"  # an example longer than seq_len+1 tokens: 'truncate' (its prompt, from the left) or 'drop'
+    # Plain-text sources: a token attends only within its document (split at end-of-text) and positions restart.
+    document_mask: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.val_fraction) < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not float(self.host_wait_s) > 0:
+            raise UserError(f"data.host_wait_s must be a positive number of seconds, got {self.host_wait_s}")
+        if self.long_examples not in LONG_EXAMPLES:
+            raise UserError(f"data.long_examples must be one of {list(LONG_EXAMPLES)}, got {self.long_examples!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """`config.optim`: the learning rate, its schedule, AdamW's settings and the per-parameter rules
+    (see `gptjax.optim`)."""
+
+    lr: float = 3e-3  # peak learning rate
+    schedule: str = "cosine"  # 'cosine' | 'linear' | 'constant'
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # the final lr is min_lr_ratio * lr
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled (AdamW); 0 turns it off everywhere
+    grad_clip: float = 1.0  # global norm of the trainable gradients; 0 = off
+    no_decay: str = "*bias,*ln_*,ln_f/*,wte/*,wpe/*"  # patterns without weight decay
+    freeze: str = ""  # patterns of frozen parameters
+    train_only: str = ""  # patterns of the only trainable parameters
+    train_last_blocks: int = 0  # train only the last N blocks and ln_f (0 = off)
+    layer_decay: float = 1.0  # per-block lr decay, in (0, 1]; 1 = off
+    lr_rules: str = ""  # 'pattern=multiplier,...'; matching multipliers multiply
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"optim.lr must be a positive number, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"optim.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("eps", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0.0:
+                raise UserError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if self.train_last_blocks < 0:
+            raise UserError(f"optim.train_last_blocks must be >= 0 (0 = off), got {self.train_last_blocks}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise UserError(f"optim.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
+
+
+# config.model.vocab_size = 0 means "the tokenizer's": a GPTConfig always holds the resolved
+# size, so the field has no dataclass default and its config default lives here.
+MODEL_VOCAB_FROM_TOKENIZER = 0
+
+
+def parse(cls: type[T], fields: Mapping[str, Any], section: str) -> T:
+    """`cls` from a section's fields (a ConfigDict or dict): unknown fields are refused, missing
+    ones take their defaults."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UserError(f"unknown {section} field(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**{k: fields[k] for k in fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class Sections:
+    """A config parsed once (`gptjax.config.sections`): each section as its schema dataclass.
+
+    `model` holds the model fields as given (vocab_size 0 means "the tokenizer's"): a GPTConfig
+    needs the resolved size, which `gptjax.run.resolve` works out from the tokenizer or an
+    imported checkpoint."""
+
+    top: TopConfig
+    model: Mapping[str, Any]
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    mesh: MeshConfig
