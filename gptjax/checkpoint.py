@@ -33,10 +33,11 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from gptjax import storage
 from gptjax.checkpoint_read import read_run_config
 from gptjax.config import ConfigDict, to_json
 from gptjax.errors import UserError
-from gptjax.layout import RunDir, find_run, is_url
+from gptjax.layout import RunDir, find_run
 
 ITEMS = ("params", "opt_state", "data")
 
@@ -111,7 +112,7 @@ class Checkpointer:
 def _move_directory(src: str, dst: str) -> None:
     """Move a directory on disk, or every object under a URL prefix: each is copied, then all
     are deleted (a bucket has no directories to rename)."""
-    if not is_url(src):
+    if not storage.is_url(src):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.move(src, dst)
         return
@@ -194,9 +195,7 @@ def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[Con
     bucket, listings this process made earlier are forgotten first, so that checkpoints another
     process saved since are seen.
     """
-    from gptjax.data.storage import refresh
-
-    refresh(str(path))
+    storage.refresh(str(path))
     run_dir, step = find_run(str(path))
     config = read_run_config(run_dir)
     assert config is not None

@@ -25,8 +25,9 @@ import jax
 import numpy as np
 from etils import epath
 
+from gptjax import storage
 from gptjax.config import ConfigDict, from_json
-from gptjax.layout import RunDir, find_run, is_url
+from gptjax.layout import RunDir, find_run
 
 _ARRAY_TYPES = ("jax.Array", "np.ndarray")
 _DICT_KEY = 2  # orbax's KeyType.DICT
@@ -45,7 +46,7 @@ def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[Con
 
 def read_direct(path: str, device: jax.Device | None = None) -> tuple[ConfigDict, Any] | None:
     """(config, params) read with tensorstore alone, or None where orbax must read them."""
-    if is_url(path):
+    if storage.is_url(path):
         return None
     run_dir, step = find_run(str(path))
     if step is None:
