@@ -13,30 +13,31 @@ Saves are atomic: orbax writes a step into a tmp directory and renames it to `<s
 once every item is complete, so a machine that dies mid-save leaves the previous checkpoints
 as they were (and a tmp directory that the next save's cleanup or the user removes). A
 checkpoint that fails to read anyway (files cut short by a copy or a disk error) is reported
-in one line and the newest readable one is used instead (`restore_latest`, `load_for_inference`).
+in one line and the newest readable one is used instead (`restore_latest`, `restore_params`).
 
 Parameters and optimizer state are separate items so that sampling restores the parameters
-alone, onto whatever devices it has, without knowing the optimizer (and, from a local
-checkpoint, without orbax: `gptjax.checkpoint_read`). The run's config.json
-(read and written here) is the resolved config of the run (see `gptjax.run`).
+alone, onto whatever devices it has, without knowing the optimizer (`restore_params`; from a
+local checkpoint, without orbax: `gptjax.checkpoint_read`, which calls into this module only
+where orbax must read, and which this module does not import). The run's config.json, written
+here (`save_config`) and read by `gptjax.checkpoint_read.read_run_config`, is the resolved
+config of the run (see `gptjax.run`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import posixpath
 import sys
 from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
-from gptjax.checkpoint_read import read_run_config
-from gptjax.config import ConfigDict, to_json
+from gptjax import storage
+from gptjax.config import to_json
 from gptjax.errors import UserError
-from gptjax.layout import RunDir, find_run, is_url
+from gptjax.layout import RunDir
 
 ITEMS = ("params", "opt_state", "data")
 
@@ -91,13 +92,13 @@ class Checkpointer:
         return None if found is None else found[1]
 
     def _set_aside(self, step: int) -> str:
-        parent = epath.Path(self.directory).parent / "unreadable"
-        target, n = parent / str(step), 1
-        while target.exists():
-            target, n = parent / f"{step}.{n}", n + 1
+        parent = storage.join(posixpath.dirname(self.directory), "unreadable")
+        target, n = storage.join(parent, str(step)), 1
+        while storage.exists(target):
+            target, n = storage.join(parent, f"{step}.{n}"), n + 1
         if jax.process_index() == 0:
-            _move_directory(str(epath.Path(self.directory) / str(step)), str(target))
-        return str(target)
+            storage.move_dir(storage.join(self.directory, str(step)), target)
+        return target
 
     def wait(self) -> None:
         """Block until the asynchronous save in flight is on disk; raises its error if it failed."""
@@ -106,22 +107,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _move_directory(src: str, dst: str) -> None:
-    """Move a directory on disk, or every object under a URL prefix: each is copied, then all
-    are deleted (a bucket has no directories to rename)."""
-    if not is_url(src):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.move(src, dst)
-        return
-    from etils.epath import backend
-
-    fs = backend.fsspec_backend.fs(src)
-    prefix = src.split("://", 1)[1]
-    for name in fs.find(prefix):
-        fs.copy(name, dst + name[len(prefix):])
-    fs.rm(prefix, recursive=True)
 
 
 def newest_readable(
@@ -178,7 +163,7 @@ def _note(message: str) -> None:
 def save_config(run_dir: RunDir, config: Any) -> None:
     """Write config.json atomically (a bucket's object is replaced whole by one write)."""
     if run_dir.is_url:
-        epath.Path(run_dir.config).write_text(to_json(config))
+        storage.write_text(run_dir.config, to_json(config))
         return
     tmp = run_dir.config + ".tmp"
     with open(tmp, "w") as f:
@@ -186,20 +171,14 @@ def save_config(run_dir: RunDir, config: Any) -> None:
     os.replace(tmp, run_dir.config)
 
 
-def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[ConfigDict, Any]:
-    """(config, params) from a run directory or checkpoint, on one device (default: the
-    default backend's first).
+def restore_params(run_dir: RunDir, step: int | None, device: jax.Device | None = None) -> Any:
+    """The parameters of checkpoint `step` of `run_dir` (None: the newest that reads), read with
+    orbax onto one device (default: the default backend's first).
 
-    Works whatever mesh the run was trained on: orbax reassembles the sharded arrays. In a
-    bucket, listings this process made earlier are forgotten first, so that checkpoints another
-    process saved since are seen.
+    Works whatever mesh the run was trained on: orbax reassembles the sharded arrays. Sampling
+    reaches this through `gptjax.checkpoint_read.load_for_inference` where the direct read
+    does not apply.
     """
-    from gptjax.data.storage import refresh
-
-    refresh(str(path))
-    run_dir, step = find_run(str(path))
-    config = read_run_config(run_dir)
-    assert config is not None
     with quiet_orbax_errors():
         manager = ocp.CheckpointManager(
             run_dir.checkpoints,
@@ -221,17 +200,15 @@ def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[Con
             found = newest_readable(manager, restore, run_dir.checkpoints)
             if found is None:
                 raise UserError(f"{run_dir.root!r} has no checkpoint yet")
-            params = found[1]
-        elif step not in manager.all_steps():
+            return found[1]
+        if step not in manager.all_steps():
             raise UserError(f"{run_dir.root!r} has no checkpoint at step {step} yet")
-        else:
-            try:
-                params = restore(step)
-            except Exception as e:  # a damaged checkpoint the user asked for by name
-                raise UserError(f"checkpoint {step} in {run_dir.checkpoints} is unreadable ({describe_error(e)})") from e
+        try:
+            return restore(step)
+        except Exception as e:  # a damaged checkpoint the user asked for by name
+            raise UserError(f"checkpoint {step} in {run_dir.checkpoints} is unreadable ({describe_error(e)})") from e
     finally:
         manager.close()
-    return config, params
 
 
 def model_shape(model: Any) -> dict[str, Any]:

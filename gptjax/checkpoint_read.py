@@ -7,12 +7,12 @@ that lists them; tensorstore, which orbax itself reads them with, opens those ar
 
 Only the format this reader fully understands is read here: a local checkpoint, OCDBT, every
 entry a dict key path to an array that orbax would restore. Anything else (a bucket, another
-layout, a file that does not read) is left to `gptjax.checkpoint.load_for_inference`, which
-reads with orbax and reports a damaged checkpoint in one line before falling back to an older
-one; so what is read never differs from what orbax would return, only how fast.
+layout, a file that does not read) is left to `gptjax.checkpoint.restore_params`, which reads
+with orbax and reports a damaged checkpoint in one line before falling back to an older one;
+so what `load_for_inference` returns never differs from what orbax would, only how fast. That
+module, and orbax with it, is imported only then; it does not import this one.
 
-The run's config.json is read here too (`read_run_config`, which `gptjax.checkpoint` uses as
-well), since reading it needs no orbax.
+The run's config.json is read here too (`read_run_config`), since reading it needs no orbax.
 """
 
 from __future__ import annotations
@@ -23,29 +23,38 @@ from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
 
+from gptjax import storage
 from gptjax.config import ConfigDict, from_json
-from gptjax.layout import RunDir, find_run, is_url
+from gptjax.layout import RunDir, find_run
 
 _ARRAY_TYPES = ("jax.Array", "np.ndarray")
 _DICT_KEY = 2  # orbax's KeyType.DICT
 
 
 def load_for_inference(path: str, device: jax.Device | None = None) -> tuple[ConfigDict, Any]:
-    """(config, params) of a run directory or checkpoint on one device; see
-    `gptjax.checkpoint.load_for_inference`, which this defers to unless the direct read applies."""
+    """(config, params) of a run directory or one of its `checkpoints/<step>` directories, on one
+    device (default: the default backend's first), whatever mesh the run was trained on.
+
+    The direct read where it applies, else orbax (`gptjax.checkpoint.restore_params`). In a
+    bucket, listings this process made earlier are forgotten first, so that checkpoints another
+    process saved since are seen.
+    """
     found = read_direct(path, device)
     if found is not None:
         return found
-    from gptjax.checkpoint import load_for_inference as load_with_orbax
+    from gptjax.checkpoint import restore_params  # orbax: only where the direct read does not apply
 
-    return load_with_orbax(path, device)
+    storage.refresh(str(path))
+    run_dir, step = find_run(str(path))
+    config = read_run_config(run_dir)
+    assert config is not None  # find_run found its config.json
+    return config, restore_params(run_dir, step, device)
 
 
 def read_direct(path: str, device: jax.Device | None = None) -> tuple[ConfigDict, Any] | None:
     """(config, params) read with tensorstore alone, or None where orbax must read them."""
-    if is_url(path):
+    if storage.is_url(path):
         return None
     run_dir, step = find_run(str(path))
     if step is None:
@@ -67,7 +76,7 @@ def read_run_config(run_dir: RunDir) -> ConfigDict | None:
     """The run's saved config.json, or None where there is none (local or in a bucket)."""
     if not run_dir.exists():
         return None
-    return from_json(epath.Path(run_dir.config).read_text())
+    return from_json(storage.read_text(run_dir.config))
 
 
 def _read_params(directory: str) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from gptjax.data import storage
+from gptjax import storage
 from gptjax.errors import UserError
 from gptjax.model import GPTConfig
 from gptjax.tokenizer import Tokenizer, load_tokenizer

@@ -9,7 +9,7 @@
 
 Nothing else in gptjax joins these names onto a path: code asks a `RunDir` for them. A workdir
 may be a URL (gs://bucket/run): its paths are then URLs too, and what is read here goes through
-etils.epath, which serves local paths and object stores alike.
+`gptjax.storage` or etils.epath, which serve local paths and object stores alike.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import posixpath
 
 from etils import epath
 
+from gptjax import storage
 from gptjax.errors import UserError
 
 RUNS_ROOT = "runs"
@@ -41,13 +42,13 @@ class RunDir:
     def at(cls, workdir: str) -> "RunDir":
         """The run directory `workdir`: a local path made absolute, a URL as given."""
         workdir = str(workdir)
-        if is_url(workdir):
+        if storage.is_url(workdir):
             return cls(workdir.rstrip("/"))
         return cls(os.path.abspath(os.path.expanduser(workdir)))
 
     @property
     def is_url(self) -> bool:
-        return is_url(self.root)
+        return storage.is_url(self.root)
 
     @property
     def config(self) -> str:
@@ -85,12 +86,7 @@ class RunDir:
 
     def exists(self) -> bool:
         """Whether this is a gptjax run (it has a config.json)."""
-        return epath.Path(self.config).is_file()
-
-
-def is_url(path: str) -> bool:
-    """Whether `path` names an object store location (gs://...) rather than a local path."""
-    return "://" in str(path)
+        return storage.is_file(self.config)
 
 
 def find_run(path: str) -> tuple[RunDir, int | None]:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from gptjax.data import storage
+from gptjax import storage
 from gptjax.layout import RunDir
 
 KNOWN_PEAK_TFLOPS = {  # dense bf16 per device, from vendor datasheets

@@ -33,6 +33,7 @@ from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import optim as optim_lib
 from gptjax import sharding
+from gptjax.checkpoint_read import read_run_config
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.model import GPTConfig
@@ -161,7 +162,7 @@ def resolve(
     gpt = model_config(s.model, tokenizer_vocab, imported, fit=run_dir is not None)
     if train.seq_len > gpt.block_size:
         raise UserError(f"train.seq_len={train.seq_len} is longer than model.block_size={gpt.block_size}")
-    saved = ckpt.read_run_config(run_dir) if resuming else None
+    saved = read_run_config(run_dir) if resuming else None
     if saved is not None:
         _check_same_shape(run_dir, saved, gpt)
     # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.

@@ -13,6 +13,7 @@ from fixtures.make_old_run import small_config
 import gptjax
 from gptjax import checkpoint as ckpt
 from gptjax import train
+from gptjax.checkpoint_read import read_run_config
 from gptjax.layout import RunDir
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "run_f2bc3f8")
@@ -45,12 +46,13 @@ def test_old_checkpoints_load_for_inference(old_run):
     workdir = os.path.join(old_run, "run")
     with open(os.path.join(workdir, "checkpoints", "2", "data", "metadata")) as f:
         assert set(json.load(f)) == {"step", "seed", "batches_drawn"}  # the old data item
-    config, latest = ckpt.load_for_inference(workdir)
+    run_dir = RunDir.at(workdir)
+    config = read_run_config(run_dir)
     assert config.model.n_embd == 16 and config.model.vocab_size == 300
-    _assert_params_equal(latest, _expected(4))
-    _, second = ckpt.load_for_inference(RunDir.at(workdir).checkpoint(2))
-    _assert_params_equal(second, _expected(2))
-    model = gptjax.load(workdir)
+    _assert_params_equal(ckpt.restore_params(run_dir, None), _expected(4))  # orbax
+    _assert_params_equal(ckpt.restore_params(run_dir, 2), _expected(2))
+    model = gptjax.load(workdir)  # the direct read
+    _assert_params_equal(model.params, _expected(4))
     out = model.generate_tokens([[5, 6, 7]], max_new_tokens=4, temperature=0.0)
     assert len(out[0]) == 4
 
@@ -68,7 +70,7 @@ def test_old_run_resumes_and_continues_the_same_run(old_run, capsys):
     assert [m["step"] for m in new if "loss" in m] == [1, 2, 3, 4]  # steps 3-4 once: the old ones dropped
     new_loss = {m["step"]: m["loss"] for m in new if "loss" in m}
     np.testing.assert_allclose([new_loss[s] for s in (3, 4)], [old_loss[s] for s in (3, 4)], rtol=1e-5)
-    _, params = ckpt.load_for_inference(workdir)
+    params = ckpt.restore_params(RunDir.at(workdir), None)
     expected, flat = _expected(4), _flat(params)
     for k in expected:
         np.testing.assert_allclose(flat[k], expected[k], rtol=1e-4, atol=1e-6, err_msg=k)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import checkpoint as ckpt
+from gptjax import checkpoint_read
 from gptjax import config as C
 from gptjax import sharding, train
 
@@ -158,7 +158,7 @@ def test_a_one_device_run_resumes_on_two_devices(corpus, tmp_path):
     assert [r[s] for s in range(1, 5)] == [a[s] for s in range(1, 5)]  # the same program on one device
     np.testing.assert_allclose([r[s] for s in range(5, 9)], [a[s] for s in range(5, 9)], rtol=0, atol=2e-5)
     np.testing.assert_allclose([r[s] for s in range(5, 9)], [b[s] for s in range(5, 9)], rtol=0, atol=2e-5)
-    _, final_one = ckpt.load_for_inference(one)
-    _, final_resumed = ckpt.load_for_inference(resumed)
+    _, final_one = checkpoint_read.load_for_inference(one)
+    _, final_resumed = checkpoint_read.load_for_inference(resumed)
     for x, y in zip(jax.tree_util.tree_leaves(final_one), jax.tree_util.tree_leaves(final_resumed)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-5)

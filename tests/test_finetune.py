@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import gptjax  # noqa: E402
-from gptjax import checkpoint as ckpt  # noqa: E402
+from gptjax import checkpoint_read  # noqa: E402
 from gptjax import config as config_lib  # noqa: E402
 from gptjax import data as data_lib  # noqa: E402
 from gptjax import hf, optim, sharding, step, train  # noqa: E402
@@ -128,10 +128,10 @@ def test_news_recipe_end_to_end(hf_dir: str, news: str, tmp_path, capsys: pytest
     assert f"done: step {steps}; " in out and "val_loss" in out, out
 
     fields, hf_params, _ = hf.load_hf_dir(hf_dir)
-    saved = ckpt.read_run_config(RunDir.at(workdir))
+    saved = checkpoint_read.read_run_config(RunDir.at(workdir))
     assert {k: saved.model[k] for k in fields} == fields  # not the base config's 4 x 128 shape
     assert saved.optim.layer_decay == 0.8 and saved.init_from == f"hf:{hf_dir}"  # the recipe's own settings
-    _, params = ckpt.load_for_inference(workdir)
+    _, params = checkpoint_read.load_for_inference(workdir)
     assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(np.shape, hf_params)
 
     # The run's tokenizer is the checkpoint's GPT-2 BPE: the same ids as transformers'.
@@ -170,10 +170,10 @@ def test_train_last_blocks_freezes_the_rest_in_the_checkpoint(hf_dir: str, news:
                 "--config.train.steps=3", "--config.train.batch_size=4")
     assert train.run(c, workdir, devices=jax.devices()[:1])["step"] == 3
     _, before, _ = hf.load_hf_dir(hf_dir)
-    _, after = ckpt.load_for_inference(workdir)
+    _, after = checkpoint_read.load_for_inference(workdir)
     before, after = _flat(before), _flat(after)
     assert sorted(before) == sorted(after)
-    saved = ckpt.read_run_config(RunDir.at(workdir))  # the model shape is the import's
+    saved = checkpoint_read.read_run_config(RunDir.at(workdir))  # the model shape is the import's
     rows = optim.make_optimizer(c.optim, step.param_shapes(GPTConfig.from_config(saved.model)), 3).describe()
     trainable = {r.path for r in rows if r.trainable}
     assert trainable == {p for p in before if p.startswith(("h_1/", "ln_f/"))}  # the top block and the final LayerNorm
@@ -248,7 +248,7 @@ def test_mixture_of_text_and_pairs_trains(hf_dir: str, news: str, pairs: str, tm
     # The rows of the run's batches come from the sources in proportion 3:1. A pairs row always
     # holds prompt targets (weight 0), as every record is shorter than a window; a news row has none.
     run_dir = RunDir.at(workdir)
-    dataset = data_lib.prepare(ckpt.read_run_config(run_dir), workdir, tokenizer=load_tokenizer(run_dir.tokenizer))
+    dataset = data_lib.prepare(checkpoint_read.read_run_config(run_dir), workdir, tokenizer=load_tokenizer(run_dir.tokenizer))
     assert dataset.sources == [f"files:{news}", f"pairs:{pairs}"]
     weights = np.concatenate([dataset.get_batch(s, 16, 32, seed=0)["weights"] for s in range(200)])
     from_pairs = (weights == 0).any(axis=1)

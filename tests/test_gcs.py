@@ -19,10 +19,9 @@ import pytest
 from etils import epath
 
 from gcs_emulator import gcs_bucket  # noqa: F401  (a fixture)
-from gptjax import data
+from gptjax import data, storage
 from gptjax import tokenizer as tk
 from gptjax.data import cache as token_cache
-from gptjax.data import storage
 from gptjax.errors import UserError
 from test_data import typed_sections
 

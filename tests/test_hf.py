@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import tokenizers  # noqa: E402
 
-from gptjax import checkpoint as ckpt  # noqa: E402
+from gptjax import checkpoint_read  # noqa: E402
 from gptjax import hf  # noqa: E402
 from gptjax.errors import UserError  # noqa: E402
 from gptjax.model import GPT, GPTConfig, init_params  # noqa: E402
@@ -254,7 +254,7 @@ def test_cli_import_then_export(hf_dir: str, torch_model: torch.nn.Module, tmp_p
     fields, params, tok = hf.load_hf_dir(hf_dir)
     workdir, out = str(tmp_path / "run"), str(tmp_path / "hf_out")
     convert_hf.main(["import", "--hf_dir", hf_dir, "--out", workdir])
-    config, restored = ckpt.load_for_inference(workdir)
+    config, restored = checkpoint_read.load_for_inference(workdir)
     assert {k: config.model[k] for k in fields} == fields and config.init_from == f"hf:{hf_dir}"
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
     assert load_tokenizer(os.path.join(workdir, "tokenizer")).fingerprint() == tok.fingerprint()

@@ -22,7 +22,7 @@ import numpy as np
 from fixtures.make_old_run import flat, write_corpus
 
 import gptjax
-from gptjax import checkpoint as ckpt
+from gptjax import checkpoint_read
 from gptjax import config as config_lib
 from gptjax import train
 
@@ -123,8 +123,8 @@ def test_two_hosts_train_as_one_and_their_checkpoint_resumes_anywhere(tmp_path):
     assert host1 == []
 
     # The checkpoint the two hosts wrote holds the reference run's parameters at that step.
-    _, theirs = ckpt.load_for_inference(os.path.join(two_hosts, "checkpoints", str(FIRST)))
-    _, mine = ckpt.load_for_inference(os.path.join(reference, "checkpoints", str(FIRST)))
+    _, theirs = checkpoint_read.load_for_inference(os.path.join(two_hosts, "checkpoints", str(FIRST)))
+    _, mine = checkpoint_read.load_for_inference(os.path.join(reference, "checkpoints", str(FIRST)))
     for key, value in flat(mine).items():
         np.testing.assert_allclose(flat(theirs)[key], value, rtol=0, atol=1e-5, err_msg=key)
 

@@ -16,6 +16,7 @@ import pytest
 import gptjax
 from gptjax import config as C
 from gptjax import checkpoint, checkpoint_read, sample, sampling, train
+from gptjax.layout import find_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -267,7 +268,8 @@ def test_parameters_read_from_the_files_equal_what_orbax_restores(workdir):
         direct = checkpoint_read.read_direct(path)
         assert direct is not None, path
         config, params = direct
-        want_config, want = checkpoint.load_for_inference(path)
+        run_dir, step = find_run(path)
+        want_config, want = checkpoint_read.read_run_config(run_dir), checkpoint.restore_params(run_dir, step)
         assert config == want_config
         got, expected = _leaves(params), _leaves(want)
         assert [k for k, _ in got] == [k for k, _ in expected]
@@ -293,7 +295,7 @@ def test_a_checkpoint_the_direct_read_cannot_take_is_left_to_orbax(workdir, tmp_
     model = gptjax.load(copy)
     err = capsys.readouterr().err
     assert "checkpoint 20 in" in err and "is unreadable" in err and "trying checkpoint 10" in err, err
-    _, step10 = checkpoint.load_for_inference(os.path.join(copy, "checkpoints", "10"))
+    _, step10 = checkpoint_read.load_for_inference(os.path.join(copy, "checkpoints", "10"))
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(_leaves(model.params), _leaves(step10)))
 
     other = str(tmp_path / "other")

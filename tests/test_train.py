@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint as ckpt
+from gptjax import checkpoint_read
 from gptjax import config as C
 from gptjax import optim as optim_lib
 from gptjax import sharding, step, train
@@ -141,8 +141,8 @@ def test_resume_continues_the_same_run(corpus, tmp_path):
     a, b = read_metrics(straight), read_metrics(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 21))
     np.testing.assert_array_equal([a[s] for s in a], [b[s] for s in a])
-    _, pa = ckpt.load_for_inference(straight)
-    _, pb = ckpt.load_for_inference(resumed)
+    _, pa = checkpoint_read.load_for_inference(straight)
+    _, pb = checkpoint_read.load_for_inference(resumed)
     for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

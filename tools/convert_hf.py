@@ -67,7 +67,7 @@ def import_hf(hf_dir: str, out: str) -> None:
 
 def export_hf(workdir: str, out: str) -> None:
     """Write the run's latest (or given) checkpoint and tokenizer as a Hugging Face GPT-2 directory."""
-    from gptjax.checkpoint import load_for_inference
+    from gptjax.checkpoint_read import load_for_inference
     from gptjax.layout import find_run
 
     hf.require_new_dir(out)

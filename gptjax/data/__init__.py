@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from gptjax.data import storage
+from gptjax import storage
 from gptjax.data.batches import Dataset
 from gptjax.data.cache import TokenStream, token_dtype, token_streams
 from gptjax.data.hosts import STATUS_FILE, Beacon, Hosts, wait_for

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from etils import epath
 
-from gptjax.data import storage
+from gptjax import storage
 from gptjax.data.hosts import Hosts, wait_for
 from gptjax.data.progress import Progress, short_path
 from gptjax.data.sources import Advance, Source, split_of

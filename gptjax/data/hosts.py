@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Callable
 
-from gptjax.data import storage
+from gptjax import storage
 from gptjax.errors import UserError
 
 STATUS_FILE = ".prepare-status.json"

@@ -11,12 +11,14 @@ import sys
 import time
 from typing import Any
 
+from gptjax import storage
+
 LINE_EVERY_S = 30.0
 
 
 def short_path(path: str) -> str:
     """`path` relative to the working directory when it lies below it, else as given (URLs too)."""
-    if "://" in path:
+    if storage.is_url(path):
         return path
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel

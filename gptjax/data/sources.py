@@ -26,7 +26,7 @@ import sys
 import sysconfig
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from gptjax.data import storage
+from gptjax import storage
 from gptjax.errors import UserError
 from gptjax.schema import DataConfig
 

@@ -1,17 +1,23 @@
-"""Paths that may be URLs (gs://...): local paths go through os as before, URLs through etils.epath.
+"""Paths that may be URLs (gs://...): local paths go through os, URLs through etils.epath.
 
-A pod's hosts share a bucket: data files, the token cache and the tokenizer may live there.
-Token streams are memory-mapped, so a cache in a bucket is copied once to a host-local
-directory (`host_cache_root`) and mapped from there.
+This is the one module that tells a URL from a local path (`is_url`); the rest of gptjax reads
+and writes files that may be either through it. A pod's hosts share a bucket: data files, the
+token cache, the tokenizer and the run directory may live there. Files that a library can only
+read or write on disk (a tokenizer's vocabulary, a model written in several files) go through a
+local directory: `local_copy` for reading, `local_dir` for writing. Token streams are
+memory-mapped, so a cache in a bucket is copied once to a host-local directory
+(`host_cache_root`) and mapped from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import sys
-from typing import IO
+import tempfile
+from typing import IO, Iterator, Sequence
 
 from etils import epath
 
@@ -72,6 +78,21 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def read_bytes(path: str) -> bytes:
+    if is_url(path):
+        return epath.Path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    if is_url(path):
+        epath.Path(path).write_bytes(data)
+        return
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def makedirs(path: str) -> None:
     """Create a directory and its parents (nothing to do for a URL: object stores have no directories)."""
     if not is_url(path):
@@ -118,6 +139,57 @@ def copy_file(src: str, dst: str) -> None:
     with (epath.Path(src).open("rb") if is_url(src) else open(src, "rb")) as f:
         with (epath.Path(dst).open("wb") if is_url(dst) else open(dst, "wb")) as g:
             shutil.copyfileobj(f, g, COPY_CHUNK_BYTES)
+
+
+def move_dir(src: str, dst: str) -> None:
+    """Move a directory on disk, or every object under a URL prefix: each is copied, then all
+    are deleted (a bucket has no directories to rename)."""
+    if not is_url(src):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.move(src, dst)
+        return
+    from etils.epath import backend
+
+    fs = backend.fsspec_backend.fs(src)
+    prefix = src.split("://", 1)[1]
+    for name in fs.find(prefix):
+        fs.copy(name, dst + name[len(prefix):])
+    fs.rm(prefix, recursive=True)
+
+
+def upload_dir(local: str, directory: str, last: str | None = None) -> None:
+    """Copy the files of the local directory `local` into `directory`; the file named `last`
+    is written after all others, so that a reader who sees it sees a complete directory."""
+    makedirs(directory)
+    for name in sorted(os.listdir(local), key=lambda n: n == last):
+        copy_file(os.path.join(local, name), join(directory, name))
+
+
+@contextlib.contextmanager
+def local_dir(directory: str, last: str | None = None) -> Iterator[str]:
+    """A local directory to write `directory`'s files into: `directory` itself (created), or for
+    a URL a temporary one whose files are uploaded (`upload_dir`, `last` last) when the block
+    ends without an error."""
+    if not is_url(directory):
+        os.makedirs(directory, exist_ok=True)
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="gptjax-") as local:
+        yield local
+        upload_dir(local, directory, last)
+
+
+@contextlib.contextmanager
+def local_copy(directory: str, names: Sequence[str]) -> Iterator[str]:
+    """A local directory holding the files `names` of `directory`: itself when it is local, else
+    a temporary copy, removed when the block ends."""
+    if not is_url(directory):
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="gptjax-") as local:
+        for name in names:
+            copy_file(join(directory, name), os.path.join(local, name))
+        yield local
 
 
 def host_cache_root() -> str:
