@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 
 from gptjax.checkpoint import describe_error
-from gptjax.data.storage import is_url
+from gptjax.storage import is_url
 from gptjax.runtime import log
 
 

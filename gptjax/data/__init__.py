@@ -7,7 +7,9 @@
                  supervised examples packed whole into rows with segment ids
     progress.py  what preparation prints (stderr, process 0): one line per source, progress
     hosts.py     a pod prepares once: host 0 builds the tokenizer and caches, the others wait
-    storage.py   paths that may be URLs (gs://...), and the host-local copy of a bucket's cache
+
+Paths that may be URLs (gs://...) go through `gptjax.storage`, and so does the host-local copy
+of a bucket's cache.
 
 `prepare` ties them together for a run: the run's tokenizer (see gptjax.tokenizer) and one
 cached token stream per source.
