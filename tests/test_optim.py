@@ -244,7 +244,7 @@ def test_param_table(params: Any) -> None:
 def test_defaults_match_the_base_config() -> None:
     from gptjax import config as config_lib
 
-    assert optim.OptimConfig.from_config(config_lib.base_config().optim) == optim.OptimConfig()
+    assert config_lib.sections(config_lib.base_config()).optim == optim.OptimConfig()
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ def test_max_bad_steps_is_validated():
     c = C.base_config()
     c.train.max_bad_steps = 0
     with pytest.raises(UserError, match="max_bad_steps"):
-        C.section(c, "train")
+        C.sections(c)
 
 
 def _save_steps(run_dir, steps):
