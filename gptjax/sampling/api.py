@@ -15,7 +15,7 @@ import jax
 from jax.sharding import Mesh
 
 from gptjax.errors import UserError
-from gptjax.model_config import GPTConfig
+from gptjax.model.config import GPTConfig
 from gptjax.sampling.decode import Decoder, Generation
 
 

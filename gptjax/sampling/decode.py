@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.errors import UserError
-from gptjax.model_config import GPTConfig
+from gptjax.model.config import GPTConfig
 from gptjax.sampling import programs
 from gptjax.sampling.filters import check_controls, choose_tokens, num_candidates
 
