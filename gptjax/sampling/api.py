@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from gptjax.errors import UserError
 from gptjax.model.config import GPTConfig
-from gptjax.sampling.decode import Decoder, Generation
+from gptjax.sampling.decoder import Decoder, Generation
 
 
 class LoadedModel:
