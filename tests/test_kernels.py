@@ -76,6 +76,13 @@ def test_eval_step_equals_the_full_logits_loss(monkeypatch, chunk_bytes):
     assert run.trainer.evaluate_sources(params, [plain]) == (pytest.approx(reference(plain, np.arange(8)), rel=1e-5), None)
 
 
+def test_every_attention_option_names_an_implementation():
+    """The config's `model.attention` choices (checked without Flax) are the attention table's keys."""
+    from gptjax.model.attention import IMPLEMENTATIONS
+
+    assert tuple(IMPLEMENTATIONS) == ATTENTION
+
+
 # splash runs in Pallas interpret mode here (slow): its own tests below cover plain, packed,
 # padded and sharded rows.
 @pytest.mark.parametrize("attention", [a for a in ATTENTION if a not in ("xla", "splash")])
@@ -152,7 +159,7 @@ def test_splash_attention_matches_the_reference_on_real_tokens(seq, padded):
     """The kernel's outputs and input gradients equal the einsum attention's at every real
     token: with left padding (token_mask) on a sequence that is not a multiple of the kernel's
     block (padded at its end), and with neither (the kernel without segment ids)."""
-    from gptjax.kernels import splash_attention
+    from gptjax.model.splash import splash_attention
     from gptjax.model import attention_mask
 
     rng = np.random.default_rng(3)
@@ -182,7 +189,7 @@ def test_splash_attention_matches_the_reference_on_real_tokens(seq, padded):
 
 
 def test_splash_attention_refuses_a_gpu(monkeypatch):
-    from gptjax.kernels import splash_attention
+    from gptjax.model.splash import splash_attention
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     x = jnp.zeros((1, 2, 8, 4), jnp.float32)

@@ -364,7 +364,7 @@ def test_decode_loop_updates_the_cache_in_place(trained, batch):
     state = decoder._prefill(call, call.prompts, call.p_len, np.zeros((batch, call.n_len), np.int32), 0, np.zeros(batch, bool))
     cache_shape = state.cache["h_0"]["attn"]["cached_key"].shape
     assert cache_shape == (batch * CFG.n_head, call.s.cache_len, CFG.head_dim)
-    hlo = decode._advance.lower(decoder.decode_params, state, np.int32(20), *call.controls, s=call.s).compile().as_text()
+    hlo = decode.advance.lower(decoder.decode_params, state, np.int32(20), *call.controls, s=call.s).compile().as_text()
     shape = "f32[" + ",".join(map(str, cache_shape)) + "]"
     assert hlo.count(shape) > 0
     assert not [line for line in hlo.splitlines() if " copy(" in line and shape in line.split("copy(")[0]]
@@ -389,7 +389,7 @@ def test_bfloat16_decode_loop_updates_the_cache_in_place(trained, batch):
     state = decoder._prefill(call, call.prompts, call.p_len, np.zeros((batch, call.n_len), np.int32), 0, np.zeros(batch, bool))
     cache_k = state.cache["h_0"]["attn"]["cached_key"]
     assert cache_k.dtype == jnp.bfloat16
-    hlo = decode._advance.lower(decoder.decode_params, state, np.int32(20), *call.controls, s=call.s).compile().as_text()
+    hlo = decode.advance.lower(decoder.decode_params, state, np.int32(20), *call.controls, s=call.s).compile().as_text()
     dims = ",".join(map(str, cache_k.shape))
     assert re.search(rf"bf16\[{dims}\]", hlo)
     ops = re.findall(r"= \w+\[([\d,]*)\]\S* ([\w-]+)\(", hlo)  # (dims, opcode) of array-valued instructions

@@ -15,8 +15,8 @@ import jax
 from jax.sharding import Mesh
 
 from gptjax.errors import UserError
-from gptjax.model_config import GPTConfig
-from gptjax.sampling.decode import Decoder, Generation
+from gptjax.model.config import GPTConfig
+from gptjax.sampling.decoder import Decoder, Generation
 
 
 class LoadedModel:

@@ -1,6 +1,7 @@
-"""The decoder: a jitted prefill, then a jitted loop of single-token steps over a KV cache.
+"""The sampler's programs: a jitted prefill, then a jitted loop of single-token steps over a KV cache.
 
-How a call runs:
+How a call runs (`gptjax.sampling.decoder.Decoder` drives it; `gptjax.sampling.plan` chooses
+its lengths and crops its contexts):
 
 1. Prefill: the prompts are left-padded to a bucket length and run through one forward pass
    of `GPT(cfg, decode_layout=True)` with `decode=True`, which writes the KV cache. Padding
@@ -26,9 +27,10 @@ The prefill after a crop runs between two runs of the loop (one host round trip 
 `block_size - keep` tokens) because its length depends on where the rows' contexts stand; it
 is prefilled at that length (rounded up to a multiple of 8), not padded to a fixed one.
 
-The Flax model is imported only when a program is traced (in `_prefill`, `_advance` and the
-decode-layout conversion), so a process that finds every program stored (`programs`) never
-imports Flax.
+The Flax model is imported only when a program is traced (in `prefill`, `advance` and
+`lower_decode_layout`), so a process that finds every program stored (`programs`) never
+imports Flax. `lower_prefill` and `lower_decode` lower the first call's programs from
+abstract inputs, for the ahead-of-time compile (`gptjax.aot`).
 
 Randomness: row i of a call with `seed=s` uses the key `jax.random.fold_in(PRNGKey(s), i)`,
 and its t-th new token uses `fold_in(row_key, t)`. The choice for a row depends only on that
@@ -42,30 +44,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from gptjax.errors import UserError
-from gptjax.model_config import GPTConfig
-from gptjax.sampling import programs
-from gptjax.sampling.filters import check_controls, choose_tokens, num_candidates
-
-_MIN_PROMPT_BUCKET = 8
-_MIN_NEW_BUCKET = 16
-_ALIGN = 8  # prefill lengths past the window are rounded up to a multiple of this
-
-
-def keep_length(block_size: int) -> int:
-    """How many of a row's newest tokens its context keeps when the window is full."""
-    return max(1, block_size // 2)
+from gptjax.model.config import GPTConfig
+from gptjax.sampling.filters import choose_tokens, num_candidates
+from gptjax.sampling.plan import plan_lengths, stop_ids
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class Static:
     """Everything that selects a compiled program (besides array shapes)."""
 
     cfg: GPTConfig
@@ -89,7 +79,8 @@ class DecodeState:
     t: jax.Array  # how many new tokens exist
 
 
-def _choose(s: _Static, logits_BxV, row_keys, t, temperature, top_k, tail) -> jax.Array:
+def _choose(s: Static, logits_BxV: jax.Array, row_keys: jax.Array, t: jax.Array, temperature: jax.Array,
+            top_k: jax.Array, tail: jax.Array) -> jax.Array:
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
     return choose_tokens(
         logits_BxV, step_keys, temperature, top_k, tail, greedy=s.greedy, use_k=s.use_k, use_p=s.use_p, m=s.m
@@ -97,11 +88,18 @@ def _choose(s: _Static, logits_BxV, row_keys, t, temperature, top_k, tail) -> ja
 
 
 @functools.partial(jax.jit, static_argnames=("s",), donate_argnames=("out_BxN",))
-def _prefill(params, tokens_BxP, mask_BxP, out_BxN, t, done_B, row_keys, temperature, top_k, tail, stops, *, s: _Static):
-    """Prefill left-padded contexts into a fresh cache and choose each row's new token t."""
+def prefill(params: Any, tokens_BxP: jax.Array, mask_BxP: jax.Array, out_BxN: jax.Array, t: jax.Array, done_B: jax.Array,
+            row_keys: jax.Array, temperature: jax.Array, top_k: jax.Array, tail: jax.Array, stops: jax.Array, *,
+            s: Static) -> DecodeState:
+    """Prefill left-padded contexts into a fresh cache and choose each row's new token t.
+
+    The controls (row_keys ... stops) are the `Decoder`'s: row keys, temperature, top_k,
+    1 - top_p and the stop ids (`gptjax.sampling.plan.stop_ids`).
+    """
     import flax.linen as nn
 
-    from gptjax.model import GPT, matmul
+    from gptjax.model.gpt import GPT
+    from gptjax.model.layers import matmul
 
     b, p = tokens_BxP.shape
     model = GPT(s.cfg, decode_layout=True)
@@ -131,9 +129,10 @@ def _prefill(params, tokens_BxP, mask_BxP, out_BxN, t, done_B, row_keys, tempera
 
 
 @functools.partial(jax.jit, static_argnames=("s",), donate_argnames=("state",))
-def _advance(params, state: DecodeState, limit, row_keys, temperature, top_k, tail, stops, *, s: _Static) -> DecodeState:
+def advance(params: Any, state: DecodeState, limit: jax.Array, row_keys: jax.Array, temperature: jax.Array,
+            top_k: jax.Array, tail: jax.Array, stops: jax.Array, *, s: Static) -> DecodeState:
     """Decode until `limit` new tokens exist, every row has stopped, or a row's context is full."""
-    from gptjax.model import GPT
+    from gptjax.model.gpt import GPT
 
     model = GPT(s.cfg, decode_layout=True)
 
@@ -163,266 +162,18 @@ def _advance(params, state: DecodeState, limit, row_keys, temperature, top_k, ta
     return jax.lax.while_loop(cond, body, state)
 
 
-@dataclasses.dataclass
-class Generation:
-    """The result of one call: new tokens per row (stop token excluded) and timings."""
-
-    tokens: list[list[int]]
-    stopped: list[bool]
-    prompt_lengths: list[int]
-    seconds_to_first_token: float
-    seconds: float
-    finished: bool = True
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-
-def prepare_prompts(prompts: Sequence[Sequence[int]], block_size: int, truncate: bool) -> list[list[int]]:
-    """Check each prompt fits the context window; cut a longer one to its last tokens if asked."""
-    if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
-        raise UserError("give at least one prompt (a non-empty list)")
-    out = []
-    for i, p in enumerate(prompts):
-        p = [int(t) for t in p]
-        if not p:
-            raise UserError(f"prompt {i} is empty: give at least one token (e.g. the end-of-text token)")
-        if len(p) > block_size:
-            if not truncate:
-                raise UserError(
-                    f"prompt {i} has {len(p)} tokens but the context window holds block_size={block_size}; "
-                    f"shorten it, or ask to truncate the prompt (keeps its last {block_size} tokens)"
-                )
-            p = p[-block_size:]
-        out.append(p)
-    return out
-
-
-def _pow2_at_least(n: int, floor: int) -> int:
-    return max(floor, 1 << max(0, int(n) - 1).bit_length())
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def plan_lengths(prompt_len: int, max_new: int, block_size: int) -> tuple[int, int, int]:
-    """(prompt bucket P, cache slots S, output columns N) of a call.
-
-    Within the window (prompt_len + max_new <= block_size) one cache of S <= block_size slots
-    holds the whole call. Past it, S = block_size + 7: a prefill rounded up to a multiple of 8
-    leaves its longest row at most 7 padding slots, so the loop reaches a full context before
-    it runs out of slots.
-    """
-    n = _pow2_at_least(max_new, _MIN_NEW_BUCKET)
-    if prompt_len + max_new <= block_size:
-        p = min(_pow2_at_least(prompt_len, _MIN_PROMPT_BUCKET), block_size)
-        if p + n > block_size:
-            n = max(block_size - p, max_new)
-            p = max(min(p, block_size - n), prompt_len)
-        return p, p + n, n
-    return _round_up(prompt_len, _ALIGN), block_size + _ALIGN - 1, n
-
-
-def _left_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens_BxP = np.zeros((len(rows), length), np.int32)
-    mask_BxP = np.zeros((len(rows), length), bool)
-    for i, r in enumerate(rows):
-        if r:
-            tokens_BxP[i, length - len(r):] = r
-            mask_BxP[i, length - len(r):] = True
-    return tokens_BxP, mask_BxP
-
-
-def cropped_contexts(
-    prompts: Sequence[Sequence[int]], new_BxN: np.ndarray, t: int, positions_B: np.ndarray, block_size: int
-) -> list[list[int]]:
-    """Each row's context for its next token (see the module docstring): its last
-    position + 1 tokens if they fit in block_size, else its last `keep_length` tokens."""
-    keep = keep_length(block_size)
-    out = []
-    for i, prompt in enumerate(prompts):
-        seq = list(prompt) + [int(x) for x in new_BxN[i, :t]]
-        n = int(positions_B[i]) + 1
-        out.append(seq[-(n if n <= block_size else keep):])
-    return out
-
-
-def _lower_decode_layout(cfg: GPTConfig, params: Any) -> jax.stages.Lowered:
-    from gptjax.model import to_decode_layout
+def lower_decode_layout(cfg: GPTConfig, params: Any) -> jax.stages.Lowered:
+    """The conversion of `params` to the decode layout the programs read, lowered."""
+    from gptjax.model.decode_layout import to_decode_layout
 
     return to_decode_layout.lower(cfg, params)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
-def _row_keys(seed: jax.Array, n: int) -> jax.Array:
+def make_row_keys(seed: jax.Array, n: int) -> jax.Array:
     """Row i's key: fold_in(PRNGKey(seed), i)."""
     base = jax.random.PRNGKey(seed)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Call:
-    """One call's checked inputs."""
-
-    prompts: list[list[int]]
-    stop_list: list[int]
-    max_new_tokens: int
-    chunk: int | None
-    p_len: int
-    n_len: int
-    s: _Static
-    controls: tuple[Any, ...]  # row_keys, temperature, top_k, 1 - top_p, stop ids: the programs' inputs
-
-
-class Decoder:
-    """A GPT's config and parameters, with the compiled prefill and decode programs."""
-
-    def __init__(self, cfg: GPTConfig, params: Any):
-        self.cfg = cfg
-        self.params = params
-        self._decode_params: Any = None
-
-    @property
-    def decode_params(self) -> Any:
-        """The parameters in decode layout (`gptjax.model.to_decode_layout`), made on first use."""
-        if self._decode_params is None:
-            cfg, params = self.cfg, self.params
-            self._decode_params = programs.call("decode_layout", lambda: _lower_decode_layout(cfg, params), cfg, (params,))
-        return self._decode_params
-
-    def stream(
-        self,
-        prompts: Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int = 100,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        stop_tokens: Sequence[int] = (),
-        seed: int = 0,
-        row_keys: jax.Array | None = None,
-        truncate_prompt: bool = False,
-        chunk: int | None = None,
-    ) -> Iterator[tuple[list[list[int]], Generation]]:
-        """Yield (new tokens per row since the last yield, result so far) every `chunk` steps.
-
-        `chunk=None` decodes everything in one call. The last yield's result is final. Bad
-        controls or prompts raise here, before the first token is asked for.
-        """
-        return self._run(
-            self._plan(
-                prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                stop_tokens=stop_tokens, seed=seed, row_keys=row_keys, truncate_prompt=truncate_prompt, chunk=chunk,
-            )
-        )
-
-    def _plan(
-        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-        stop_tokens: Sequence[int], seed: int, row_keys: jax.Array | None, truncate_prompt: bool, chunk: int | None,
-    ) -> _Call:
-        """Check a call's input and choose its lengths and compiled programs."""
-        cfg = self.cfg
-        check_controls(cfg.vocab_size, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        prompts = prepare_prompts(prompts, cfg.block_size, truncate_prompt)
-        stop_list = sorted({int(t) for t in stop_tokens})
-        for t in stop_list:
-            if not 0 <= t < cfg.vocab_size:
-                raise UserError(f"stop token {t} is outside the vocabulary [0, {cfg.vocab_size})")
-        b = len(prompts)
-        if row_keys is None:
-            seed_arg = (np.uint32(seed),)
-            row_keys = programs.call("row_keys", lambda: _row_keys.lower(*seed_arg, b), b, seed_arg)
-        row_keys = jnp.asarray(row_keys)
-        if row_keys.shape[0] != b:
-            raise UserError(f"row_keys has {row_keys.shape[0]} keys for {b} prompts")
-        stops = np.full((_pow2_at_least(len(stop_list), 4),), -1, np.int32)
-        stops[: len(stop_list)] = stop_list
-        p_len, cache_len, n_len = plan_lengths(max(len(p) for p in prompts), max_new_tokens, cfg.block_size)
-        greedy = temperature == 0
-        s = _Static(
-            cfg=cfg,
-            cache_len=cache_len,
-            greedy=greedy,
-            use_k=not greedy and top_k > 0,
-            use_p=not greedy and top_p < 1.0,
-            m=num_candidates(cfg.vocab_size, top_k),
-        )
-        controls = (
-            row_keys,
-            np.float32(temperature if temperature > 0 else 1.0),
-            np.int32(max(top_k, 1)),
-            np.float32(1.0 - top_p),
-            stops,
-        )
-        return _Call(prompts, stop_list, max_new_tokens, chunk, p_len, n_len, s, controls)
-
-    def generate_tokens(self, prompts: Sequence[Sequence[int]], **controls: Any) -> Generation:
-        """New tokens for each prompt (a list of token ids); see `stream` for the controls."""
-        result = None
-        for _, result in self.stream(prompts, **controls):
-            pass
-        assert result is not None
-        return result
-
-    def _prefill(self, call: _Call, rows: list[list[int]], length: int, out_BxN: Any, t: int, done_B: Any) -> DecodeState:
-        tokens_BxP, mask_BxP = _left_pad(rows, length)
-        args = (self.decode_params, tokens_BxP, mask_BxP, out_BxN, np.int32(t), done_B, *call.controls)
-        return programs.call("prefill", lambda: _prefill.lower(*args, s=call.s), call.s, args)
-
-    def _run_to(self, call: _Call, state: DecodeState, limit: int) -> DecodeState:
-        """Decode, cropping full contexts, until `limit` new tokens exist or every row stopped."""
-        block_size = self.cfg.block_size
-        while True:
-            t, done_B, position_B = jax.device_get((state.t, state.done_B, state.position_B))
-            if t >= limit or done_B.all():
-                return state
-            if (position_B >= block_size).any():
-                rows = cropped_contexts(call.prompts, np.asarray(state.out_BxN), int(t), position_B, block_size)
-                length = _round_up(max(len(r) for r in rows), _ALIGN)
-                state = self._prefill(call, rows, length, state.out_BxN, int(t), state.done_B)
-            else:
-                args = (self.decode_params, state, np.int32(limit), *call.controls)
-                state = programs.call("advance", lambda: _advance.lower(*args, s=call.s), call.s, args)
-
-    def _run(self, call: _Call) -> Iterator[tuple[list[list[int]], Generation]]:
-        b = len(call.prompts)
-        t0 = time.perf_counter()
-        state = self._prefill(call, call.prompts, call.p_len, np.zeros((b, call.n_len), np.int32), 0, np.zeros((b,), bool))
-        state = jax.block_until_ready(state)
-        ttft = time.perf_counter() - t0
-        emitted: list[list[int]] = [[] for _ in range(b)]
-        stopped = [False] * b
-        sent = 0
-        while True:
-            t_now = int(state.t)
-            finished = t_now >= call.max_new_tokens or bool(np.all(np.asarray(state.done_B)))
-            if call.chunk is not None or finished:
-                out_BxN = np.asarray(state.out_BxN)
-                new_rows = []
-                for i in range(b):
-                    row = []
-                    for tok in out_BxN[i, sent:t_now] if not stopped[i] else ():
-                        if int(tok) in call.stop_list:
-                            stopped[i] = True
-                            break
-                        row.append(int(tok))
-                    emitted[i].extend(row)
-                    new_rows.append(row)
-                sent = t_now
-                elapsed = time.perf_counter() - t0
-                lengths = [len(p) for p in call.prompts]
-                yield new_rows, Generation([list(r) for r in emitted], list(stopped), lengths, ttft, elapsed, finished)
-            if finished:
-                return
-            limit = min(call.max_new_tokens, t_now + call.chunk) if call.chunk else call.max_new_tokens
-            state = self._run_to(call, state, limit)
-
-
-def generate_tokens(cfg: GPTConfig, params: Any, prompts: Sequence[Sequence[int]], **controls: Any) -> list[list[int]]:
-    """New token ids per prompt; a functional shortcut for `Decoder(cfg, params).generate_tokens`."""
-    return Decoder(cfg, params).generate_tokens(prompts, **controls).tokens
 
 
 # -- ahead of time -------------------------------------------------------------------------------
@@ -430,14 +181,14 @@ def generate_tokens(cfg: GPTConfig, params: Any, prompts: Sequence[Sequence[int]
 
 def _abstract_call(
     cfg: GPTConfig, rows: int, prompt_len: int, max_new_tokens: int, placement: jax.sharding.Sharding
-) -> tuple[_Static, int, int, tuple[jax.ShapeDtypeStruct, ...]]:
+) -> tuple[Static, int, int, tuple[jax.ShapeDtypeStruct, ...]]:
     """A first call's static choices, prompt bucket P, output columns N and its controls as
     ShapeDtypeStructs: `rows` prompts of `prompt_len` tokens, sampled (temperature 1, no
     top-k or top-p: the sample CLI's defaults)."""
     p_len, cache_len, n_len = plan_lengths(prompt_len, max_new_tokens, cfg.block_size)
-    s = _Static(cfg=cfg, cache_len=cache_len, greedy=False, use_k=False, use_p=False, m=num_candidates(cfg.vocab_size, 0))
+    s = Static(cfg=cfg, cache_len=cache_len, greedy=False, use_k=False, use_p=False, m=num_candidates(cfg.vocab_size, 0))
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
-    controls = (sds((rows, 2), jnp.uint32), sds((), jnp.float32), sds((), jnp.int32), sds((), jnp.float32), sds((4,), jnp.int32))
+    controls = (sds((rows, 2), jnp.uint32), sds((), jnp.float32), sds((), jnp.int32), sds((), jnp.float32), sds(stop_ids(()).shape, jnp.int32))
     return s, p_len, n_len, controls
 
 
@@ -448,7 +199,7 @@ def lower_prefill(
     parameters as ShapeDtypeStructs with their shardings; prompts and controls take `placement`."""
     s, p_len, n_len, controls = _abstract_call(cfg, rows, prompt_len, max_new_tokens, placement)
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
-    return _prefill.lower(
+    return prefill.lower(
         decode_params, sds((rows, p_len), jnp.int32), sds((rows, p_len), jnp.bool_), sds((rows, n_len), jnp.int32),
         sds((), jnp.int32), sds((rows,), jnp.bool_), *controls, s=s,
     )
@@ -462,4 +213,4 @@ def lower_decode(
     `state` is that prefill's output (ShapeDtypeStructs with shardings). The compiler's cost
     analysis counts the loop body, one decode step, once."""
     s, _, _, controls = _abstract_call(cfg, rows, prompt_len, max_new_tokens, placement)
-    return _advance.lower(decode_params, state, jax.ShapeDtypeStruct((), jnp.int32, sharding=placement), *controls, s=s)
+    return advance.lower(decode_params, state, jax.ShapeDtypeStruct((), jnp.int32, sharding=placement), *controls, s=s)

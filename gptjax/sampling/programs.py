@@ -31,7 +31,7 @@ from typing import Any, Callable
 import jax
 from jax.experimental import serialize_executable
 
-_SOURCES = ("model.py", "model_config.py", "sampling/decode.py", "sampling/filters.py", "sampling/programs.py")
+_SOURCES = ("model", "sampling")  # the packages whose source defines the sampler's programs
 _loaded: dict[str, Any] = {}
 
 
@@ -44,9 +44,10 @@ def _environment() -> str:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.sha256()
-    for name in _SOURCES:
-        with open(os.path.join(root, name), "rb") as f:
-            digest.update(f.read())
+    for package in _SOURCES:
+        for name in sorted(n for n in os.listdir(os.path.join(root, package)) if n.endswith(".py")):
+            with open(os.path.join(root, package, name), "rb") as f:
+                digest.update(f.read())
     return repr((jax.__version__, jaxlib.__version__, importlib.metadata.version("flax"), os.environ.get("XLA_FLAGS", ""), digest.hexdigest()))
 
 

@@ -1,8 +1,8 @@
 """The schema of a GPT's shape and numerics (`config.model`), apart from the Flax modules.
 
-`gptjax.model` builds the modules from a `GPTConfig` and re-exports it. It lives here so that
-code that only needs a model's shape (sampling with stored programs, the checkpoint tools)
-does not import Flax.
+The modules of `gptjax.model` are built from a `GPTConfig`. It imports no Flax, so that code
+that only needs a model's shape (sampling with stored programs, the checkpoint tools, the
+config schema) stays light.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from gptjax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION = ("xla", "dot_product", "splash")  # model.attention: einsums (with attention dropout), fused_attention, kernels.splash_attention
+ATTENTION = ("xla", "dot_product", "splash")  # model.attention: the keys of gptjax.model.attention.IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Pallas kernels for a full pass's attention (`model.attention="splash"`).
+"""The Pallas splash kernel for a full pass's attention (`model.attention="splash"`).
 
 `splash_attention` computes causal attention with JAX's Pallas splash attention kernel
 (`jax.experimental.pallas.ops.tpu.splash_attention`): on a TPU the Mosaic-compiled kernel,
@@ -35,9 +35,10 @@ def splash_attention(q_BxHxTxD: jax.Array, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.
 
     A query sees the keys at or before it; with segment_ids [B, T] only those of its own
     segment; with token_mask [B, T] only real keys (padding becomes its own segment, so a real
-    token's output equals `attention_mask`'s; a padded query's output is not meaningful, in the
-    reference either). A sequence that is not a multiple of 128 tokens is padded at its end,
-    which no real query sees under the causal mask.
+    token's output equals the reference's under `gptjax.model.attention.attention_mask`; a
+    padded query's output is not meaningful, in the reference either). A sequence that is not
+    a multiple of 128 tokens is padded at its end, which no real query sees under the causal
+    mask.
     """
     mesh = jax.sharding.get_abstract_mesh()
     platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform

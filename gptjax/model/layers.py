@@ -1,0 +1,150 @@
+"""The model's building blocks: the mixed-precision matmul, the dense projections, LayerNorm.
+
+Parameters are fp32 and carry logical axis names (`gptjax.sharding` maps them to mesh axes);
+every matmul reads its operands in the compute dtype and accumulates in fp32 (`matmul`). The
+projections here store their kernels as flax does, [in..., out...], the layout training uses;
+`gptjax.model.decode_layout` has the [out, in] versions that decoding on a CPU reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gptjax.model.config import GPTConfig
+
+
+def normal(std: float, names: tuple[str | None, ...]) -> Any:
+    """A normal(0, std) initializer whose parameter carries the logical axis `names`."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def zeros(names: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def ones(names: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+    """An fp32 LayerNorm with GPT-2's epsilon (`model.ln_eps`)."""
+    return nn.LayerNorm(
+        epsilon=cfg.ln_eps,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        scale_init=ones(("norm",)),
+        bias_init=zeros(("norm",)),
+        name=name,
+    )
+
+
+def residual_std(cfg: GPTConfig) -> float:
+    """The init std of a projection that writes into the residual stream (GPT-2's scaling)."""
+    return 0.02 / math.sqrt(2 * cfg.n_layer)
+
+
+QKV_AXES = ("embed", "qkv", "heads", "head_dim")  # the fused query/key/value kernel's logical axes
+
+
+def _transposed_equations(equation: str) -> tuple[str, str]:
+    """For out = einsum("a,b->c"): the equations of d(a) = einsum("c,b->a") and d(b) = einsum("a,c->b")."""
+    inputs, out = equation.split("->")
+    a, b = inputs.split(",")
+    for name, own, other in (("first", a, b), ("second", b, a)):
+        if len(set(own)) != len(own) or not set(own) <= set(other) | set(out):
+            raise ValueError(
+                f"matmul {equation!r}: each index of the {name} operand must be unique and "
+                "appear in the other operand or the output"
+            )
+    return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+def matmul(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """A two-operand einsum that reads its operands in their dtype and accumulates in fp32.
+
+    The result is fp32, and so are both matmuls of the gradient: the incoming gradient is cast
+    to the operands' dtype and multiplied with fp32 accumulation. With bf16 operands every
+    matmul, forward and backward, is then bf16 x bf16 -> fp32, the form accelerators (and
+    XLA's CPU runtime, by oneDNN/AMX, measured 3-4x faster than bf16 -> bf16) run fastest;
+    autodiff of a plain einsum would make bf16 -> bf16 or mixed-dtype matmuls. With fp32
+    operands it is `jnp.einsum` and autodiff's gradient (the same matmuls; on CPU the custom
+    rule measured slower on small fp32 shapes).
+    """
+    if a.dtype == b.dtype == jnp.float32:
+        return jnp.einsum(equation, a, b)
+    return _mixed_matmul(equation, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mixed_matmul(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(equation: str, a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _mixed_matmul(equation, a, b), (a, b)
+
+
+def _matmul_bwd(equation: str, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    a, b = res
+    eq_a, eq_b = _transposed_equations(equation)
+    da = jnp.einsum(eq_a, g.astype(b.dtype), b, preferred_element_type=jnp.float32)
+    db = jnp.einsum(eq_b, a, g.astype(a.dtype), preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_mixed_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Projection(nn.Module):
+    """A linear map written as one einsum over a multi-axis kernel, plus a bias.
+
+    The kernel keeps its natural axes (e.g. [heads, head_dim, embed] for the attention's
+    output projection) so each axis can carry its own logical name; the bias has the kernel's
+    output axes.
+    """
+
+    equation: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    std: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", normal(self.std, self.kernel_axes), self.kernel_shape, jnp.float32)
+        return matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + self._bias()
+
+    def _bias(self) -> jax.Array:
+        """The fp32 bias: zeros over the kernel's axes that the output keeps."""
+        inputs, out_spec = self.equation.split("->")
+        dims = [i for i, a in enumerate(inputs.split(",")[1]) if a in out_spec]
+        shape, axes = tuple(self.kernel_shape[i] for i in dims), tuple(self.kernel_axes[i] for i in dims)
+        return self.param("bias", zeros(axes), shape, jnp.float32)
+
+
+class QKVProjection(nn.Module):
+    """The fused query/key/value projection: one kernel [embed, 3, heads, head_dim] (GPT-2's
+    `c_attn`) and bias [3, heads, head_dim], applied as three einsums that each write
+    [batch, heads, seq, head_dim] in the compute dtype (on CPU, measured faster forward and
+    backward than one wide matmul followed by a transpose)."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg = self.cfg
+        h, d, dtype = cfg.n_head, cfg.head_dim, cfg.compute_dtype
+        kernel_Cx3xHxD = self.param("kernel", normal(0.02, QKV_AXES), (cfg.n_embd, 3, h, d), jnp.float32)
+        bias_3xHxD = self.param("bias", zeros(QKV_AXES[1:]), (3, h, d), jnp.float32)
+        x_BxTxC, kernel_Cx3xHxD = x_BxTxC.astype(dtype), kernel_Cx3xHxD.astype(dtype)
+        return tuple(
+            (matmul("btc,chd->bhtd", x_BxTxC, kernel_Cx3xHxD[:, j]) + bias_3xHxD[j][:, None, :]).astype(dtype)
+            for j in range(3)
+        )
+
