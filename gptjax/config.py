@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from gptjax.errors import UserError
-from gptjax.model_config import GPTConfig
+from gptjax.model.config import GPTConfig
 from gptjax.schema import (  # noqa: F401  (the section classes are part of this module's API)
     MODEL_VOCAB_FROM_TOKENIZER,
     DataConfig,

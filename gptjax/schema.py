@@ -2,7 +2,7 @@
 defaults and their validation. `gptjax.config` builds the base config from these defaults and
 parses a config into them; the rest of gptjax reads only these dataclasses.
 
-The model section's schema is `gptjax.model_config.GPTConfig` (beside the model it describes).
+The model section's schema is `gptjax.model.config.GPTConfig` (beside the model it describes).
 """
 
 from __future__ import annotations
