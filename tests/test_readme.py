@@ -1,18 +1,31 @@
-"""Every shell command in README.md runs.
+"""Every command in README.md and docs/*.md is tested: run here, or named with the test that runs it.
 
-The test reads each ```bash block of the README, in order, and runs every command in one
-scratch directory (with `configs/` and `tools/` linked in), as a user following the README
-would, in a shell without this suite's 8 simulated devices. Where a command would take long,
-download, or install, its runner appends small overrides or makes the local files it needs
-(a tiny corpus, a tiny Hugging Face GPT-2 directory); the command itself is run as written.
-The sample line that training prints at its end is run too, exactly as printed.
+A command is a line of a ```bash block, a whole ```python block, or an inline code span that
+runs something with arguments (`pip install ...`, `python -m gptjax.train --config ...`).
+Each is in exactly one of three tables:
 
-A README command that no runner below knows fails the test: add a runner when you add one.
+- RUN: run by this file, in document order, in one scratch directory (with `configs/` and
+  `tools/` linked in), as a user following the README would, in a shell without this suite's
+  8 simulated devices; shortened where it would take long. The quick start trains a few steps
+  and then runs the sample line it printed; other training commands run with `--dry_run`
+  (config file, overrides, mesh and devices resolved, nothing trained: the quick start runs the
+  training loop); the tools run on their smoke-test shapes.
+- COVERED: a test elsewhere in tests/ that runs the same code path ("tests/FILE.py::test_name");
+  the name must be a `def test_...` in that file.
+- NOT_RUN: what needs downloads, installs or cloud hardware, by pattern, with the reason and
+  the tests that cover its parts; what can be checked of it here is checked (the pip extras
+  exist, the downloaded files are the ones gptjax reads).
+
+A command in no table, or in two, fails the test, so a new README or docs command cannot go
+untested; so does a table entry for a command that no document has any more. Every training
+or AOT command, whichever table it is in, must name config files that exist and config fields
+that take its values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -25,25 +38,58 @@ import pytest
 from conftest import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+
+# The two commands a newcomer needs, exactly as the README's quick start gives them.
+QUICK_START = "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python -m gptjax.train"
+TEST_SUITE = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && python -m pytest'
 INSTALL = re.compile(r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install -e (\S+) && (.+)$")
-# A short run of any training command: later overrides win over the command's own.
+
+# A short run of the quick start's training: later overrides win over the command's own.
 FAST_TRAIN = (
     " --config.train.steps=4 --config.train.eval_every=2 --config.train.eval_batches=1"
     " --config.train.checkpoint_every=2 --config.train.log_every=1 --config.optim.warmup_steps=0"
-    " --config.train.batch_size=8"
+    " --config.train.batch_size=8 --config.tokenizer.max_chars=1000000"
 )
-TINY_CORPUS = "files:corpus.txt"
 
 
-def readme_commands(text: str) -> list[str]:
-    """Commands of the ```bash blocks, in order; a trailing backslash continues a line."""
-    commands = []
-    for block in re.findall(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, flags=re.S | re.M):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = " ".join(line.split())
-            if line and not line.startswith("#"):
-                commands.append(line)
-    return commands
+# -- the commands of the documents -------------------------------------------------------------
+
+FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", flags=re.S | re.M)
+# An inline span that runs something with arguments; a bare `python -m gptjax.train` is a name.
+INLINE = re.compile(r"`((?:pip install|hf download|gcloud|tensorboard) [^`]+"
+                    r"|(?:[A-Z_]+=\S+ )*python3? (?:-m \S+|\S+\.py) -[^`]*)`")
+
+
+def doc_commands(text: str) -> list[str]:
+    """The commands of a Markdown text, in order: ```bash lines (a trailing backslash continues a
+    line; comments skipped), ```python blocks (one command each, lines with whitespace collapsed)
+    and inline command spans outside the blocks."""
+    found: list[tuple[int, str]] = []
+    for block in FENCE.finditer(text):
+        lang, body = block.group(1), block.group(2)
+        if lang == "bash":
+            for line in body.replace("\\\n", " ").splitlines():
+                line = " ".join(line.split())
+                if line and not line.startswith("#"):
+                    found.append((block.start(), line))
+        elif lang == "python":
+            found.append((block.start(), "\n".join(" ".join(l.split()) for l in body.splitlines() if l.strip())))
+    outside = FENCE.sub(lambda m: " " * len(m.group(0)), text)
+    found += [(m.start(), " ".join(m.group(1).split())) for m in INLINE.finditer(outside)]
+    return [command for _, command in sorted(found, key=lambda f: f[0])]
+
+
+def all_commands() -> list[tuple[str, str]]:
+    """(document, command) for README.md and then docs/*.md."""
+    out = []
+    for doc in DOCS:
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            out += [(doc, c) for c in doc_commands(f.read())]
+    return out
+
+
+# -- running commands --------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -67,158 +113,190 @@ def ok(r: Result, what: str) -> Result:
     return r
 
 
-def write_corpus(cwd: str) -> None:
-    path = os.path.join(cwd, "corpus.txt")
-    if not os.path.exists(path):
-        with open(path, "w") as f:
-            words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
-            for i in range(400):
-                line = " ".join(words[(i * j) % len(words)] for j in range(1, 12))
-                f.write(f"def {words[i % len(words)]}_{i}(x):\n    return x * {i} + {i % 7}  # {line}\n\n")
+class Scratch:
+    """The scratch directory the RUN commands share, and what the quick start left there."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._printed_sample_line: str | None = None
+        self.done: set[str] = set()
+
+    def quick_start(self) -> str:
+        """Train the default run a few steps, run the sample line it printed, return that line."""
+        if self._printed_sample_line is None:
+            r = ok(shell("python -m gptjax.train" + FAST_TRAIN, self.path), "python -m gptjax.train")
+            assert os.path.isfile(os.path.join(self.path, "runs", "default", "config.json"))
+            printed = [line for line in r.out.splitlines() if line.startswith("sample:")]
+            assert len(printed) == 1, r.out
+            line = printed[0][len("sample:"):].strip()
+            s = ok(shell(line, self.path), f"the printed line {line!r}")
+            assert len(s.out.strip()) > len("def "), s.out
+            assert "tokens/s" in s.err
+            self._printed_sample_line = line
+        return self._printed_sample_line
 
 
-# -- runners: each gets (command, scratch dir) and runs it, checking what it should write --------
+def _check_extra(extra: str) -> None:
+    """`.` or `".[name]"`: the extra must be in pyproject.toml."""
+    if extra == ".":
+        return
+    name = re.fullmatch(r'"\.\[(\w+)\]"', extra)
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pyproject = f.read()
+    assert name and re.search(rf"^{name.group(1)} = \[", pyproject, re.M), f"no extra {extra} in pyproject.toml"
 
 
-def run_install_line(command: str, cwd: str) -> None:
-    """The two quick-start lines: the install prefix is checked, the command after it is run."""
-    m = INSTALL.match(command)
-    assert m, command
-    extra, rest = m.groups()
-    pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
-    if extra != ".":
-        name = re.fullmatch(r'"\.\[(\w+)\]"', extra)
-        assert name and re.search(rf"^{name.group(1)} = \[", pyproject, re.M), f"no extra {extra} in pyproject.toml"
+def run_install_line(command: str, scratch: Scratch) -> None:
+    """The two quick-start lines: the install's extra is checked, the command after it is run
+    (training at a tiny size, then the sample line it prints; the suite: collected)."""
+    extra, rest = INSTALL.match(command).groups()
+    _check_extra(extra)
     if rest == "python -m pytest":
         r = ok(shell("python -m pytest --collect-only", ROOT), rest)
         counts = re.findall(r"^tests/\S+\.py: (\d+)$", r.out, re.M) or re.findall(r"(\d+) tests? collected", r.out)
         assert counts and sum(map(int, counts)) > 100, r.out[-500:]
         return
     assert rest == "python -m gptjax.train", rest
-    r = ok(shell(rest + FAST_TRAIN + " --config.tokenizer.max_chars=1000000", cwd), rest)
-    assert os.path.isfile(os.path.join(cwd, "runs", "default", "config.json"))
-    printed = [line for line in r.out.splitlines() if line.startswith("sample:")]
-    assert len(printed) == 1, r.out
-    sample_line = printed[0][len("sample:"):].strip()
-    s = ok(shell(sample_line, cwd), f"the printed line {sample_line!r}")
-    assert len(s.out.strip()) > len("def "), s.out
-    assert "tokens/s" in s.err
+    scratch.quick_start()
 
 
-def run_train(command: str, cwd: str) -> None:
-    """A training command: shortened; TFDS and Hugging Face inputs replaced by local files."""
-    args = shlex.split(command)
-    extra = FAST_TRAIN
-    config = args[args.index("--config") + 1] if "--config" in args else ""
-    if "tfds:" in _config_source(config) and "--config.data.source" not in command:
-        write_corpus(cwd)
-        extra += f" --config.data.source={TINY_CORPUS} --config.tokenizer.vocab_size=300"
-    if "my_news.jsonl" in command:
-        _write_news(cwd)
+def run_printed_sample_line(command: str, scratch: Scratch) -> None:
+    """The sample line the quick start prints: the README gives it as printed, and it was run."""
+    assert scratch.quick_start() == command, "the README's sample line is not what training prints"
+
+
+def run_dry(command: str, scratch: Scratch) -> None:
+    """A training command with --dry_run (appended if it has none): it resolves and prints the
+    run, writes nothing. Local stand-ins for the files it names (a tiny GPT-2 directory, news)."""
     if "hf:gpt2" in command:
-        _hf_dir(os.path.join(cwd, "gpt2"))
-    else:
-        extra += " --config.model.n_layer=1"  # compiles in a fraction of the time (an import fixes its own depth)
-    dry = "--dry_run" in args
-    before = set(_walk(cwd))
-    r = ok(shell(command + ("" if dry else extra), cwd), command)
-    if dry:
-        assert "lr" in r.out and len(r.out.splitlines()) > 3, r.out
-        created = sorted(p for p in set(_walk(cwd)) - before if p.startswith("runs"))
-        assert not created, f"--dry_run wrote {created}"
-        return
-    workdir = args[args.index("--workdir") + 1] if "--workdir" in args else _default_workdir(config)
-    assert os.path.isdir(os.path.join(cwd, workdir, "checkpoints")), f"{command} wrote no checkpoint in {workdir}"
-    assert "sample:" in r.out
+        _hf_dir(os.path.join(scratch.path, "gpt2"))
+    if "my_news.jsonl" in command:
+        _write_news(scratch.path)
+    if "--dry_run" not in shlex.split(command):
+        command += " --dry_run"
+    before = set(_walk(scratch.path))
+    r = ok(shell(command, scratch.path), command)
+    assert "lr" in r.out and len(r.out.splitlines()) > 3, r.out
+    created = sorted(p for p in set(_walk(scratch.path)) - before if p.startswith("runs"))
+    assert not created, f"--dry_run wrote {created}"
 
 
-def run_sample(command: str, cwd: str) -> None:
-    if "--prompt_file prompt.txt" in command:
-        with open(os.path.join(cwd, "prompt.txt"), "w") as f:
-            f.write("def main():\n")
-    r = ok(shell(command, cwd), command)
-    assert "tokens/s" in r.err
-    args = shlex.split(command)
-    n = int(args[args.index("--num_samples") + 1]) if "--num_samples" in args else 1
-    if n > 1:
-        assert r.out.count("sample ") >= n, r.out
-
-
-def run_hf_download(command: str, cwd: str) -> None:
-    """No network here: build the files it downloads (a tiny random GPT-2) where it puts them."""
-    args = shlex.split(command)
-    target = os.path.join(cwd, args[args.index("--local-dir") + 1])
-    _hf_dir(target)
-    names = set(args[3 : args.index("--local-dir")])
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names, f"gptjax reads these files; got {names}"
-
-
-def run_convert(command: str, cwd: str) -> None:
-    args = shlex.split(command)
-    if "--hf_dir" in args:
-        _hf_dir(os.path.join(cwd, args[args.index("--hf_dir") + 1]))
-    ok(shell(command, cwd), command)
-    out = os.path.join(cwd, args[args.index("--out") + 1])
-    expected = "model.safetensors" if args[2] == "export" else "config.json"
-    assert os.path.isfile(os.path.join(out, expected)), f"{command} wrote no {expected}"
-
-
-def run_bench_train(command: str, cwd: str) -> None:
-    """The benchmark's flags as written, on its smoke-test shape (--quick), without the references
-    (--paired, which times them in its own process: with them, for two rounds)."""
-    if "--paired" in command:
-        command = re.sub(r"--paired \d+", "--paired 2", command)
-        r = ok(shell(command + " --quick", ROOT), command)
-    else:
-        r = ok(shell(command + " --quick --no_torch", ROOT), command)
-    expected = ("guard cost" if "--guard_ab" in command else "initial weights" if "--check" in command
-                else "vs nanoGPT tokens/s (range" if "--paired" in command else "| gptjax")
-    assert expected in r.out, r.out[-2000:]
-
-
-def run_bench_sample(command: str, cwd: str) -> None:
+def run_bench_sample(command: str, scratch: Scratch) -> None:
+    """The sampling benchmark on the default shape, batch 1, once, without transformers."""
     shortened = re.sub(r"--shapes \S+", "--shapes default", command)
-    shortened = re.sub(r"--batches \S+", "--batches 1", shortened)
-    r = ok(shell(shortened + " --repeats 1 --no_hf", ROOT), shortened)
-    assert "default" in r.out, r.out[-2000:]
+    shortened = re.sub(r"--batches \S+", "--batches 1", shortened) + " --repeats 1 --no_hf"
+    if shortened not in scratch.done:  # the commands of docs/benchmarks.md shorten to the same run
+        r = ok(shell(shortened, ROOT), shortened)
+        assert re.search(r"^default +1 +16 +64 \|", r.out, re.M), r.out[-2000:]  # shape, batch, prompt, new tokens
+        scratch.done.add(shortened)
 
 
-def run_compare_trainer(command: str, cwd: str) -> None:
-    """The comparison as written, on few steps and examples."""
-    r = ok(shell(command + " --steps 4 --examples 200 --batch_size 4 --seq_len 64 --eval_every 2 --first 4 --warmup 1", ROOT), command)
-    assert "max relative difference" in r.out, r.out[-2000:]
+def run_guard_ab(command: str, scratch: Scratch) -> None:
+    """The divergence guard's A/B on the benchmark's smoke-test shape."""
+    r = ok(shell(command + " --quick", ROOT), command)
+    assert "guard cost" in r.out, r.out[-2000:]
 
 
-def run_aot(command: str, cwd: str) -> None:
-    """The fit check as written, on a small GPT-2 shape so that it compiles in seconds."""
-    import importlib.util
+# -- the tables ---------------------------------------------------------------------------------
 
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip('needs libtpu (pip install -e ".[tpu]", part of the test extra)')
-    small = (" --config.model.n_layer=2 --config.model.n_embd=128 --config.model.n_head=2 --config.model.block_size=128"
-             " --config.train.seq_len=128 --config.train.batch_size=64 --config.train.grad_accum=1 --config.tokenizer.vocab_size=1024")
-    r = ok(shell(command + small, cwd), command)
-    assert "fits" in r.out and "HBM" in r.out, r.out[-2000:]
+RUN: dict[str, Callable[[str, Scratch], None]] = {
+    QUICK_START: run_install_line,
+    TEST_SUITE: run_install_line,
+    'python -m gptjax.sample --workdir runs/default --prompt "def " --max_new_tokens 500': run_printed_sample_line,
+    "python -m gptjax.train --config configs/tiny_shakespeare.py --config.train.steps=500": run_dry,
+    "python -m gptjax.train --config configs/gpt2_124m.py --dry_run --config.optim.lr=3e-4": run_dry,
+    "python -m gptjax.train --workdir runs/decay --dry_run --config.optim.layer_decay=0.8": run_dry,
+    "python -m gptjax.train --config configs/gpt2_finetune_news.py --config.init_from=hf:gpt2"
+    " --config.data.source=files:my_news.jsonl --dry_run": run_dry,
+    "XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.train --workdir runs/mesh"
+    " --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2": run_dry,
+    "python tools/bench_sample.py --shapes default,124m --batches 1,8": run_bench_sample,
+    "python tools/bench_sample.py --shapes 124m --batches 1,8": run_bench_sample,
+    "python tools/bench_train.py --shapes default --guard_ab": run_guard_ab,
+}
+
+_SAMPLE_CLI = "tests/test_sample_cli.py::test_cli_prints_samples_and_speed"
+_NEWS = "tests/test_finetune.py::test_news_recipe_end_to_end"
+_CONVERT = "tests/test_hf.py::test_cli_import_then_export"
+_BENCH_TABLE = "tests/test_bench_tools.py::test_bench_quick_prints_the_table"
+_AOT_CLI = "tests/test_aot.py::test_oversized_batch_is_reported_with_the_micro_batch_that_fits"
+_SPLASH = "tests/test_kernels.py::test_splash_train_step_compiles_for_v5e_2x2_with_the_kernel"
+
+COVERED: dict[str, str] = {
+    # README.md
+    'python -m gptjax.sample --workdir runs/default --prompt "def " --num_samples 3 --max_new_tokens 200'
+    " --temperature 0.8 --top_k 50 --top_p 0.95 --seed 0": _SAMPLE_CLI,
+    "python -m gptjax.sample --workdir runs/default --prompt_file prompt.txt --temperature 0": _SAMPLE_CLI,
+    'import gptjax\nmodel = gptjax.load("runs/default") # a workdir or a checkpoint directory\n'
+    'model.generate(["def ", "import "], max_new_tokens=100, temperature=0.8, top_k=50, top_p=0.95, seed=0)':
+        "tests/test_sample_cli.py::test_load_workdir_and_checkpoint_generate",
+    "python -m gptjax.train --config configs/gpt2_finetune_news.py --config.init_from=hf:gpt2"
+    " --config.data.source=files:my_news.jsonl": _NEWS,
+    'python -m gptjax.sample --workdir runs/gpt2_finetune_news --prompt "The central bank said" --num_samples 3'
+    " --max_new_tokens 100 --temperature 0.8 --top_k 50 --top_p 0.95": _NEWS,
+    "python tools/convert_hf.py export --workdir runs/gpt2_finetune_news --out news-gpt2": _CONVERT,
+    "python tools/convert_hf.py import --hf_dir gpt2 --out runs/gpt2": _CONVERT,
+    "python -m gptjax.aot --config configs/gpt2_124m.py --topology v5e:4x4 --config.train.grad_accum=4":
+        "tests/test_aot.py::test_124m_on_v5e_2x2_train_holds_12_bytes_per_parameter_per_fsdp_chip_and_eval_no_logits",
+    # docs/benchmarks.md
+    "python tools/bench_train.py --shapes nanogpt --check 5":
+        "tests/test_bench_tools.py::test_the_nanogpt_reference_computes_what_gptjax_computes",
+    "python tools/bench_train.py --shapes nanogpt,default": _BENCH_TABLE,
+    "python tools/bench_train.py --shapes nanogpt,default --paired 30 --steps 20":
+        "tests/test_bench_tools.py::test_paired_prints_each_references_ratio_from_one_process",
+    "python tools/bench_train.py --shapes gpt2_124m --devices 1": _BENCH_TABLE,
+    "python tools/bench_train.py --shapes gpt2_124m --steps 5 --warmup 2 --remat": _BENCH_TABLE,
+    "python tools/bench_train.py --shapes gpt2_124m --steps 5 --warmup 2 --dtype bfloat16": _BENCH_TABLE,
+    "python tools/bench_train.py --shapes gpt2_124m --steps 5 --warmup 2 --dtype bfloat16 --remat": _BENCH_TABLE,
+    "python tools/bench_train.py --shapes nanogpt,default --option_ab xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
+    " --steps 12 --warmup 3": "tests/test_bench_tools.py::test_option_ab_times_the_step_with_and_without_an_xla_option",
+    'python -m gptjax.sample --workdir runs/default --prompt "def " --max_new_tokens 100':
+        "tests/test_sample_cli.py::test_a_second_cli_run_loads_the_sampler_without_compiling",
+    "python tools/compare_trainer.py": "tests/test_sft.py::test_same_completion_losses_as_transformers_trainer",
+    # docs/reliability.md
+    "python tools/fault_inject.py --trials 20":
+        "tests/test_fault_inject.py::test_killed_runs_end_with_bitwise_identical_checkpoints",
+    # docs/tpu.md
+    "python -m gptjax.aot --config configs/gpt2_124m.py --topology v5e:2x2": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_medium.py --topology v5e:1x1": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_medium.py --topology v5e:2x2": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_large.py --topology v5e:1x1": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_large.py --topology v5e:2x2": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_xl.py --topology v5e:2x2 --programs train": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_xl.py --topology v5e:2x4 --programs train": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_xl.py --topology v5e:4x8 --programs train --no_search --layer_costs":
+        "tests/test_aot.py::test_layer_costs_give_a_scanned_step_the_unrolled_steps_flops_and_bytes",
+    "python -m gptjax.aot --config configs/gpt2_medium.py --topology v5e:4x8 --programs train"
+    " --config.model.attention=splash": _SPLASH,
+    "python -m gptjax.aot --config configs/gpt2_xl.py --topology v5e:4x8 --programs train --no_search --layer_costs"
+    " --config.model.attention=splash": _SPLASH,
+}
 
 
-RUNNERS: list[tuple[str, Callable[[str, str], None]]] = [
-    (r"^python3 -m venv ", run_install_line),
-    (r"^(XLA_FLAGS=\S+ )?python -m gptjax\.train( |$)", run_train),
-    (r"^python -m gptjax\.sample ", run_sample),
-    (r"^hf download ", run_hf_download),
-    (r"^python tools/convert_hf\.py (import|export) ", run_convert),
-    (r"^python -m gptjax\.aot ", run_aot),
-    (r"^python tools/bench_train\.py ", run_bench_train),
-    (r"^python tools/bench_sample\.py ", run_bench_sample),
-    (r"^python tools/compare_trainer\.py( |$)", run_compare_trainer),
+@dataclasses.dataclass(frozen=True)
+class NotRun:
+    pattern: str
+    reason: str
+    parts_tested_by: tuple[str, ...] = ()
+
+
+NOT_RUN = [
+    NotRun(r"^pip install ", "installs packages: the suite runs in the installed environment; an extra it names "
+           "must be in pyproject.toml (test_the_commands_not_run_name_what_exists)"),
+    NotRun(r"^hf download ", "downloads from the Hugging Face Hub, and tests have no network; they build a tiny "
+           "GPT-2 directory with the same files (tests/hf_fixtures.py), the files named are the ones gptjax reads",
+           (_NEWS, _CONVERT)),
+    NotRun(r"^(gcloud compute tpus |tensorboard --logdir gs://)", "needs a Google Cloud project and a TPU VM; "
+           "a run in a bucket (against a local storage emulator) and hosts joined by jax.distributed are tested",
+           ("tests/test_gcs.py::test_a_run_in_a_bucket_trains_resumes_and_samples",
+            "tests/test_multihost.py::test_two_hosts_train_as_one_and_their_checkpoint_resumes_anywhere")),
 ]
 
 
-def runner_for(command: str) -> Callable[[str, str], None]:
-    found = [run for pattern, run in RUNNERS if re.match(pattern, command)]
-    if len(found) != 1:
-        raise AssertionError(f"README command without a runner in tests/test_readme.py: {command!r}")
-    return found[0]
+def tables_of(command: str) -> list[str]:
+    """The tables a command is in."""
+    return ([name for name, table in (("RUN", RUN), ("COVERED", COVERED)) if command in table]
+            + [f"NOT_RUN {n.pattern}" for n in NOT_RUN if re.search(n.pattern, command)])
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -230,20 +308,6 @@ def _walk(root: str) -> list[str]:
         dirs[:] = [x for x in dirs if x not in ("configs", "tools")]
         out += [os.path.relpath(os.path.join(d, f), root) for f in files]
     return out
-
-
-def _config_source(config: str) -> str:
-    if not config:
-        return "stdlib"
-    from gptjax.config import load_config
-
-    return load_config(os.path.join(ROOT, config)).data.source
-
-
-def _default_workdir(config: str) -> str:
-    from gptjax.layout import default_workdir
-
-    return default_workdir(config or None)
 
 
 def _write_news(cwd: str) -> None:
@@ -263,32 +327,105 @@ def _hf_dir(path: str) -> None:
     build_hf_dir(path, n_positions=256)  # the fine-tuning recipe trains on 256-token windows
 
 
+def _test_exists(ref: str) -> bool:
+    path, _, name = ref.partition("::")
+    full = os.path.join(ROOT, path)
+    if not (path.startswith("tests/") and name.startswith("test_") and os.path.isfile(full)):
+        return False
+    with open(full, encoding="utf-8") as f:
+        return re.search(rf"^\s*def {re.escape(name)}\(", f.read(), re.M) is not None
+
+
 # -- the tests -----------------------------------------------------------------------------------
 
-COMMANDS = readme_commands(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read())
+COMMANDS = all_commands()
+RUN_COMMANDS = [c for _, c in COMMANDS if c in RUN]
+
+
+def test_the_readme_starts_with_the_two_newcomer_commands():
+    readme = [c for doc, c in COMMANDS if doc == "README.md"]
+    assert readme[:2] == [QUICK_START, TEST_SUITE]
+    assert RUN[QUICK_START] is run_install_line and RUN[TEST_SUITE] is run_install_line
+
+
+def test_every_command_is_run_covered_or_excused():
+    problems = []
+    for doc, command in COMMANDS:
+        tables = tables_of(command)
+        if len(tables) != 1:
+            problems.append(f"{doc}: {command!r} is in {tables or 'no table'}: add it to one of RUN, COVERED, NOT_RUN")
+    documented = {c for _, c in COMMANDS}
+    for command in [*RUN, *COVERED]:
+        if command not in documented:
+            problems.append(f"{command!r} is in a table of tests/test_readme.py but in no document")
+    for n in NOT_RUN:
+        if not any(re.search(n.pattern, c) for c in documented):
+            problems.append(f"NOT_RUN {n.pattern!r} matches no documented command")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_tests_named_exist():
+    named = [*COVERED.values(), *(t for n in NOT_RUN for t in n.parts_tested_by)]
+    missing = sorted({t for t in named if not _test_exists(t)})
+    assert not missing, f"no such test: {missing}"
+
+
+def test_commands_name_real_configs_and_fields():
+    """Every `python -m gptjax.train|aot` command, run here or not (also those run on a TPU VM by
+    gcloud): its config file exists and its --config.* overrides name fields that take the
+    values (cheap: no run)."""
+    from gptjax import config as config_lib
+
+    commands = []
+    for _, command in COMMANDS:
+        if "\n" in command:
+            continue  # a python block
+        args = shlex.split(command)
+        inner = [a[len("--command="):] for a in args if a.startswith("--command=")]  # a command run on a TPU VM
+        commands += [part.strip() for part in inner[0].split("&&")] if inner else [command]
+    checked = 0
+    for command in commands:
+        args = shlex.split(command)
+        while args and re.match(r"^[A-Z_]+=", args[0]):
+            args = args[1:]
+        if args[:3] not in (["python", "-m", "gptjax.train"], ["python", "-m", "gptjax.aot"]):
+            continue
+        config_path = args[args.index("--config") + 1] if "--config" in args else None
+        if config_path:
+            assert os.path.isfile(os.path.join(ROOT, config_path)), f"{command}: no {config_path}"
+        overrides = [a for a in args if a.startswith("--config.")]
+        config = config_lib.load_config(os.path.join(ROOT, config_path) if config_path else None)
+        config_lib.apply_overrides(config, config_lib.parse_overrides(overrides))
+        checked += 1
+    assert checked >= 10
+
+
+def test_the_commands_not_run_name_what_exists():
+    for _, command in COMMANDS:
+        if re.match(r"^pip install -e ", command):
+            _check_extra(command.split()[3])
+        if command.startswith("hf download "):
+            args = shlex.split(command)
+            names = set(args[3:args.index("--local-dir")])
+            assert {"config.json", "model.safetensors", "tokenizer.json"} <= names, f"gptjax reads these; got {names}"
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory) -> str:
+def scratch(tmp_path_factory) -> Scratch:
     cwd = str(tmp_path_factory.mktemp("readme"))
     for name in ("configs", "tools"):
         os.symlink(os.path.join(ROOT, name), os.path.join(cwd, name))
-    return cwd
+    return Scratch(cwd)
 
 
-def test_the_readme_has_the_commands_a_user_needs():
-    assert len(COMMANDS) >= 10
-    assert COMMANDS[0].endswith("python -m gptjax.train") and COMMANDS[1].endswith("python -m pytest")
-    for command in COMMANDS:
-        runner_for(command)
+@pytest.mark.parametrize("command", RUN_COMMANDS, ids=[f"{i:02d}" for i in range(len(RUN_COMMANDS))])
+def test_command_runs(command, scratch):
+    RUN[command](command, scratch)
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[f"{i:02d}" for i in range(len(COMMANDS))])
-def test_readme_command_runs(command, scratch):
-    runner_for(command)(command, scratch)
-
-
-def test_an_unknown_command_has_no_runner():
-    with pytest.raises(AssertionError, match="without a runner"):
-        runner_for("python -m gptjax.serve --port 80")
-    assert readme_commands("```bash\npython -m gptjax.train \\\n  --dry_run\n# note\n```\n") == ["python -m gptjax.train --dry_run"]
+def test_a_command_in_no_table_is_found():
+    text = ("Run `pip install -e .` or `python -m gptjax.train` (a name).\n```bash\npython -m gptjax.serve \\\n"
+            "  --port 80\n# note\n```\n```python\nimport gptjax\nx  =  1\n```\n```text\npython -m no\n```\n")
+    assert doc_commands(text) == ["pip install -e .", "python -m gptjax.serve --port 80", "import gptjax\nx = 1"]
+    assert tables_of("python -m gptjax.serve --port 80") == []
+    assert tables_of(QUICK_START) == ["RUN"] and tables_of("pip install -e .") == ["NOT_RUN ^pip install "]
