@@ -45,7 +45,6 @@ from gptjax.step import TrainState
 def run(
     config: config_lib.ConfigDict | config_lib.Sections,
     workdir: str,
-    dry_run: bool = False,
     devices: list[jax.Device] | None = None,
     stop_at: int | None = None,
 ) -> dict[str, float]:
@@ -60,18 +59,23 @@ def run(
     r = resolve(config, workdir, devices)
     if r.devices_note:
         log(r.devices_note)
-    if dry_run:
-        print(optim_lib.format_param_table(r.trainer.abstract_params, r.optimizer))
-        if r.resuming:
-            _report_resume_point(r)
-        return {}
-    assert r.run_dir is not None
     with StopRequested() as stop:
         try:
             return _train(r, workdir, stop, stop_at)
         except StopBeforeTraining as e:
             log(f"stopped by {e} before training started; nothing to save. Run the same command again to continue.")
             return {}
+
+
+def dry_run(config: config_lib.ConfigDict | config_lib.Sections, workdir: str) -> None:
+    """Print how each parameter would be optimized (labels, learning rates, the schedule) and,
+    for a workdir with checkpoints, the one a run would resume from; write nothing."""
+    r = resolve(config, workdir)
+    if r.devices_note:
+        log(r.devices_note)
+    print(optim_lib.format_param_table(r.trainer.abstract_params, r.optimizer))
+    if r.resuming:
+        _report_resume_point(r)
 
 
 def _train(r: Run, workdir: str, stop: StopRequested, stop_at: int | None) -> dict[str, float]:
@@ -168,12 +172,14 @@ def main(argv: list[str] | None = None) -> None:
         sections = config_lib.sections(config)
         sharding.arrange_cpu_devices(sections.mesh)  # before anything starts JAX's backends
         workdir = args.workdir or layout.default_workdir(args.config)
+        if args.dry_run:
+            return dry_run(sections, workdir)
         try:
-            final = run(sections, workdir, dry_run=args.dry_run)
+            final = run(sections, workdir)
         except RunFailed as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
-        if args.dry_run or jax.process_index() != 0 or "step" not in final:
+        if jax.process_index() != 0 or "step" not in final:
             return
         summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss", "val_ppl") if k in final)
         print(f"done: step {final.get('step')}; {summary}")
