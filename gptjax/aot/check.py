@@ -2,8 +2,8 @@
 
 The run is resolved once, on the slice's compile-only devices and without a workdir; every
 other program compiled (the train step at a smaller micro-batch, the eval step at the one that
-fits, shallow unrolled steps for `--layer_costs`) comes from it by `Run.derive`. Progress goes
-to stderr, a line per compile.
+fits, shallow unrolled steps for `--layer_costs`) comes from it by `Run.derive`. Progress
+lines go to stderr; the table (`gptjax.aot.report`) to stdout.
 """
 
 from __future__ import annotations
