@@ -14,6 +14,8 @@ import pytest
 
 from gptjax import aot
 from gptjax import config as config_lib
+from gptjax.aot import topology as topology_lib
+from gptjax.aot.report import outcome
 from gptjax.chips import TPUS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +38,7 @@ def test_unknown_topology_is_one_line_exit_2(capsys):
 
 
 def test_missing_libtpu_is_one_line_exit_2(capsys, monkeypatch):
-    monkeypatch.setattr(aot, "libtpu_installed", lambda: False)
+    monkeypatch.setattr(topology_lib, "libtpu_installed", lambda: False)
     with pytest.raises(SystemExit) as e:
         aot.main(["--topology", "v5e:2x2"])
     assert e.value.code == 2
@@ -93,7 +95,7 @@ def test_a_program_over_the_chips_hbm_does_not_fit_though_the_compiler_accepted_
     over = aot.Compiled("train", 0.0, argument=5 << 30, temp=14 << 30, hbm=chip.hbm_bytes)
     within = aot.Compiled("train", 0.0, argument=5 << 30, temp=10 << 30, hbm=chip.hbm_bytes)
     assert not over.refused and not over.fits and within.fits
-    assert aot._outcome(over).startswith("does not fit: needs 19.00 GiB of 16.00 GiB")
+    assert outcome(over).startswith("does not fit: needs 19.00 GiB of 16.00 GiB")
     columns = [aot.Column(t, c, "", 4096, 2e12, None) for t, c in (("over", over), ("within", within))]
     report = aot.Report("x", "v5e:2x2", chip, 4, {"fsdp": 4}, 1, 1, 64, 1, 64, columns, over.fits, None)
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in aot.format_report(report).splitlines())}
