@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -38,6 +37,7 @@ from gptjax import storage
 from gptjax.config import to_json
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
+from gptjax.runtime import log
 
 ITEMS = ("params", "opt_state", "data")
 
@@ -128,7 +128,7 @@ def newest_readable(
             unreadable.append(step)
             moved = f"; moved to {set_aside(step)}" if set_aside else ""
             nxt = f"trying checkpoint {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint to use"
-            _note(f"checkpoint {step} in {where} is unreadable ({describe_error(e)}){moved}; {nxt}")
+            log(f"checkpoint {step} in {where} is unreadable ({describe_error(e)}){moved}; {nxt}")
     if unreadable:
         raise UserError(f"no checkpoint in {where} can be read (tried steps {', '.join(map(str, unreadable))})")
     return None
@@ -153,11 +153,6 @@ def describe_error(e: BaseException, limit: int = 160) -> str:
     text = " ".join(str(e).split())
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _note(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def save_config(run_dir: RunDir, config: Any) -> None:

@@ -1,11 +1,14 @@
 """The training loop: the steps from a train state to the end of the run, a stop request or
-`stop_at`, and its small parts, each with one job:
+`stop_at`. After a step, the actions that are due run in order, each one small piece:
 
-    Cadence      which of log / evaluate / save a finished step is due for
-    Throughput   tokens/s and MFU over the steps since the last log line
-    BadSteps     the non-finite guard's skipped steps, in total and in a row
-    Saves        checkpoints: refused for a non-finite state or a full disk; the last good one
-    StepProgress what a person watching sees (a bar on a terminal, lines in a log)
+    LogMetrics   loss, tokens/s and MFU to the metrics and the progress display
+    Evaluate     validation loss per source
+    Save         a checkpoint (also when the run stops early)
+
+and beside them: `Cadence` (which steps log, evaluate, save), `Throughput` (tokens/s and MFU),
+`BadSteps` (the non-finite guard's count), `Saves` (checkpoints refused for a non-finite state
+or a full disk; the last good one), `StepProgress` (a bar on a terminal, lines in a log). A new
+periodic action (a benchmark during training, say) is one more class with `due` and `__call__`.
 
 The device runs ahead of the host: a step's skip flag is read one step late, and metrics are
 fetched only at log steps.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -46,11 +49,12 @@ def train_loop(
     t, start = r.train, int(state.step)
     cadence = Cadence(t)
     rate = Throughput(t.batch_size * t.seq_len, r.model.flops_per_token(t.seq_len), peak_flops(t.peak_tflops, r.mesh))
-    eval_data = r.dataset.eval_batches(t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count())
     log(_model_line(r, rate.tokens_per_step))
     bad = BadSteps(t.max_bad_steps, skipped_total)
     saves = Saves(checkpointer, r.trainer, start)
     progress = StepProgress(t.steps, start, rate.tokens_per_step)
+    sink = Sink(writer, progress, r.run_dir.metrics)
+    actions: list[Action] = [LogMetrics(cadence, rate, bad, sink), Evaluate(cadence, r, sink, rate), Save(cadence, saves, bad)]
     final: dict[str, float] = {}
     pending: tuple[int, dict[str, jax.Array]] | None = None  # a step whose skip flag is unread
     stop.arm()
@@ -61,26 +65,14 @@ def train_loop(
             bad.check(*pending, saves.last_good())
         pending = (done, metrics)
         rate.count()
-        is_log, is_eval, is_save = cadence.log(done), cadence.evaluate(done), cadence.save(done)
-        stopping = _stopping(done, stop_at, is_log, stop)
-        if is_log or is_eval or is_save or stopping:
+        stopping = _stopping(done, stop_at, cadence.log(done), stop)
+        due = [a for a in actions if a.due(done, stopping)]
+        if due:
             bad.check(*pending, saves.last_good())
             pending = None
-        if is_log:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            m.update(skipped_total=float(bad.total), **rate.take())
-            _write(writer, r, done, m)
-            progress.logged(done, m)
-            final.update(m)
+        for action in due:
+            final.update(action(done, state, metrics))
         progress.update()
-        if is_eval:
-            ev = eval_metrics(*r.trainer.evaluate_sources(state.params, eval_data), r.dataset.sources)
-            _write(writer, r, done, ev)
-            final.update(ev)
-            progress.write(eval_line(done, ev))
-            rate.restart()
-        if is_save or stopping:
-            saves.save(done, state, bad.total)
         if stopping:
             break
     progress.close()
@@ -110,11 +102,85 @@ def _stopping(done: int, stop_at: int | None, is_log: bool, stop: StopRequested)
     return stopping or (jax.process_count() == 1 and stop.requested)
 
 
-def _write(writer: MetricsWriter, r: Run, step: int, metrics: dict[str, float]) -> None:
-    try:
-        writer.write(step, metrics)
-    except OSError as e:
-        raise io_failure("writing metrics", e, r.run_dir.metrics) from e
+class Action(Protocol):
+    """What the loop does after the steps it is due at, in the order of the loop's list."""
+
+    def due(self, done: int, stopping: bool) -> bool:
+        """Whether it runs after step `done` (`stopping`: the run stops after this step)."""
+
+    def __call__(self, done: int, state: TrainState, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        """Run after step `done`; the metrics it made, for the run's final summary."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sink:
+    """Where metrics go: the metrics files (a failed write is one line) and the display."""
+
+    writer: MetricsWriter
+    progress: "StepProgress"
+    path: str  # the metrics file, named in a failure
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        try:
+            self.writer.write(step, metrics)
+        except OSError as e:
+            raise io_failure("writing metrics", e, self.path) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class LogMetrics:
+    """The step's loss and gradient norm, the skipped steps so far, tokens/s and MFU."""
+
+    cadence: "Cadence"
+    rate: "Throughput"
+    bad: "BadSteps"
+    sink: Sink
+
+    def due(self, done: int, stopping: bool) -> bool:
+        return self.cadence.log(done)
+
+    def __call__(self, done: int, state: TrainState, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m.update(skipped_total=float(self.bad.total), **self.rate.take())
+        self.sink.write(done, m)
+        self.sink.progress.logged(done, m)
+        return m
+
+
+class Evaluate:
+    """Validation loss and perplexity per source, on the same held-out batches every time; the
+    time it takes is left out of tokens/s."""
+
+    def __init__(self, cadence: "Cadence", r: Run, sink: Sink, rate: "Throughput"):
+        t = r.train
+        self.cadence, self.trainer, self.sources, self.sink, self.rate = cadence, r.trainer, r.dataset.sources, sink, rate
+        self.batches = r.dataset.eval_batches(t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count())
+
+    def due(self, done: int, stopping: bool) -> bool:
+        return self.cadence.evaluate(done)
+
+    def __call__(self, done: int, state: TrainState, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        ev = eval_metrics(*self.trainer.evaluate_sources(state.params, self.batches), self.sources)
+        self.sink.write(done, ev)
+        self.sink.progress.write(eval_line(done, ev))
+        self.rate.restart()
+        return ev
+
+
+@dataclasses.dataclass(frozen=True)
+class Save:
+    """A checkpoint at the save steps and when the run stops early."""
+
+    cadence: "Cadence"
+    saves: "Saves"
+    bad: "BadSteps"
+
+    def due(self, done: int, stopping: bool) -> bool:
+        return stopping or self.cadence.save(done)
+
+    def __call__(self, done: int, state: TrainState, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        self.saves.save(done, state, self.bad.total)
+        return {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.errors import UserError
-from gptjax.schema import SCHEDULES, OptimConfig, parse
+from gptjax.schema import OptimConfig, parse
 
 FROZEN = "frozen"
 _REGEX_CHARS = set(".+()|\\^${}")

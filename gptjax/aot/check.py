@@ -9,7 +9,6 @@ lines go to stderr; the table (`gptjax.aot.report`) to stdout.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import TYPE_CHECKING, Sequence
 
 from gptjax import config as config_lib
@@ -21,16 +20,12 @@ from gptjax.aot.search import largest_fitting, micro_batches
 from gptjax.aot.topology import topology_devices
 from gptjax.chips import Chip
 from gptjax.errors import UserError
+from gptjax.runtime import log
 
 if TYPE_CHECKING:
     from gptjax.run import Run
 
 PROGRAMS = ("train", "eval", "prefill", "decode")
-
-
-def log(message: str) -> None:
-    """A progress line on stderr (stdout carries the table)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def check(
@@ -172,7 +167,7 @@ def unrolled_cost(run: Run, program: str, hbm: int) -> tuple[float, float] | Non
 def sampler_columns(run: Run, topology: str, chip: Chip, programs: Sequence[str], rows: int, prompt_len: int) -> list[Column]:
     """The prefill and decode-step columns (see `check`); the decode loop is compiled with the
     prefill's output shardings, so the prefill is compiled even when only decode is asked."""
-    from gptjax.sampling.decode import plan_lengths
+    from gptjax.sampling.plan import plan_lengths
 
     gpt, n = run.model, run.mesh.size
     slots = plan_lengths(prompt_len, gpt.block_size - prompt_len, gpt.block_size)[1]

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import sysconfig
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator
 
 from gptjax import storage
 from gptjax.errors import UserError
