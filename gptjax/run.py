@@ -98,7 +98,7 @@ class Run:
                 _, pretrained, given = _read_init_from(self.init_from, weights=True)
             tokenizer, dataset = given or self.tokenizer, None
             if data:
-                dataset = data_lib.prepare(self.data, self.sections.tokenizer, self.run_dir.root, tokenizer=given)
+                dataset = data_lib.prepare(self.data, self.sections.tokenizer, self.run_dir, tokenizer=given)
                 dataset.check(self.train.seq_len)
                 tokenizer = dataset.tokenizer
             if tokenizer is not None:

@@ -38,7 +38,7 @@ __all__ = ["DataConfig", "Dataset", "SourceSpec", "TokenStream", "parse_source",
            "token_dtype"]
 
 
-def prepare(data: DataConfig, tokenizer_config: TokenizerConfig, workdir: str, *, tokenizer: Tokenizer | None = None,
+def prepare(data: DataConfig, tokenizer_config: TokenizerConfig, workdir: str | RunDir, *, tokenizer: Tokenizer | None = None,
             process_index: int | None = None, process_count: int | None = None) -> Dataset:
     """Tokenizer and token streams for `data.source`, built once and cached under workdir.
 
@@ -47,13 +47,14 @@ def prepare(data: DataConfig, tokenizer_config: TokenizerConfig, workdir: str, *
     imported checkpoint) is used as is and saved there when none is.
     Of a pod's processes (default: jax.process_index() of jax.process_count()) only process 0
     trains, saves and tokenizes; the others wait for its results (see gptjax.data.hosts).
-    What is done is printed to stderr on process 0. `workdir` and data.cache_dir may be URLs.
+    What is done is printed to stderr on process 0. `workdir` (a path, or a run's `RunDir`) and
+    data.cache_dir may be URLs.
     """
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    run = RunDir(workdir) if storage.is_url(workdir) else RunDir.at(workdir)
+    run = workdir if isinstance(workdir, RunDir) else RunDir.at(workdir)
     hosts = Hosts(int(process_index), int(process_count), float(data.host_wait_s),
                   storage.join(run.data_cache, STATUS_FILE))
     with Beacon(hosts):
