@@ -35,7 +35,7 @@ def _config(source: str, **data_fields) -> ml_collections.ConfigDict:
 
 def typed_sections(config: ml_collections.ConfigDict) -> tuple[DataConfig, TokenizerConfig]:
     """The sections `data.prepare` takes, parsed from a test's small config."""
-    return parse(DataConfig, config.data, "data"), parse(TokenizerConfig, config.tokenizer, "tokenizer")
+    return parse(DataConfig, config.data, "data"), parse(TokenizerConfig, config.get("tokenizer", {}), "tokenizer")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from etils import epath
 from gcs_emulator import gcs_bucket  # noqa: F401  (a fixture)
 from gptjax import data, storage
 from gptjax import tokenizer as tk
+from gptjax.tokenizer import workdir as tk_workdir
 from gptjax.data import cache as token_cache
 from gptjax.errors import UserError
 from test_data import typed_sections
@@ -94,7 +95,7 @@ def test_prepare_reads_a_bucket_and_writes_its_tokenizer_and_cache_there(gcs_buc
         np.testing.assert_array_equal(a.tokens, b.tokens)
 
     # Another host (fresh local disk) and a restarted run reuse what the bucket holds.
-    monkeypatch.setattr(tk, "train_sentencepiece", lambda *a, **k: pytest.fail("the tokenizer was retrained"))
+    monkeypatch.setattr(tk_workdir, "train_sentencepiece", lambda *a, **k: pytest.fail("the tokenizer was retrained"))
     monkeypatch.setattr(token_cache, "write_streams", lambda *a, **k: pytest.fail("the cache was rebuilt"))
     for i, disk in ((1, "host1"), (0, "host0")):
         host_cache(disk)

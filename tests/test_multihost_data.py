@@ -20,6 +20,7 @@ import pytest
 
 from gptjax import data
 from gptjax import tokenizer as tk
+from gptjax.tokenizer import workdir as tk_workdir
 from gptjax.data import cache as token_cache
 from gptjax.data import hosts as hosts_lib
 from gptjax.errors import UserError
@@ -78,7 +79,7 @@ def counted(monkeypatch):
         time.sleep(0.5)  # the waiting host polls while host 0 is busy
         return real_write(*a, **k)
 
-    monkeypatch.setattr(tk, "train_sentencepiece", train)
+    monkeypatch.setattr(tk_workdir, "train_sentencepiece", train)
     monkeypatch.setattr(token_cache, "write_streams", write)
     return counts
 
