@@ -16,6 +16,7 @@ from gptjax.data import cache as token_cache
 from gptjax.data import sources
 from gptjax import tokenizer as tk
 from gptjax.errors import UserError
+from gptjax.layout import RunDir
 from gptjax.schema import DataConfig, TokenizerConfig, parse
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -80,19 +81,19 @@ def test_stdlib_files_are_the_standard_library_without_tests():
 def test_stdlib_source_trains_a_tokenizer_and_caches(tmp_path):
     config = _config("stdlib", val_fraction=0.05)
     config.tokenizer.max_chars = 300_000
-    ds = data.prepare(*typed_sections(config), str(tmp_path))
+    ds = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path)))
     assert ds.tokenizer.kind == "sentencepiece" and ds.tokenizer.vocab_size == 300
     assert os.path.isfile(tmp_path / "tokenizer" / tk.META_FILE)
     assert ds.train_tokens > 2_000_000 and 0.01 < ds.val_tokens / (ds.train_tokens + ds.val_tokens) < 0.15
     assert "def " in ds.tokenizer.decode(ds.get_batch(0, 4, 256, seed=0)["inputs"].ravel())
-    again = data.prepare(*typed_sections(config), str(tmp_path))  # tokenizer and streams are reused
+    again = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path)))  # tokenizer and streams are reused
     assert again.tokenizer.fingerprint() == ds.tokenizer.fingerprint()
     np.testing.assert_array_equal(again.val[0].tokens, ds.val[0].tokens)
 
 
 def test_txt_files_one_document_each_joined_with_eot(tmp_path, tok):
     docs = _write_txt(tmp_path / "txt", 12)
-    ds = data.prepare(*typed_sections(_config(f"files:{tmp_path}/txt/*.txt")), str(tmp_path / "run"), tokenizer=tok)
+    ds = data.prepare(*typed_sections(_config(f"files:{tmp_path}/txt/*.txt")), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     assert ds.sources == [f"files:{tmp_path}/txt/*.txt"]
     streams = ds.train + ds.val
     assert sum(int((np.asarray(s.tokens) == tok.eot_id).sum()) for s in streams) == len(docs)
@@ -107,7 +108,7 @@ def test_jsonl_one_document_per_line_with_configurable_field(tmp_path, tok):
     _write_jsonl(tmp_path / "a.jsonl", records[:20] + [""])  # blank lines are skipped
     _write_jsonl(tmp_path / "b.jsonl", records[20:])
     config = _config(f"files:{tmp_path}/a.jsonl,{tmp_path}/b.jsonl", text_field="body")
-    ds = data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=tok)
+    ds = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     pieces = _all_text(tok, ds).split(tk.EOT)[:-1]
     assert sorted(pieces) == sorted(r["body"] for r in records)
 
@@ -116,7 +117,7 @@ def test_long_text_file_is_read_in_pieces_and_round_trips(tmp_path, tok, monkeyp
     monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 1000)
     monkeypatch.setattr(token_cache, "ENCODE_BATCH_CHARS", 3000)
     text = _write_txt(tmp_path / "one", 1, n_words=4000)[0]
-    ds = data.prepare(*typed_sections(_config(f"files:{tmp_path}/one/*.txt")), str(tmp_path / "run"), tokenizer=tok)
+    ds = data.prepare(*typed_sections(_config(f"files:{tmp_path}/one/*.txt")), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     assert _all_text(tok, ds) == text + tk.EOT  # one document: train is its head, val its tail
     assert ds.train[0].tokens[-1] != tok.eot_id and ds.val[0].tokens[-1] == tok.eot_id
     assert 0.15 < ds.val_tokens / (ds.train_tokens + ds.val_tokens) < 0.25
@@ -125,7 +126,7 @@ def test_long_text_file_is_read_in_pieces_and_round_trips(tmp_path, tok, monkeyp
 def test_a_single_document_hashed_to_validation_is_split_too(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(sources, "is_val", lambda key, fraction: True)
     text = _write_txt(tmp_path / "one", 1, n_words=2000)[0]
-    ds = data.prepare(*typed_sections(_config(f"files:{tmp_path}/one/*.txt")), str(tmp_path / "run"), tokenizer=tok)
+    ds = data.prepare(*typed_sections(_config(f"files:{tmp_path}/one/*.txt")), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     assert _all_text(tok, ds) == text + tk.EOT
     assert 0.15 < ds.val_tokens / (ds.train_tokens + ds.val_tokens) < 0.25
 
@@ -141,7 +142,7 @@ def test_every_split_gets_a_document(tmp_path, tok):
     _write_txt(tmp_path / "txt", 3)
     for fraction in (0.01, 0.99):
         config = _config(f"files:{tmp_path}/txt/*.txt", val_fraction=fraction)
-        ds = data.prepare(*typed_sections(config), str(tmp_path / f"r{fraction}"), tokenizer=tok)
+        ds = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / f"r{fraction}")), tokenizer=tok)
         counts = [int((np.asarray(s.tokens) == tok.eot_id).sum()) for s in ds.train + ds.val]
         assert min(counts) >= 1 and sum(counts) == 3
 
@@ -170,12 +171,12 @@ class GptjaxTinyText(tfds.core.GeneratorBasedBuilder):
 def test_tfds_source_reads_a_locally_built_dataset(tmp_path, tok):
     GptjaxTinyText(data_dir=str(tmp_path / "tfds")).download_and_prepare(file_format="array_record")
     config = _config("tfds:gptjax_tiny_text", tfds_data_dir=str(tmp_path / "tfds"), tfds_feature="content")
-    ds = data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=tok)
+    ds = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     pieces = _all_text(tok, ds).split(tk.EOT)[:-1]
     assert len(pieces) == 40 and all(p.startswith("doc 0-") for p in pieces)
 
     config.data.tfds_val_split = "test"
-    ds = data.prepare(*typed_sections(config), str(tmp_path / "run2"), tokenizer=tok)
+    ds = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run2")), tokenizer=tok)
     val = tok.decode(np.asarray(ds.val[0].tokens)).split(tk.EOT)[:-1]
     assert len(val) == 5 and all(p.startswith("doc 1-") for p in val)
     source = sources.resolve(data.parse_source(config.data.source)[0], typed_sections(config)[0])
@@ -185,16 +186,16 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path, tok):
 
     with pytest.raises(UserError, match="no feature 'text'"):
         config = _config("tfds:gptjax_tiny_text", tfds_data_dir=str(tmp_path / "tfds"))
-        data.prepare(*typed_sections(config), str(tmp_path / "r3"), tokenizer=tok)
+        data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "r3")), tokenizer=tok)
     with pytest.raises(UserError, match="no split 'validation'"):
         data.prepare(*typed_sections(_config("tfds:gptjax_tiny_text", tfds_data_dir=str(tmp_path / "tfds"), tfds_feature="content",
-                             tfds_split="validation")), str(tmp_path / "r4"), tokenizer=tok)
+                             tfds_split="validation")), RunDir.at(str(tmp_path / "r4")), tokenizer=tok)
 
 
 def test_tfds_unknown_dataset_raises(tmp_path, tok):
     with pytest.raises(UserError, match="no such TFDS dataset"):
         config = _config("tfds:no_such_dataset_xyz", tfds_data_dir=str(tmp_path))
-        data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=tok)
+        data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def test_tfds_unknown_dataset_raises(tmp_path, tok):
 def txt_dataset(tmp_path, tok):
     _write_txt(tmp_path / "txt", 20)
     config = _config(f"files:{tmp_path}/txt/*.txt")
-    return lambda: data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=tok)
+    return lambda: data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
 
 
 def test_batches_depend_only_on_seed_and_step(txt_dataset):
@@ -249,7 +250,7 @@ def test_split_and_batches_are_pinned(tmp_path):
     for i in range(10):
         (tmp_path / f"doc{i}.txt").write_text(f"document {i}: " + "abcdefghij"[i] * (20 + 3 * i) + "\n")
     config = ml_collections.ConfigDict({"data": {"source": f"files:{tmp_path}/*.txt", "val_fraction": 0.2}})
-    ds = data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=ByteTokenizer())
+    ds = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), tokenizer=ByteTokenizer())
     text = ds.tokenizer.decode
     assert text(ds.val[0].tokens) == "document 5: " + "f" * 35 + "\n|"
     assert text(ds.train[0].tokens).startswith("document 0: " + "a" * 20 + "\n|document 1: ")
@@ -317,7 +318,7 @@ def test_pairs_train_only_on_completion_and_eot(tmp_path, tok):
                 "a": "".join(rng.choice("alpha beta") for _ in range(rng.randint(3, 12)))} for _ in range(60)]
     _write_jsonl(tmp_path / "qa.jsonl", records)
     config = _config(f"pairs:{tmp_path}/qa.jsonl", prompt_field="q", completion_field="a")
-    ds = data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=tok)
+    ds = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     for stream in ds.train + ds.val:
         tokens, mask = np.asarray(stream.tokens), np.asarray(stream.mask)
         assert tokens.shape == mask.shape and set(np.unique(mask)) == {0, 1}
@@ -337,7 +338,7 @@ def test_mixture_rows_follow_the_weights(tmp_path, tok):
         (tmp_path / "a" / f"{i}.txt").write_text("alpha beta gamma delta\n" * 100)
         (tmp_path / "b" / f"{i}.txt").write_text("XYZ XYZ\n" * 150)
     config = _config(f"files:{tmp_path}/a/*.txt @ 3 + files:{tmp_path}/b/*.txt@1 + stdlib@0")
-    ds = data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=tok)
+    ds = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     assert ds.sources == [f"files:{tmp_path}/a/*.txt", f"files:{tmp_path}/b/*.txt"]
     np.testing.assert_allclose(ds.weights, [0.75, 0.25])
     rows = np.concatenate([ds.get_batch(s, 16, 8, seed=0)["inputs"] for s in range(200)])
@@ -361,7 +362,7 @@ def test_cache_is_reused_and_a_damaged_cache_is_rebuilt(tmp_path, tok, monkeypat
     _write_txt(tmp_path / "txt", 10)
     config = _config(f"files:{tmp_path}/txt/*.txt")
     run = tmp_path / "run"
-    first = data.prepare(*typed_sections(config), str(run), tokenizer=tok)
+    first = data.prepare(*typed_sections(config), RunDir.at(str(run)), tokenizer=tok)
     (cache,) = _cache_dirs(run)
     meta = json.loads((run / "data" / cache / "meta.json").read_text())
     assert meta["train"]["tokens"] == first.train_tokens and meta["dtype"] == "uint16" and not meta["has_mask"]
@@ -370,7 +371,7 @@ def test_cache_is_reused_and_a_damaged_cache_is_rebuilt(tmp_path, tok, monkeypat
 
     real_write = token_cache.write_streams
     monkeypatch.setattr(token_cache, "write_streams", lambda *a: pytest.fail("the cache was not reused"))
-    np.testing.assert_array_equal(data.prepare(*typed_sections(config), str(run), tokenizer=tok).train[0].tokens, expected)
+    np.testing.assert_array_equal(data.prepare(*typed_sections(config), RunDir.at(str(run)), tokenizer=tok).train[0].tokens, expected)
 
     builds = []
     monkeypatch.setattr(token_cache, "write_streams", lambda *a: builds.append(1) or real_write(*a))
@@ -381,14 +382,14 @@ def test_cache_is_reused_and_a_damaged_cache_is_rebuilt(tmp_path, tok, monkeypat
               lambda: train_bin.write_bytes(train_bin.read_bytes() + b"\0\0")]
     for i, harm in enumerate(damage):
         harm()
-        ds = data.prepare(*typed_sections(config), str(run), tokenizer=tok)
+        ds = data.prepare(*typed_sections(config), RunDir.at(str(run)), tokenizer=tok)
         assert len(builds) == i + 1
         np.testing.assert_array_equal(ds.train[0].tokens, expected)
     assert _cache_dirs(run) == [cache]
     assert not [d for d in os.listdir(run / "data") if d.startswith(".")]  # no temporary leftovers
 
     (tmp_path / "txt" / "doc000.txt").write_text("changed text\n")  # a changed source is a new cache
-    data.prepare(*typed_sections(config), str(run), tokenizer=tok)
+    data.prepare(*typed_sections(config), RunDir.at(str(run)), tokenizer=tok)
     assert len(_cache_dirs(run)) == 2
 
 
@@ -397,7 +398,7 @@ def test_preparation_says_what_it_did_on_stderr(tmp_path, capfd):
     (tmp_path / "txt" / "empty.txt").write_text("")  # not a document
     config = _config(f"files:{tmp_path}/txt/*.txt")
     name = f"files:{tmp_path}/txt/*.txt"
-    first = data.prepare(*typed_sections(config), str(tmp_path / "run"))
+    first = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")))
     out, err = capfd.readouterr()
     assert out == ""
     assert "tokenizer: training SentencePiece bpe with 300 pieces" in err and "tokenizer: trained on " in err
@@ -405,7 +406,7 @@ def test_preparation_says_what_it_did_on_stderr(tmp_path, capfd):
     assert f"{first.train_tokens:,} train / {first.val_tokens:,} val tokens" in line and "cached in" in line
     assert f"tokenizing {name}" in err  # the progress bar
 
-    data.prepare(*typed_sections(config), str(tmp_path / "run"))
+    data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")))
     out, err = capfd.readouterr()
     assert out == "" and "tokenizer: SentencePiece bpe, 300 pieces, loaded from" in err
     (line,) = [x for x in err.splitlines() if x.startswith(f"{name}: ")]
@@ -418,7 +419,7 @@ def test_only_process_zero_prints(tmp_path, tok, capfd, monkeypatch):
 
     _write_txt(tmp_path / "txt", 3)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    data.prepare(*typed_sections(_config(f"files:{tmp_path}/txt/*.txt")), str(tmp_path / "run"), tokenizer=tok)
+    data.prepare(*typed_sections(_config(f"files:{tmp_path}/txt/*.txt")), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     assert capfd.readouterr() == ("", "")
 
 
@@ -429,7 +430,7 @@ def test_progress_off_a_terminal_is_plain_lines(tmp_path, tok, capfd, monkeypatc
     monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 200)
     _write_txt(tmp_path / "txt", 4)
     name = f"files:{tmp_path}/txt/*.txt"
-    data.prepare(*typed_sections(_config(name)), str(tmp_path / "run"), tokenizer=tok)
+    data.prepare(*typed_sections(_config(name)), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     err = capfd.readouterr().err
     assert "\r" not in err
     lines = [x for x in err.splitlines() if x.startswith(f"tokenizing {name}")]
@@ -455,10 +456,10 @@ def test_workdir_tokenizer_must_match_the_config(tmp_path, tok):
     _write_txt(tmp_path / "txt", 4)
     tok.save(str(tmp_path / "run" / "tokenizer"))
     config = _config(f"files:{tmp_path}/txt/*.txt")
-    assert data.prepare(*typed_sections(config), str(tmp_path / "run")).tokenizer.fingerprint() == tok.fingerprint()
+    assert data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run"))).tokenizer.fingerprint() == tok.fingerprint()
     config.tokenizer.vocab_size = 512
     with pytest.raises(UserError, match="use a new workdir"):
-        data.prepare(*typed_sections(config), str(tmp_path / "run"))
+        data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")))
 
 
 def test_token_dtype():
@@ -486,7 +487,7 @@ def test_bad_source_specs(source, match):
 
 def test_bad_inputs_raise_one_line_user_errors(tmp_path, tok):
     def prepare(source, **fields):
-        return data.prepare(*typed_sections(_config(source, **fields)), str(tmp_path / "run"), tokenizer=tok)
+        return data.prepare(*typed_sections(_config(source, **fields)), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
 
     cases = []
     with pytest.raises(UserError, match="matches no files") as e:

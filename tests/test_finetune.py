@@ -29,6 +29,7 @@ from gptjax.loss import cross_entropy  # noqa: E402
 from gptjax.model import GPT, GPTConfig  # noqa: E402
 from gptjax.tokenizer import load_tokenizer  # noqa: E402
 from hf_fixtures import TEXTS, build_hf_dir  # noqa: E402
+from test_data import typed_sections  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "gpt2_finetune_news.py")
@@ -144,7 +145,7 @@ def test_news_recipe_end_to_end(hf_dir: str, news: str, tmp_path, capsys: pytest
         assert tok.encode(text) == ref(text, add_special_tokens=False).input_ids, text
 
     # The first logged loss is the loss of step 0's batch under the imported weights.
-    dataset = data_lib.prepare(saved, workdir, tokenizer=tok)
+    dataset = data_lib.prepare(*typed_sections(saved), RunDir.at(workdir), tokenizer=tok)
     batch = dataset.get_batch(0, saved.train.batch_size, saved.train.seq_len, saved.seed)
     model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     with torch.no_grad():
@@ -187,7 +188,7 @@ def test_train_last_blocks_freezes_the_rest_in_the_checkpoint(hf_dir: str, news:
 def test_prompt_tokens_contribute_no_gradient(hf_dir: str, pairs: str, tmp_path) -> None:
     c = _recipe(hf_dir, f"pairs:{pairs}", "--config.train.steps=1")
     fields, params, tok = hf.load_hf_dir(hf_dir)
-    dataset = data_lib.prepare(c, str(tmp_path / "run"), tokenizer=tok)
+    dataset = data_lib.prepare(*typed_sections(c), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     batch = dataset.get_batch(0, 4, 32, seed=0)
     w = batch["weights"]
     assert 0.2 < w.mean() < 0.8  # prompt targets (weight 0) and completion targets (weight 1)
@@ -248,7 +249,7 @@ def test_mixture_of_text_and_pairs_trains(hf_dir: str, news: str, pairs: str, tm
     # The rows of the run's batches come from the sources in proportion 3:1. A pairs row always
     # holds prompt targets (weight 0), as every record is shorter than a window; a news row has none.
     run_dir = RunDir.at(workdir)
-    dataset = data_lib.prepare(checkpoint_read.read_run_config(run_dir), workdir, tokenizer=load_tokenizer(run_dir.tokenizer))
+    dataset = data_lib.prepare(*typed_sections(checkpoint_read.read_run_config(run_dir)), run_dir, tokenizer=load_tokenizer(run_dir.tokenizer))
     assert dataset.sources == [f"files:{news}", f"pairs:{pairs}"]
     weights = np.concatenate([dataset.get_batch(s, 16, 32, seed=0)["weights"] for s in range(200)])
     from_pairs = (weights == 0).any(axis=1)

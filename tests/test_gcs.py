@@ -75,7 +75,7 @@ def test_prepare_reads_a_bucket_and_writes_its_tokenizer_and_cache_there(gcs_buc
     workdir = f"gs://{gcs_bucket}/run"
 
     host0 = host_cache("host0")
-    ds = data.prepare(*typed_sections(_config(source.format(f"gs://{gcs_bucket}"))), workdir, process_index=0, process_count=1)
+    ds = data.prepare(*typed_sections(_config(source.format(f"gs://{gcs_bucket}"))), RunDir.at(workdir), process_index=0, process_count=1)
     err = capfd.readouterr().err
     assert f"saved to {workdir}/tokenizer" in err and err.count(f"cached in {workdir}/data/") == 2
     assert epath.Path(workdir, "tokenizer", tk.META_FILE).exists()
@@ -88,7 +88,7 @@ def test_prepare_reads_a_bucket_and_writes_its_tokenizer_and_cache_there(gcs_buc
     assert ds.train[1].mask is not None and 0 < ds.train[1].mask.mean() < 1  # pairs: only completions train
 
     # The same files on local disk give the same tokenizer and the same token streams.
-    local = data.prepare(*typed_sections(_config(source.format(tmp_path / "local"))), str(tmp_path / "run"),
+    local = data.prepare(*typed_sections(_config(source.format(tmp_path / "local"))), RunDir.at(str(tmp_path / "run")),
                          process_index=0, process_count=1)
     assert local.tokenizer.fingerprint() == ds.tokenizer.fingerprint()
     for a, b in zip(ds.train + ds.val, local.train + local.val):
@@ -99,7 +99,7 @@ def test_prepare_reads_a_bucket_and_writes_its_tokenizer_and_cache_there(gcs_buc
     monkeypatch.setattr(token_cache, "write_streams", lambda *a, **k: pytest.fail("the cache was rebuilt"))
     for i, disk in ((1, "host1"), (0, "host0")):
         host_cache(disk)
-        again = data.prepare(*typed_sections(_config(source.format(f"gs://{gcs_bucket}"))), workdir, process_index=i, process_count=2)
+        again = data.prepare(*typed_sections(_config(source.format(f"gs://{gcs_bucket}"))), RunDir.at(workdir), process_index=i, process_count=2)
         assert again.tokenizer.fingerprint() == ds.tokenizer.fingerprint()
         for a, b in zip(again.train + again.val, ds.train + ds.val):
             np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -146,10 +146,10 @@ def test_bucket_globs(gcs_bucket):
     assert sorted(storage.glob_files(f"gs://{gcs_bucket}/a/*/*.txt")) == [f"gs://{gcs_bucket}/a/b/z.txt"]
     assert storage.glob_files(f"gs://{gcs_bucket}/a/x.txt") == [f"gs://{gcs_bucket}/a/x.txt"]
     with pytest.raises(UserError, match="matches no files; give"):
-        data.prepare(*typed_sections(_config(f"files:gs://{gcs_bucket}/nothing/*.txt")), f"gs://{gcs_bucket}/run",
+        data.prepare(*typed_sections(_config(f"files:gs://{gcs_bucket}/nothing/*.txt")), RunDir.at(f"gs://{gcs_bucket}/run"),
                      tokenizer=None, process_index=0, process_count=1)
     with pytest.raises(UserError, match=r"'\*\*' is not supported in a URL"):
-        data.prepare(*typed_sections(_config(f"files:gs://{gcs_bucket}/**/*.txt")), f"gs://{gcs_bucket}/run",
+        data.prepare(*typed_sections(_config(f"files:gs://{gcs_bucket}/**/*.txt")), RunDir.at(f"gs://{gcs_bucket}/run"),
                      process_index=0, process_count=1)
 
 
@@ -164,13 +164,13 @@ def test_a_tfds_dataset_in_a_bucket_is_read(gcs_bucket, tmp_path):
     config.data.update({"tfds_data_dir": f"gs://{gcs_bucket}/tfds", "tfds_feature": "content"})
     local = _config("tfds:gptjax_tiny_text")
     local.data.update({"tfds_data_dir": str(tmp_path / "tfds"), "tfds_feature": "content"})
-    ds = data.prepare(*typed_sections(config), f"gs://{gcs_bucket}/run", process_index=0, process_count=1)
-    ref = data.prepare(*typed_sections(local), str(tmp_path / "run"), tokenizer=ds.tokenizer, process_index=0, process_count=1)
+    ds = data.prepare(*typed_sections(config), RunDir.at(f"gs://{gcs_bucket}/run"), process_index=0, process_count=1)
+    ref = data.prepare(*typed_sections(local), RunDir.at(str(tmp_path / "run")), tokenizer=ds.tokenizer, process_index=0, process_count=1)
     np.testing.assert_array_equal(ds.train[0].tokens, ref.train[0].tokens)
 
     config.data.tfds_data_dir = f"gs://{gcs_bucket}/elsewhere"
     with pytest.raises(UserError, match="TFDS cannot write array_record files to a bucket; prepare it on local disk"):
-        data.prepare(*typed_sections(config), f"gs://{gcs_bucket}/run2", process_index=0, process_count=1)
+        data.prepare(*typed_sections(config), RunDir.at(f"gs://{gcs_bucket}/run2"), process_index=0, process_count=1)
 
 
 def test_a_waiting_host_sees_files_another_process_writes_after_it_listed(gcs_bucket):

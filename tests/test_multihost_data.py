@@ -24,6 +24,7 @@ from gptjax.tokenizer import workdir as tk_workdir
 from gptjax.data import cache as token_cache
 from gptjax.data import hosts as hosts_lib
 from gptjax.errors import UserError
+from gptjax.layout import RunDir
 from test_data import typed_sections
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -51,7 +52,7 @@ def _run_hosts(config, workdir: str, n: int = 2) -> list:
 
     def host(i: int) -> None:
         try:
-            results[i] = data.prepare(*typed_sections(config), workdir, process_index=i, process_count=n)
+            results[i] = data.prepare(*typed_sections(config), RunDir.at(workdir), process_index=i, process_count=n)
         except Exception as e:  # handed to the test
             results[i] = e
 
@@ -121,7 +122,7 @@ def test_a_host_0_failure_reaches_the_other_hosts_at_once(tmp_path, counted, mon
 
     def host(i: int) -> None:
         try:
-            data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=tok, process_index=i, process_count=2)
+            data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), tokenizer=tok, process_index=i, process_count=2)
         except Exception as e:
             results[i] = e
 
@@ -142,7 +143,7 @@ def test_a_silent_host_0_gives_one_line_within_the_bound(tmp_path):
     config = _config(f"files:{tmp_path}/txt/*.txt", wait_s=1.0)
     start = time.monotonic()
     with pytest.raises(UserError) as e:  # host 0 never comes
-        data.prepare(*typed_sections(config), str(tmp_path / "run"), process_index=1, process_count=2)
+        data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), process_index=1, process_count=2)
     assert 1.0 <= time.monotonic() - start < 5
     line = str(e.value)
     assert "\n" not in line
@@ -198,7 +199,7 @@ def test_a_host_0_failure_before_any_item_reaches_the_others(tmp_path, monkeypat
 
     def host(i: int) -> None:
         try:
-            data.prepare(*typed_sections(config), str(tmp_path / "run"), process_index=i, process_count=2)
+            data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), process_index=i, process_count=2)
         except Exception as e:
             results[i] = e
 
@@ -225,5 +226,5 @@ def test_a_waiting_host_does_not_download_a_tfds_dataset(tmp_path):
     texts = [" ".join(random.Random(i).choice(WORDS) for _ in range(400)) for i in range(20)]
     tk.train_sentencepiece(texts, str(tok_dir), vocab_size=300)
     with pytest.raises(UserError, match="host 1: waited 0.5 s without progress for the token cache of tfds:"):
-        data.prepare(*typed_sections(config), str(tmp_path / "run"), process_index=1, process_count=2)
+        data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), process_index=1, process_count=2)
     assert not tfds.builder("gptjax_tiny_text", data_dir=str(tmp_path / "tfds")).is_prepared()

@@ -42,7 +42,7 @@ def _write_jsonl(path, records: list[dict]) -> str:
 
 def _dataset(tmp_path, source: str, **fields) -> data.Dataset:
     config = ml_collections.ConfigDict({"data": {"source": source, "val_fraction": 0.2, **fields}})
-    return data.prepare(*typed_sections(config), str(tmp_path / "run"), tokenizer=ByteTokenizer())
+    return data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / "run")), tokenizer=ByteTokenizer())
 
 
 @pytest.fixture

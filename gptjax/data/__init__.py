@@ -38,23 +38,22 @@ __all__ = ["DataConfig", "Dataset", "SourceSpec", "TokenStream", "parse_source",
            "token_dtype"]
 
 
-def prepare(data: DataConfig, tokenizer_config: TokenizerConfig, workdir: str | RunDir, *, tokenizer: Tokenizer | None = None,
+def prepare(data: DataConfig, tokenizer_config: TokenizerConfig, run: RunDir, *, tokenizer: Tokenizer | None = None,
             process_index: int | None = None, process_count: int | None = None) -> Dataset:
-    """Tokenizer and token streams for `data.source`, built once and cached under workdir.
+    """Tokenizer and token streams for `data.source`, built once and cached in the run directory.
 
-    Without `tokenizer`, `<workdir>/tokenizer/` is loaded, or a SentencePiece model is trained
+    Without `tokenizer`, the run's tokenizer/ is loaded, or a SentencePiece model is trained
     (as `tokenizer_config` says) and saved there. A given tokenizer (e.g. GPT-2's, from an
     imported checkpoint) is used as is and saved there when none is.
     Of a pod's processes (default: jax.process_index() of jax.process_count()) only process 0
     trains, saves and tokenizes; the others wait for its results (see gptjax.data.hosts).
-    What is done is printed to stderr on process 0. `workdir` (a path, or a run's `RunDir`) and
-    data.cache_dir may be URLs.
+    What is done is printed to stderr on process 0. The run directory and data.cache_dir may be
+    URLs.
     """
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    run = workdir if isinstance(workdir, RunDir) else RunDir.at(workdir)
     hosts = Hosts(int(process_index), int(process_count), float(data.host_wait_s),
                   storage.join(run.data_cache, STATUS_FILE))
     with Beacon(hosts):
