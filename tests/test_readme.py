@@ -348,25 +348,28 @@ def test_the_readme_starts_with_the_two_newcomer_commands():
     assert RUN[QUICK_START] is run_install_line and RUN[TEST_SUITE] is run_install_line
 
 
-def test_every_command_is_run_covered_or_excused():
-    problems = []
-    for doc, command in COMMANDS:
-        tables = tables_of(command)
-        if len(tables) != 1:
-            problems.append(f"{doc}: {command!r} is in {tables or 'no table'}: add it to one of RUN, COVERED, NOT_RUN")
+@pytest.mark.parametrize("doc, command", COMMANDS, ids=[f"{doc}-{i:02d}" for i, (doc, _) in enumerate(COMMANDS)])
+def test_each_documented_command_is_run_covered_or_excused(doc, command):
+    tables = tables_of(command)
+    assert len(tables) == 1, f"{doc}: {command!r} is in {tables or 'no table'}: add it to one of RUN, COVERED, NOT_RUN"
+
+
+def test_every_table_entry_is_still_documented():
     documented = {c for _, c in COMMANDS}
-    for command in [*RUN, *COVERED]:
-        if command not in documented:
-            problems.append(f"{command!r} is in a table of tests/test_readme.py but in no document")
-    for n in NOT_RUN:
-        if not any(re.search(n.pattern, c) for c in documented):
-            problems.append(f"NOT_RUN {n.pattern!r} matches no documented command")
+    problems = [f"{command!r} is in a table of tests/test_readme.py but in no document"
+                for command in [*RUN, *COVERED] if command not in documented]
+    problems += [f"NOT_RUN {n.pattern!r} matches no documented command"
+                 for n in NOT_RUN if not any(re.search(n.pattern, c) for c in documented)]
     assert not problems, "\n".join(problems)
 
 
-def test_the_tests_named_exist():
-    named = [*COVERED.values(), *(t for n in NOT_RUN for t in n.parts_tested_by)]
-    missing = sorted({t for t in named if not _test_exists(t)})
+@pytest.mark.parametrize("command", sorted(COVERED), ids=[f"{i:02d}" for i in range(len(COVERED))])
+def test_a_covered_command_names_a_test_that_exists(command):
+    assert _test_exists(COVERED[command]), f"{command!r} is mapped to {COVERED[command]!r}, which does not exist"
+
+
+def test_the_tests_named_for_the_commands_not_run_exist():
+    missing = sorted({t for n in NOT_RUN for t in n.parts_tested_by if not _test_exists(t)})
     assert not missing, f"no such test: {missing}"
 
 
