@@ -30,7 +30,7 @@ from etils import epath
 from gptjax import storage
 from gptjax.data.hosts import Hosts, wait_for
 from gptjax.data.progress import Progress, short_path
-from gptjax.data.sources import Advance, Source, split_of
+from gptjax.data.sources import Advance, Source
 from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer
 
@@ -109,8 +109,7 @@ def _rebalance(writers: dict[str, _SplitWriter], val_fraction: float, name: str)
     full.docs, empty.docs = full.docs - 1, 1
 
 
-def write_streams(source: Source, tokenizer: Tokenizer, directory: str, val_fraction: float,
-                  advance: Advance) -> dict:
+def write_streams(source: Source, tokenizer: Tokenizer, directory: str, advance: Advance) -> dict:
     """Encode every document of `source` into directory/{train,val}[_mask].bin; return counts."""
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _SplitWriter(directory, s, dtype, source.has_mask) for s in SPLITS}
@@ -127,7 +126,7 @@ def write_streams(source: Source, tokenizer: Tokenizer, directory: str, val_frac
 
     try:
         for doc in source.documents(advance):
-            split, first = split_of(doc, val_fraction), True
+            split, first = doc.split, True
             for text, trained in doc.segments:
                 pending.append((split, text, trained, first))
                 first, pending_chars = False, pending_chars + len(text)
@@ -142,7 +141,7 @@ def write_streams(source: Source, tokenizer: Tokenizer, directory: str, val_frac
     finally:
         for w in writers.values():
             w.close()
-    _rebalance(writers, val_fraction, source.name)
+    _rebalance(writers, source.val_fraction, source.name)
     return {"documents": documents, "characters": characters,
             **{s: {"tokens": w.count, "docs": w.docs} for s, w in writers.items()}}
 
@@ -230,8 +229,7 @@ def _summary(meta: dict) -> str:
     return ", ".join(read) + " -> " + tokens if read else tokens
 
 
-def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, val_fraction: float,
-           progress: Progress) -> dict:
+def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, progress: Progress) -> dict:
     """Write the cache of `source` into `directory` by way of a temporary directory; return its meta.
 
     For a URL `directory` the files are built in the host-local cache, uploaded, and kept there."""
@@ -242,7 +240,7 @@ def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, val_
     start = time.perf_counter()
     try:
         with progress.bar(f"tokenizing {source.name}", source.size, source.unit) as bar:
-            counts = write_streams(source, tokenizer, tmp, val_fraction, bar.update)
+            counts = write_streams(source, tokenizer, tmp, bar.update)
         meta = {"key": key, "source": source.name, "dtype": token_dtype(tokenizer.vocab_size).name,
                 "has_mask": source.has_mask, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                 **counts}
@@ -266,12 +264,12 @@ def _remove_tree(directory: str) -> None:
         shutil.rmtree(directory)
 
 
-def token_streams(source: Source, tokenizer: Tokenizer, cache_root: str, val_fraction: float,
-                  progress: Progress, hosts: Hosts) -> list[TokenStream]:
+def token_streams(source: Source, tokenizer: Tokenizer, cache_root: str, progress: Progress,
+                  hosts: Hosts) -> list[TokenStream]:
     """[train, val] streams of a source, from its cache when that is complete and current, else
     built (by host 0 of a pod; the other hosts wait for it)."""
     key = json.loads(json.dumps({"format": _FORMAT, "source": source.identity, "tokenizer": tokenizer.fingerprint(),
-                                 "val_fraction": float(val_fraction)}, sort_keys=True))
+                                 "val_fraction": float(source.val_fraction)}, sort_keys=True))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     directory = storage.join(cache_root, f"{source.spec.kind}-{digest}")
     meta = _read_valid_meta(directory, key)
@@ -285,7 +283,7 @@ def token_streams(source: Source, tokenizer: Tokenizer, cache_root: str, val_fra
         if storage.exists(directory):
             progress.say(f"{source.name}: token cache {short_path(directory)} is incomplete or stale; rebuilding it")
             _remove_tree(directory)
-        meta = _build(source, tokenizer, directory, key, val_fraction, progress)
+        meta = _build(source, tokenizer, directory, key, progress)
     if storage.is_url(directory):
         directory = _host_copy(directory, key, meta, progress)
     dtype = np.dtype(meta["dtype"])

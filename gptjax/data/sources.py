@@ -98,7 +98,7 @@ class Doc:
 
     key: str  # stable name: its hash decides train or validation
     segments: Iterable[tuple[str, bool]]
-    split: str | None = None  # set when the source itself decides (a TFDS validation split)
+    split: str | None = None  # 'train' or 'val'; a reader sets it only where the source decides (TFDS splits)
 
 
 @dataclasses.dataclass
@@ -110,6 +110,7 @@ class Source:
     read: Callable[[Advance], Iterator[Doc]]
     size: int | None  # input to read, in `unit`s (None: not known before reading)
     unit: str  # "B" (bytes of files) or "doc"
+    val_fraction: float  # data.val_fraction: the share of documents held out (by name)
     has_mask: bool = False
 
     @property
@@ -117,13 +118,18 @@ class Source:
         return self.spec.name
 
     def documents(self, advance: Advance = _ignore) -> Iterator[Doc]:
-        """The documents in a fixed order; `advance` hears how much input each step consumed."""
-        return self.read(advance)
+        """The documents in a fixed order, each with its split ('train' or 'val': the source's
+        choice where it made one, else the hash of its name); `advance` hears how much input
+        each step consumed."""
+        for doc in self.read(advance):
+            if doc.split is None:
+                doc.split = "val" if is_val(doc.key, self.val_fraction) else "train"
+            yield doc
 
-    def training_texts(self, val_fraction: float) -> Iterator[str]:
+    def training_texts(self) -> Iterator[str]:
         """Texts of the training documents' segments, in order (read lazily)."""
         for doc in self.documents():
-            if split_of(doc, val_fraction) == "train":
+            if doc.split == "train":
                 for text, _ in doc.segments:
                     yield text
 
@@ -295,7 +301,7 @@ def _tfds_source(spec: SourceSpec, cfg: DataConfig, download: bool) -> Source:
                 "split": cfg.tfds_split, "val_split": cfg.tfds_val_split, "feature": feature}
     if not builder.is_prepared():
         if not download:  # another host reads the documents; the cache key needs only these names
-            return Source(spec, identity, documents, None, "doc")
+            return Source(spec, identity, documents, None, "doc", cfg.val_fraction)
         if storage.is_url(str(data_dir)):
             raise UserError(f"tfds:{spec.arg} is not prepared in {data_dir}: TFDS cannot write array_record files "
                             "to a bucket; prepare it on local disk (builder.download_and_prepare(file_format="
@@ -308,7 +314,7 @@ def _tfds_source(spec: SourceSpec, cfg: DataConfig, download: bool) -> Source:
         if split.split("[")[0] not in builder.info.splits:
             raise UserError(f"tfds:{spec.arg} has no split {split!r}; splits: {sorted(builder.info.splits)}")
     size = sum(builder.info.splits[split].num_examples for split, _ in splits)
-    return Source(spec, identity, documents, size, "doc")
+    return Source(spec, identity, documents, size, "doc", cfg.val_fraction)
 
 
 def resolve(spec: SourceSpec, cfg: DataConfig, download: bool = True) -> Source:
@@ -321,17 +327,17 @@ def resolve(spec: SourceSpec, cfg: DataConfig, download: bool = True) -> Source:
         root = sysconfig.get_paths()["stdlib"]
         identity = {"kind": "stdlib", "python": sys.version, "files": _files_digest(paths)}
         read = lambda advance: _text_file_docs(paths, lambda p: os.path.relpath(p, root), advance)
-        return Source(spec, identity, read, _total_bytes(paths), "B")
+        return Source(spec, identity, read, _total_bytes(paths), "B", cfg.val_fraction)
     if spec.kind == "tfds":
         return _tfds_source(spec, cfg, download)
     paths = _expand_globs(spec.kind, spec.arg)
     if spec.kind == "files":
         identity = {"kind": "files", "files": _files_digest(paths), "text_field": cfg.text_field}
         read = lambda advance: _files_docs(paths, cfg.text_field, advance)
-        return Source(spec, identity, read, _total_bytes(paths), "B")
+        return Source(spec, identity, read, _total_bytes(paths), "B", cfg.val_fraction)
     identity = {"kind": "pairs", "files": _files_digest(paths), "fields": [cfg.prompt_field, cfg.completion_field]}
     read = lambda advance: _pairs_docs(paths, cfg.prompt_field, cfg.completion_field, advance)
-    return Source(spec, identity, read, _total_bytes(paths), "B", has_mask=True)
+    return Source(spec, identity, read, _total_bytes(paths), "B", cfg.val_fraction, has_mask=True)
 
 
 def is_val(key: str, val_fraction: float) -> bool:
@@ -339,7 +345,3 @@ def is_val(key: str, val_fraction: float) -> bool:
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
     return h < val_fraction * 2.0**64
 
-
-def split_of(doc: Doc, val_fraction: float) -> str:
-    """'train' or 'val': the source's choice where it made one, else the hash of the name."""
-    return doc.split or ("val" if is_val(doc.key, val_fraction) else "train")
