@@ -12,8 +12,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +94,25 @@ def eval_line(step: int, metrics: dict[str, float]) -> str:
     return line + (" | " + ", ".join(per_source) if per_source else "")
 
 
+def summary_writer_class() -> Any:
+    """tensorboardX's SummaryWriter, imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors as values
+    (gptjax writes floats); that import takes seconds at the start of every run on a machine
+    with PyTorch. Unless torch is already loaded, it is hidden while tensorboardX loads (which
+    then takes numpy arrays only) and can be imported as usual afterwards."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Append metrics to the run's metrics.jsonl and TensorBoard events (process 0 only).
 
@@ -112,8 +133,6 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
-
         self.path, self.upload_to = run_dir.metrics, None
         if run_dir.is_url:
             self.upload_to, self.path = self.path, os.path.join(tempfile.mkdtemp(prefix="gptjax-metrics-"), "metrics.jsonl")
@@ -121,7 +140,7 @@ class MetricsWriter:
                 storage.copy_file(self.upload_to, self.path)
             self.uploaded = time.monotonic()
         truncate_metrics(self.path, start)
-        self.tb = SummaryWriter(run_dir.tensorboard, purge_step=start + 1, filename_suffix=f".from-step-{start}")
+        self.tb = summary_writer_class()(run_dir.tensorboard, purge_step=start + 1, filename_suffix=f".from-step-{start}")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

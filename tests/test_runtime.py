@@ -76,3 +76,23 @@ def test_the_train_cli_prints_no_libtpu_line_where_libtpu_is_installed(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "wte" in proc.stdout  # the parameter table
     assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "libtpu" not in proc.stderr.lower(), proc.stderr
+
+
+def test_the_metrics_writer_does_not_import_torch(tmp_path):
+    """tensorboardX would import PyTorch (seconds) where it is installed; the run's writer loads
+    without it, and torch still imports afterwards for whoever wants it."""
+    pytest.importorskip("torch")
+    code = (
+        "import sys\n"
+        "from gptjax.metrics import summary_writer_class\n"
+        f"w = summary_writer_class()({str(tmp_path / 'tb')!r})\n"
+        "w.add_scalar('loss', 1.5, 1); w.close()\n"
+        "print('torch' in sys.modules)\n"
+        "import torch\n"
+        "print(torch.ones(2).sum().item())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "2.0"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
