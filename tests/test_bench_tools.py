@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from gptjax.sharding import cpu_cores
 
@@ -23,15 +24,24 @@ def _bench_module():
     return module
 
 
-def test_option_ab_times_the_step_with_and_without_an_xla_option():
+def _bench(argv, monkeypatch, capsys) -> str:
+    """`tools/bench_train.py ARGV`'s stdout, its main run in this process (it only starts the
+    workers and prints their table) and its workers as subprocesses. They get one device per
+    core, as a user's run does (no device count in XLA_FLAGS), and the suite's fast compiles
+    (XLA's HLO passes all run; the tests check the tool's output and logic, not its timings)."""
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
+    capsys.readouterr()
+    _bench_module().main(argv)
+    return capsys.readouterr().out
+
+
+def test_option_ab_times_the_step_with_and_without_an_xla_option(monkeypatch, capsys):
     """--option_ab compiles the step with and without the option in one process (the run fails
     if the two reach different parameters) and prints both step times and XLA temporaries."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     option = "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
-    out = subprocess.run([sys.executable, BENCH, "--quick", "--option_ab", option],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [l for l in out.stdout.splitlines() if l.startswith("|")]
+    stdout = _bench(["--quick", "--option_ab", option], monkeypatch, capsys)
+    lines = [l for l in stdout.splitlines() if l.startswith("|")]
     assert f"step ms, with {option}" in lines[0] and f"XLA temp MiB, with {option}" in lines[0]
     row = [c.strip() for c in lines[2].strip("|").split("|")]
     assert row[0] == "tiny" and all(float(x) > 0 for x in (row[2], row[3], row[8], row[9]))
@@ -58,14 +68,11 @@ def test_paired_ratios_are_taken_round_by_round():
     assert out["ratio"]["torch"] == pytest.approx(1.4)
 
 
-def test_paired_prints_each_references_ratio_from_one_process():
+def test_paired_prints_each_references_ratio_from_one_process(monkeypatch, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, BENCH, "--quick", "--paired", "3"],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [l for l in out.stdout.splitlines() if l.startswith("|")]
+    stdout = _bench(["--quick", "--paired", "3"], monkeypatch, capsys)
+    lines = [l for l in stdout.splitlines() if l.startswith("|")]
     assert "vs nanoGPT tokens/s" in lines[0] and "vs HF tokens/s" in lines[0]
     row = [c.strip() for c in lines[2].strip("|").split("|")]
     assert row[0] == "tiny"
@@ -79,16 +86,11 @@ def test_paired_prints_each_references_ratio_from_one_process():
 
 
 @pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16", "--remat"]], ids=["fp32", "bf16-remat"])
-def test_bench_quick_prints_the_table(tmp_path, extra):
+def test_bench_quick_prints_the_table(tmp_path, extra, monkeypatch, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user runs it
-    out = subprocess.run(
-        [sys.executable, BENCH, "--quick", "--json", str(tmp_path / "rows.json"), *extra],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [l for l in out.stdout.splitlines() if l.startswith("|")]
+    stdout = _bench(["--quick", "--json", str(tmp_path / "rows.json"), *extra], monkeypatch, capsys)
+    lines = [l for l in stdout.splitlines() if l.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     for col in ("shape", "framework", "compile s", "step ms", "tokens/s", "MFU", "peak MB", "vs HF tokens/s",
                 "vs nanoGPT tokens/s", "HF peak / peak"):
@@ -109,7 +111,7 @@ def test_bench_quick_prints_the_table(tmp_path, extra):
         # the row's tokens/s over the reference's; printed with two decimals
         np.testing.assert_allclose(ratios, [step_ms[ref] / ms for ms in step_ms], rtol=0.01, atol=0.006)
     assert (tmp_path / "rows.json").exists()
-    footer = out.stdout.strip().splitlines()[-1]
+    footer = stdout.strip().splitlines()[-1]
     assert ("; bfloat16, gptjax remat." in footer) == bool(extra) and ("; float32." in footer) != bool(extra)
 
 

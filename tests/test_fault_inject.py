@@ -12,8 +12,12 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import fault_inject as fi  # noqa: E402
+from conftest import FAST_COMPILE  # noqa: E402
 
-STEPS, EVERY, EVAL_EVERY = 30, 10, 10
+# Three checkpoints (the truncated and diverging scenarios need 3) with a step between any two
+# that is neither one nor the step before one (where SIGTERM lands mid-interval), and an
+# evaluation at each: every moment the harness aims at occurs, in few steps.
+STEPS, EVERY, EVAL_EVERY = 15, 5, 5
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +26,18 @@ def harness(tmp_path_factory):
     corpus = fi.write_corpus(str(root / "corpus"))
     args = [f"--config.train.steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
             f"--config.train.eval_every={EVAL_EVERY}", "--config.train.log_every=1", *fi.tiny_overrides(corpus)]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user runs it
+    # One device per core, as a user runs it (no device count in XLA_FLAGS), compiled as the
+    # suite compiles (XLA's HLO passes all run): every run is compared with runs of the same flags.
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     h = fi.Harness(str(root), args, env=env, seed=0)
     fi.run_reference(h, repeat=False)  # the CLI checks run-to-run determinism; here it costs a run
     yield h
     h.close()
 
 
-# The evaluation killed is the first (step 10), which also compiles the eval step: later ones
-# take a few milliseconds here, and a loaded machine can finish one between two polls.
-PLANS = [["prepare", "save"], ["eval@10"]]
+# The evaluation killed is the first (step EVAL_EVERY), which also compiles the eval step: later
+# ones take a few milliseconds here, and a loaded machine can finish one between two polls.
+PLANS = [["prepare", "save"], [f"eval@{EVAL_EVERY}"]]
 
 
 @pytest.fixture(scope="module")

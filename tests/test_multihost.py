@@ -19,6 +19,7 @@ import sys
 
 import jax
 import numpy as np
+from conftest import FAST_COMPILE
 from fixtures.make_old_run import flat, write_corpus
 
 import gptjax
@@ -61,7 +62,8 @@ def _run_hosts(argv: list[str], n: int = 2, devices_per_host: int = 4, timeout_s
     """Run `python -m gptjax.train ARGV` as n hosts of one jax.distributed job; (stdout, stderr) per host."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # XLA's warnings as a user sees them
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_host}",
+        # The suite's fast compiles (conftest: XLA's HLO passes, which decide the sharding, all run).
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_host} {FAST_COMPILE}",
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
         JAX_NUM_PROCESSES=str(n),
         PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p),
