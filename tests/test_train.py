@@ -177,7 +177,9 @@ def test_the_cpu_train_step_compiles_with_the_memory_optimized_scheduler():
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     batch = {k: jax.ShapeDtypeStruct((1, 16, 128), d) for k, d in
              {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}.items()}
-    gpt = GPTConfig(vocab_size=256, n_layer=4, n_head=4, n_embd=64, block_size=128)
+    # the shape of the remat test's step without remat (below): the persistent compilation cache
+    # compiles that program once for both tests
+    gpt = GPTConfig(vocab_size=256, n_layer=6, n_head=4, n_embd=64, block_size=128)
     trainer = step.Trainer(gpt, optim_lib.make_optimizer(C.base_config().optim, step.param_shapes(gpt), 100), mesh, seed=0)
     with trainer.context():
         lowered = trainer.train_step_fn.lower(trainer.abstract_state(), batch)
