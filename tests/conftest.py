@@ -1,8 +1,15 @@
-"""Test set-up: 8 simulated CPU devices for mesh tests (must happen before jax is imported), and
-a persistent compilation cache for the session, so the many identical tiny models compile once."""
+"""Test set-up: 8 simulated CPU devices for mesh tests (must happen before jax is imported), a
+persistent compilation cache for the session, so the many identical tiny models compile once,
+and one tiny trained run (`trained_run`) that the tests needing a run share."""
 
+import dataclasses
 import os
+import shutil
 import tempfile
+
+import numpy as np
+import pytest
+from filelock import FileLock
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
@@ -20,3 +27,93 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gptjax-test-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+TRAINED_RUN_WORDS = ["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma"]
+
+
+def write_program_corpus(directory: str, n_docs: int = 40, n_lines: int = 20) -> str:
+    """A small corpus with structure to learn (repetitive, program-like text); returns its glob."""
+    rng = np.random.default_rng(0)
+    os.makedirs(directory, exist_ok=True)
+    for d in range(n_docs):
+        lines = [f"def f{d}_{i}({rng.choice(TRAINED_RUN_WORDS)}):\n    return {rng.choice(TRAINED_RUN_WORDS)} + {i}\n"
+                 for i in range(n_lines)]
+        with open(os.path.join(directory, f"doc{d:02d}.txt"), "w") as f:
+            f.write("".join(lines))
+    return os.path.join(directory, "*.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished tiny run, trained once per test run (see the `trained_run` fixture).
+
+    `corpus` is the glob of its 40 documents; `workdir` holds config.json, tokenizer/ (a
+    300-piece SentencePiece), metrics.jsonl (loss at every step 1-20, val_loss at 10 and 20),
+    tb/ and checkpoints/10 and checkpoints/20. It was trained on one device by
+    `train.run(self.config(), workdir, devices=jax.devices()[:1])`. Never write into it: tests
+    that change the run work on `copy()`; runs of their own that need only its tokenizer start
+    from `tokenizer_only()`.
+    """
+
+    corpus: str
+    workdir: str
+
+    def config(self, **train_overrides):
+        """A fresh ConfigDict of the run (2 layers, 4 heads, width 32, block 32; 20 steps of 8 x 32
+        tokens, evaluation and checkpoints every 10; mesh data=-1), train fields overridden."""
+        from gptjax import config as C
+
+        c = C.base_config()
+        c.data.source = f"files:{self.corpus}"
+        c.data.val_fraction = 0.1
+        c.tokenizer.vocab_size = 300
+        c.model.update(n_layer=2, n_head=4, n_embd=32, block_size=32)
+        c.train.update(steps=20, batch_size=8, seq_len=32, eval_every=10, eval_batches=2, log_every=1,
+                       checkpoint_every=10)
+        c.optim.update(lr=3e-3, warmup_steps=2)
+        c.mesh.update(data=-1, fsdp=1, tensor=1)
+        c.train.update(**train_overrides)
+        return c
+
+    def copy(self, dest) -> str:
+        """A copy of the whole run at `dest` (which must not exist), for a test that writes to it."""
+        shutil.copytree(self.workdir, dest)
+        return str(dest)
+
+    def tokenizer_only(self, dest) -> str:
+        """A new workdir at `dest` holding only the run's tokenizer: a run there trains from step 0
+        without training the tokenizer again."""
+        os.makedirs(dest)
+        shutil.copytree(os.path.join(self.workdir, "tokenizer"), os.path.join(dest, "tokenizer"))
+        return str(dest)
+
+
+def _train_shared_run(root: str) -> TrainedRun:
+    import jax
+
+    from gptjax import train
+
+    run = TrainedRun(corpus=write_program_corpus(os.path.join(root, "corpus")), workdir=os.path.join(root, "run"))
+    train.run(run.config(), run.workdir, devices=jax.devices()[:1])
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """The tiny trained run that tests share (`TrainedRun`), trained once per test run.
+
+    Under pytest-xdist each worker is its own process with its own session fixtures, so the run
+    lives in the directory that all workers of this test run share (the parent of each worker's
+    base temp), built by the first worker to take the lock; the others wait and reuse it. Alone,
+    pytest's base temp is this run's own (its parent holds earlier runs' directories).
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = shared / "gptjax-trained-run"
+    done = root / "done"
+    with FileLock(str(root) + ".lock"):
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+            _train_shared_run(str(root))
+            done.write_text("trained\n")
+    return TrainedRun(corpus=os.path.join(root, "corpus", "*.txt"), workdir=str(root / "run"))

@@ -114,15 +114,18 @@ def _flat(params) -> dict[str, np.ndarray]:
     return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x) for path, x in flat}
 
 
-def test_news_recipe_end_to_end(hf_dir: str, news: str, tmp_path, capsys: pytest.CaptureFixture) -> None:
+def test_news_recipe_end_to_end(hf_dir: str, news: str, tmp_path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
     """The recipe's CLI, offline: GPT-2 shape and tokenizer from the checkpoint, first loss equal to
-    transformers' on the imported weights, the loss falls, and the run samples."""
+    transformers' on the imported weights, the loss falls, and the run samples. (On one device:
+    the recipe does not choose its devices, and the tests' 8 simulated ones would make every
+    step an 8-way program.)"""
+    monkeypatch.setattr(sharding, "default_devices", lambda mesh, micro_batch: (jax.devices()[:1], ""))
     workdir = str(tmp_path / "news_run")
     steps = 12
     train.main([
         "--config", RECIPE, "--workdir", workdir,
         f"--config.init_from=hf:{hf_dir}", f"--config.data.source=files:{news}", *SMALL,
-        f"--config.train.steps={steps}", "--config.train.batch_size=16",  # the recipe's grad_accum=2: 8 rows per micro-batch, one per device
+        f"--config.train.steps={steps}", "--config.train.batch_size=16",  # the recipe's grad_accum=2: 8 rows per micro-batch
         "--config.train.eval_every=12", "--config.train.eval_batches=1",
     ])
     out = capsys.readouterr().out

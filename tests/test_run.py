@@ -3,19 +3,15 @@ abstract train step for a mesh without data, and the default workdir per config.
 
 import os
 import shlex
-import subprocess
-import sys
 
 import jax
 import pytest
 from fixtures.make_old_run import small_config, write_corpus
 
 from gptjax import config as C
-from gptjax import layout, train
+from gptjax import layout, sample, sharding, train
 from gptjax.errors import UserError
 from gptjax.run import model_config, resolve
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_model_config_is_where_vocab_size_0_means_the_tokenizers():
@@ -45,14 +41,14 @@ def test_resolve_writes_nothing_and_leaves_the_config_alone(tmp_path):
         run.config.model.vocab_size = 1  # the resolved config is frozen
 
 
-def test_a_changed_optimizer_rule_is_refused_before_any_checkpoint_is_touched(tmp_path):
+def test_a_changed_optimizer_rule_is_refused_before_any_checkpoint_is_touched(trained_run, tmp_path):
     """Resuming with a rule that changes the optimizer state's structure (layer_decay, freeze)
     is one UserError naming the field, raised before anything is written: the checkpoints stay
     where they are (not set aside as unreadable) and config.json keeps the saved settings. A
-    change that keeps the structure (the learning rate) resumes."""
-    config = small_config(write_corpus(str(tmp_path / "corpus")))
-    workdir = str(tmp_path / "run")
-    train.run(config, workdir, devices=jax.devices()[:1])
+    change that keeps the structure (the learning rate) resumes. (A copy of the shared run,
+    set to continue past its last checkpoint.)"""
+    config = trained_run.config(steps=40)
+    workdir = trained_run.copy(tmp_path / "run")
     run_dir = layout.RunDir.at(workdir)
     saved, steps = open(run_dir.config).read(), sorted(os.listdir(run_dir.checkpoints))
     for field, value in (("layer_decay", 0.5), ("freeze", "wpe/*")):
@@ -99,6 +95,9 @@ def _write_config(path, corpus: str, steps: int) -> str:
 
 
 def test_default_workdir_is_per_config_and_a_second_run_resumes(tmp_path, monkeypatch, capsys):
+    """Three CLI runs in this process (on one device: the devices are not what is tested here,
+    and the tests' 8 simulated CPU devices would make each step an 8-way program)."""
+    monkeypatch.setattr(sharding, "default_devices", lambda mesh, micro_batch: (jax.devices()[:1], ""))
     corpus = write_corpus(str(tmp_path / "corpus"))
     alpha = _write_config(tmp_path / "alpha.py", corpus, steps=2)
     beta = _write_config(tmp_path / "beta.py", corpus, steps=2)
@@ -115,11 +114,10 @@ def test_default_workdir_is_per_config_and_a_second_run_resumes(tmp_path, monkey
     assert "workdir runs/alpha: resuming from step 2" in out
     assert layout.RunDir.at(tmp_path / "runs" / "alpha").steps()[-1] == 4
     # The last line says how to sample; it runs as printed.
-    sample = out.strip().splitlines()[-1]
-    assert sample.startswith("sample:")
-    argv = shlex.split(sample.split(":", 1)[1])
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("sample:")
+    argv = shlex.split(line.split(":", 1)[1])
     assert argv[:3] == ["python", "-m", "gptjax.sample"] and argv[argv.index("--workdir") + 1] == "runs/alpha"
     argv += ["--max_new_tokens", "16"]  # shorter than printed (tests/test_readme.py runs it in full)
-    proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ROOT})
-    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+    sample.main(argv[3:])  # `python -m gptjax.sample` is sample.main, here in this process (in tmp_path)
+    assert capsys.readouterr().out.strip()

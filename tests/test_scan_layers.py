@@ -12,7 +12,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -85,7 +84,7 @@ def test_scan_gives_the_unrolled_loss_and_every_gradient(packed, remat):
         scale = float(np.abs(want).max()) or 1.0
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
     swapped = {**params, "h_0": params["h_1"], "h_1": params["h_0"]}
-    assert abs(float(_loss_fn(REFERENCE, batch)(swapped, jax.random.PRNGKey(0))) - float(want_loss)) > 1e-4
+    assert abs(float(jax.jit(_loss_fn(REFERENCE, batch))(swapped, jax.random.PRNGKey(0))) - float(want_loss)) > 1e-4
 
 
 def test_scan_with_dropout_is_deterministic_for_its_rng():
@@ -106,7 +105,7 @@ def test_scan_with_dropout_is_deterministic_for_its_rng():
         np.testing.assert_allclose(np.asarray(g3), np.asarray(g), rtol=0, atol=1e-5 * (float(np.abs(g).max()) or 1.0))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads_a))
     assert float(grad(params, b)[0]) != pytest.approx(float(loss_a), rel=1e-4)
-    assert float(_loss_fn(cfg, batch)(params, a)) != pytest.approx(float(loss_a), rel=1e-4)
+    assert float(jax.jit(_loss_fn(cfg, batch))(params, a)) != pytest.approx(float(loss_a), rel=1e-4)
 
 
 def test_scan_layers_is_checked():
@@ -134,7 +133,8 @@ def test_training_on_a_mesh_matches_the_unrolled_run_and_its_checkpoint_samples(
     """Three steps on 8 devices (data, fsdp and tensor 2 each: the parameters' logical
     shardings apply to the stacked ones) give the unrolled run's losses, with remat too;
     the checkpoint keeps `h_{i}` and loads for sampling, and its full pass (scanned) gives the
-    reference run's logits."""
+    reference run's logits. (Two layers: the stacking, its sharding and the order of the layers
+    are all there; a third layer only makes every program bigger.)"""
     corpus = _corpus(tmp_path / "corpus")
 
     def config(scan: bool):
@@ -142,7 +142,7 @@ def test_training_on_a_mesh_matches_the_unrolled_run_and_its_checkpoint_samples(
         c.data.source = f"files:{corpus}"
         c.data.val_fraction = 0.1
         c.tokenizer.vocab_size = 300
-        c.model.update(n_layer=3, n_head=4, n_embd=32, block_size=32, scan_layers=scan, remat=scan)
+        c.model.update(n_layer=2, n_head=4, n_embd=32, block_size=32, scan_layers=scan, remat=scan)
         c.train.update(steps=3, batch_size=8, seq_len=32, eval_every=3, eval_batches=1, log_every=1, checkpoint_every=3)
         c.optim.update(lr=3e-3, warmup_steps=1)
         c.mesh.update(data=2, fsdp=2, tensor=2)
@@ -158,9 +158,10 @@ def test_training_on_a_mesh_matches_the_unrolled_run_and_its_checkpoint_samples(
 
     loaded, reference = load(scan), load(ref)
     assert loaded.model_config.scan_layers and not reference.model_config.scan_layers
-    assert sorted(k for k in loaded.params if k.startswith("h_")) == ["h_0", "h_1", "h_2"]
+    assert sorted(k for k in loaded.params if k.startswith("h_")) == ["h_0", "h_1"]
     tokens = np.random.default_rng(0).integers(0, 300, (2, 32)).astype(np.int32)
-    logits = GPT(loaded.model_config).apply({"params": loaded.params}, tokens)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(GPT(reference.model_config).apply({"params": reference.params}, tokens)), atol=1e-4, rtol=0)
+    logits = jax.jit(GPT(loaded.model_config).apply)({"params": loaded.params}, tokens)
+    want = jax.jit(GPT(reference.model_config).apply)({"params": reference.params}, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=1e-4, rtol=0)
     new = loaded.generate_tokens([[1, 2, 3]], max_new_tokens=5, temperature=0.0, stop_tokens=())
     assert len(new[0]) == 5
