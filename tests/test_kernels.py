@@ -19,9 +19,9 @@ from gptjax.model import ATTENTION, GPT, GPTConfig, init_params
 from gptjax.run import resolve
 
 
-def _tiny_run(**model):
+def _tiny_run(n_layer: int = 2, **model):
     config = C.base_config()
-    config.model.update(n_layer=2, n_head=2, n_embd=32, block_size=16, **model)
+    config.model.update(n_layer=n_layer, n_head=2, n_embd=32, block_size=16, **model)
     config.tokenizer.vocab_size = 300
     config.train.update(batch_size=8, seq_len=16)
     config.mesh.update(data=2, fsdp=2, tensor=2)
@@ -60,11 +60,14 @@ def test_eval_step_equals_the_full_logits_loss(monkeypatch, chunk_bytes):
     batch = _packed_batch(np.random.default_rng(0), 8, 16, run.model.vocab_size, n_sources=3)
     plain = {k: batch[k] for k in ("inputs", "targets", "weights")}
     model, host = GPT(run.model), jax.tree_util.tree_map(np.asarray, params)
+    apply = jax.jit(lambda inputs, positions, segment_ids: model.apply({"params": host}, inputs, positions, segment_ids=segment_ids))
+    # Rows do not interact in the model: each reference is the full logits of the rows it counts,
+    # taken from one forward pass over the whole batch (packed, then plain).
+    full_logits = {"packed": apply(batch["inputs"], batch["positions"], batch["segment_ids"]),
+                   "plain": apply(plain["inputs"], None, None)}
 
     def reference(b: dict[str, np.ndarray], rows: np.ndarray) -> float:
-        packed = {k: b[k][rows] for k in ("positions", "segment_ids") if k in b}
-        logits = model.apply({"params": host}, b["inputs"][rows], packed.get("positions"),
-                             segment_ids=packed.get("segment_ids"))
+        logits = full_logits["packed" if "segment_ids" in b else "plain"][rows]
         s, n = cross_entropy(logits, jnp.asarray(b["targets"][rows]), jnp.asarray(b["weights"][rows]))
         return float(s / n)
 
@@ -90,7 +93,8 @@ def test_every_attention_option_names_an_implementation():
 def test_attention_option_gives_the_reference_loss_and_gradients(attention, packed):
     """Loss and every parameter's gradient equal those of the einsum attention ("xla"), on
     plain rows and on packed rows (segment ids, per-example positions)."""
-    reference = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=32, block_size=16)
+    # One block: the attention's gradients reach every parameter, as they would through more.
+    reference = GPTConfig(vocab_size=97, n_layer=1, n_head=4, n_embd=32, block_size=16)
     params = init_params(reference, jax.random.PRNGKey(0))
     batch = _packed_batch(np.random.default_rng(1), 4, 16, 97, n_sources=1)
     segments = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]} if packed else {}
@@ -145,8 +149,9 @@ def test_splash_attention_on_a_mesh_gives_the_reference_loss_and_gradients():
     gradients on packed rows with segment ids."""
     batch = _packed_batch(np.random.default_rng(2), 8, 16, 300, n_sources=1)
     batch = {k: batch[k] for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
-    want_loss, want_grads, _ = _splash_loss_and_grads(_tiny_run(), batch)
-    got_loss, got_grads, jaxpr = _splash_loss_and_grads(_tiny_run(attention="splash"), batch)
+    # One block: its attention's gradients (the kernel's dq and dkv) reach every parameter below it.
+    want_loss, want_grads, _ = _splash_loss_and_grads(_tiny_run(n_layer=1), batch)
+    got_loss, got_grads, jaxpr = _splash_loss_and_grads(_tiny_run(n_layer=1, attention="splash"), batch)
     assert "pallas_call" in jaxpr and "shard_map" in jaxpr
     assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
     for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree_util.tree_leaves(got_grads)):
@@ -178,12 +183,17 @@ def test_splash_attention_matches_the_reference_on_real_tokens(seq, padded):
     def kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         return splash_attention(q, k, v, jnp.asarray(token_mask) if padded else None, None)
 
-    for_real = lambda f: jax.value_and_grad(lambda *a: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2))
-    want, want_grads = jax.jit(for_real(reference))(q, k, v)
-    got, got_grads = jax.jit(for_real(kernel))(q, k, v)
+    def for_real(f):
+        """Outputs, <outputs, cotangent> and its gradients (the pullback of the cotangent): one program."""
+        def outputs_and_grads(*a: jax.Array) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
+            out, pullback = jax.vjp(f, *a)
+            return out, jnp.sum(out * cotangent), pullback(cotangent)
+        return jax.jit(outputs_and_grads)
+
+    want_out, want, want_grads = for_real(reference)(q, k, v)
+    got_out, got, got_grads = for_real(kernel)(q, k, v)
     assert float(got) == pytest.approx(float(want), rel=1e-5)
-    np.testing.assert_allclose(np.asarray(kernel(q, k, v))[np.asarray(real)], np.asarray(reference(q, k, v))[np.asarray(real)],
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_out)[np.asarray(real)], np.asarray(want_out)[np.asarray(real)], rtol=0, atol=1e-5)
     for name, g, w in zip("qkv", got_grads, want_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-5, err_msg=name)
 
