@@ -115,13 +115,10 @@ def test_cli_truncate_prompt_cuts_from_the_left(workdir, capsys):
     assert "tokens/s" in capsys.readouterr().err
 
 
-def test_cli_refuses_a_path_that_is_not_a_run(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "gptjax.sample", "--workdir", str(tmp_path), "--prompt", "x"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and "not a gptjax run" in r.stderr
+def test_cli_refuses_a_path_that_is_not_a_run(tmp_path, capsys):
+    code, _, err = run_cli(["--workdir", str(tmp_path), "--prompt", "x"], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "not a gptjax run" in err
 
 
 def test_cli_default_max_new_tokens_runs_past_the_window(workdir, capsys):

@@ -181,7 +181,8 @@ CFG = GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_embd=32, block_size=64)
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.PRNGKey(0))
+    # Compiled once rather than op by op (the tests need random parameters, not these exact values).
+    return jax.jit(init_params, static_argnums=0)(CFG, jax.random.PRNGKey(0))
 
 
 def test_a_tokens_logits_ignore_the_other_examples_of_its_row(tmp_path, pairs, params):
@@ -189,12 +190,12 @@ def test_a_tokens_logits_ignore_the_other_examples_of_its_row(tmp_path, pairs, p
     b = ds.get_batch(0, 8, 48, seed=0)
     r = next(r for r in range(8) if len(_segments(b, r)) >= 3)
     first, second, third = _segments(b, r)[:3]
-    model = GPT(CFG)
+    apply = jax.jit(GPT(CFG).apply)  # one program per signature, not op-by-op dispatch
     row = {k: jnp.asarray(b[k][r : r + 1]) for k in ("inputs", "positions", "segment_ids")}
 
     def logits(inputs, segments=True):
-        return np.asarray(model.apply({"params": params}, inputs, row["positions"],
-                                      segment_ids=row["segment_ids"] if segments else None))
+        return np.asarray(apply({"params": params}, inputs, row["positions"],
+                                segment_ids=row["segment_ids"] if segments else None))
 
     changed = row["inputs"].at[0, second].set((row["inputs"][0, second] + 1 + jnp.arange(len(second))) % 256)
     base, other = logits(row["inputs"]), logits(changed)
@@ -204,15 +205,16 @@ def test_a_tokens_logits_ignore_the_other_examples_of_its_row(tmp_path, pairs, p
     # Without segment ids the third example sees the second.
     assert np.abs(logits(changed, False)[0, third] - logits(row["inputs"], False)[0, third]).max() > 1e-3
     # The example's logits in the row are those of the example alone, from position 0.
-    alone = np.asarray(model.apply({"params": params}, row["inputs"][:, third]))
+    alone = np.asarray(apply({"params": params}, row["inputs"][:, third]))
     np.testing.assert_allclose(base[0, third], alone[0], atol=2e-5)
 
 
 def test_one_segment_is_the_plain_causal_model(params):
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, CFG.vocab_size)
     model = GPT(CFG)
-    plain = model.apply({"params": params}, tokens)
-    one = model.apply({"params": params}, tokens, segment_ids=jnp.ones((2, 24), jnp.int32))
+    apply = jax.jit(model.apply)
+    plain = apply({"params": params}, tokens)
+    one = apply({"params": params}, tokens, segment_ids=jnp.ones((2, 24), jnp.int32))
     np.testing.assert_allclose(np.asarray(one), np.asarray(plain), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="not for decoding"):
         model.init(jax.random.PRNGKey(0), tokens, segment_ids=jnp.ones((2, 24), jnp.int32), decode=True)
