@@ -24,6 +24,7 @@ from gptjax import tokenizer as tk
 from gptjax.tokenizer import workdir as tk_workdir
 from gptjax.data import cache as token_cache
 from gptjax.errors import UserError
+from gptjax.layout import RunDir
 from test_data import typed_sections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
