@@ -115,10 +115,11 @@ class Run:
         `run.derive(train={"grad_accum": 8}, model={"n_layer": 2, "scan_layers": False})`.
         The model keeps this run's resolved vocabulary."""
         s = dataclasses.replace(self.sections, model=dataclasses.asdict(self.model))
+        sections = {f.name for f in dataclasses.fields(s)}
         for name, fields in changes.items():
-            current = getattr(s, name) if name != "sections" else None
-            if current is None:
-                raise ValueError(f"Run.derive: no config section {name!r}")
+            if name not in sections:
+                raise ValueError(f"Run.derive: no config section {name!r}; sections: {sorted(sections)}")
+            current = getattr(s, name)
             if name == "model":
                 unknown = set(fields) - set(current)
                 if unknown:
