@@ -374,15 +374,44 @@ def splash_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | N
     return float(flops), float(moved + inst.bytes)
 
 
+def online_softmax_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
+    """(FLOPs, HBM bytes) of the TPU compiler's own "online-softmax" kernel, or None when `inst`
+    is not one: softmax(scores [..., T, S]) @ v [..., S, D], which it makes of an einsum
+    attention's softmax and second matmul. FLOPs: the matmul's 2 T S D and 4 per score (max,
+    subtract, sum, scale); bytes: its operands and output, each once."""
+    if inst.opcode != "custom-call" or 'op_name="online-softmax"' not in inst.attrs or len(inst.operands) != 2:
+        return None
+    scores, v = (_operand_arrays(comp, inst, i) for i in range(2))
+    if len(scores) != 1 or len(v) != 1 or len(scores[0].dims) < 2:
+        return None
+    s = scores[0]
+    return float(s.elements * (2 * v[0].dims[-1] + 4)), instruction_bytes_plain(comp, inst)
+
+
+def instruction_bytes_plain(comp: Computation, inst: Instruction) -> float:
+    """An instruction's operands and output, once each, at their padded sizes."""
+    return sum(_operand_bytes(comp, inst, i) for i in range(len(inst.operands))) + inst.bytes
+
+
+def kernel_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
+    """(FLOPs, HBM bytes) of a custom-call kernel the counts know (splash, online-softmax)."""
+    return splash_cost(comp, inst) or online_softmax_cost(comp, inst)
+
+
 def _group_size(inst: Instruction, n_devices: int) -> int:
+    """The chips in each of a collective's replica groups: listed ({{0,1,2,3},...}), as an iota
+    ([groups,size]<=[n]) or as mesh axes (mesh['axis_0'=4,'axis_1'=2] {'axis_0'}: their product)."""
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", inst.attrs)
+    if mesh:
+        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", mesh.group(2)))
     groups = re.search(r"replica_groups=\{\{([^}]*)\}", inst.attrs)
     if groups:
         return len(groups.group(1).split(","))
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", inst.attrs)
     if iota:
         return int(iota.group(2))
-    pairs = re.search(r"source_target_pairs=", inst.attrs)
-    return 2 if pairs else max(n_devices, 1)
+    return 2 if "source_target_pairs=" in inst.attrs else max(n_devices, 1)
 
 
 def collective_kind(module: Module, inst: Instruction) -> str | None:
@@ -426,10 +455,14 @@ def _what(inst: Instruction) -> str:
     return "/".join(parts[-3:])
 
 
-def count(text: str, xla_flops: float, xla_bytes: float, n_devices: int) -> Counts:
-    """The counts of a compiled program from its HLO text (`compiled.as_text()`), its XLA cost
-    analysis totals and the number of devices it runs on (see the module's docstring)."""
+def count(text: str, xla_flops: float, xla_bytes: float, n_devices: int = 0) -> Counts:
+    """The counts of a compiled program from its HLO text (`compiled.as_text()`) and its XLA
+    cost analysis totals (see the module's docstring). `n_devices` (0: the module's
+    num_partitions) is the group of a collective whose replica groups the text does not give."""
     module = parse_module(text)
+    if not n_devices:
+        partitions = re.search(r"num_partitions=(\d+)", text[:20000])
+        n_devices = int(partitions.group(1)) if partitions else 1
     times, loops, unknown = multiplicities(module)
     flops, hbm = xla_flops, xla_bytes
     ops: list[Op] = []
@@ -437,7 +470,7 @@ def count(text: str, xla_flops: float, xla_bytes: float, n_devices: int) -> Coun
         comp = module.computations[name]
         for inst in comp.instructions.values():
             f, b = instruction_flops(module, comp, inst), instruction_bytes(module, comp, inst)
-            kernel = splash_cost(comp, inst)
+            kernel = kernel_cost(comp, inst)
             if kernel is not None:  # its own work in place of XLA's (no FLOPs, its operands and outputs once)
                 flops += m * kernel[0]
                 hbm += m * kernel[1] - instruction_bytes(module, comp, inst, physical=False)
