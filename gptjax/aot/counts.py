@@ -33,11 +33,12 @@ all-reduce twice that; times the multiplicity of the computation that holds them
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 
-from gptjax.aot.hlo import Computation, Instruction, Module, parse_module, parse_shape, shape_bytes
+from gptjax.aot.collectives import collective_kind, ici_bytes
+from gptjax.aot.hlo import Computation, Instruction, Module, operand_arrays, operand_bytes, parse_module
+from gptjax.aot.kernels import kernel_cost
 
 # Instructions that move no data of their own (aliases, tuples, control).
 _FREE = {
@@ -46,14 +47,11 @@ _FREE = {
 }
 _DONE = {"all-gather-done", "all-reduce-done", "collective-permute-done", "async-done", "async-update", "send-done",
          "recv-done"}
-_TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "tanh", "rsqrt", "sqrt", "cbrt",
-                   "logistic", "sine", "cosine", "tan", "atan2", "erf", "power"}
 _ELEMENTWISE = {
     "add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs", "compare", "select", "clamp",
     "and", "or", "xor", "not", "sign", "floor", "ceil", "round-nearest-even", "round-nearest-afz", "remainder",
     "is-finite", "convert", "shift-left", "shift-right-logical", "shift-right-arithmetic", "reduce-precision",
 }
-COLLECTIVES = {"all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all", "collective-permute"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,16 +194,6 @@ def multiplicities(module: Module) -> tuple[dict[str, int], list[tuple[str, int]
 # -- one instruction's cost ------------------------------------------------------------------
 
 
-def _operand_arrays(comp: Computation, inst: Instruction, i: int) -> list:
-    src = comp.instructions.get(inst.operands[i]) if i < len(inst.operands) else None
-    return parse_shape(src.shape) if src is not None else []
-
-
-def _operand_bytes(comp: Computation, inst: Instruction, i: int) -> float:
-    src = comp.instructions.get(inst.operands[i]) if i < len(inst.operands) else None
-    return shape_bytes(src.shape) if src is not None else 0.0
-
-
 def _window_taps(in_size: int, out_size: int, size: int, stride: int, pad_low: int, lhs_dilate: int, rhs_dilate: int) -> int:
     """Window taps over all output positions of one spatial dimension that land on an input
     element (not padding, not a hole of the input's dilation), as XLA counts a convolution."""
@@ -221,7 +209,7 @@ def _window_taps(in_size: int, out_size: int, size: int, stride: int, pad_low: i
 def _convolution_flops(comp: Computation, inst: Instruction, out: int) -> float:
     """2 x (output elements over output positions) x input features per group x valid taps:
     the TPU compiler writes batched matmuls as convolutions with dilated windows."""
-    lhs = _operand_arrays(comp, inst, 0)
+    lhs = operand_arrays(comp, inst, 0)
     labels = re.search(r"dim_labels=(\w+)_\w+->(\w+)", inst.attrs)
     if not lhs or not labels or "f" not in labels.group(1):
         return 0.0
@@ -249,7 +237,7 @@ def instruction_flops(module: Module, comp: Computation, inst: Instruction) -> f
         return sum(instruction_flops(module, fused, i) for i in fused.instructions.values()) if fused else 0.0
     out = sum(a.elements for a in inst.arrays)
     if op == "dot":
-        lhs = _operand_arrays(comp, inst, 0)
+        lhs = operand_arrays(comp, inst, 0)
         dims = [int(d) for d in re.findall(r"\d+", (re.search(r"lhs_contracting_dims=\{([^}]*)\}", inst.attrs) or [None, ""])[1])]
         return 2.0 * out * math.prod(lhs[0].dims[d] for d in dims) if lhs else 0.0
     if op == "convolution":
@@ -257,7 +245,7 @@ def instruction_flops(module: Module, comp: Computation, inst: Instruction) -> f
     if op in _ELEMENTWISE:
         return float(out)
     if op in ("reduce", "reduce-window"):
-        ins = sum(a.elements for a in _operand_arrays(comp, inst, 0))
+        ins = sum(a.elements for a in operand_arrays(comp, inst, 0))
         return float(max(ins - out, 0))
     return 0.0
 
@@ -310,7 +298,7 @@ def instruction_bytes(module: Module, comp: Computation, inst: Instruction, phys
         return 0.0
     if op == "copy-done":  # the copy's destination, read and written (its operand is the start's tuple)
         return 2 * inst.bytes
-    whole = sum(_operand_bytes(comp, inst, i) for i in range(len(inst.operands))) + inst.bytes
+    whole = sum(operand_bytes(comp, inst, i) for i in range(len(inst.operands))) + inst.bytes
     fused = module.computations.get(inst.attr("calls") or "") if op == "fusion" else None
     if not physical or fused is None:
         return whole
@@ -325,7 +313,7 @@ def instruction_bytes(module: Module, comp: Computation, inst: Instruction, phys
         if p is not None and p.name in in_place and len(users.get(p.name, [])) == 1:
             continue  # the buffer updated in place: only the update moves (counted below)
         read = _sliced_read(module, fused, p) if p is not None else None
-        total += _operand_bytes(comp, inst, index) if read is None else read
+        total += operand_bytes(comp, inst, index) if read is None else read
     for out in outs:
         update = fused.instructions.get(out.operands[1]) if out.opcode == "dynamic-update-slice" else None
         if update is not None and len(users.get(out.operands[0], [])) == 1 and out.operands[0] in {p.name for p in params.values()}:
@@ -333,115 +321,6 @@ def instruction_bytes(module: Module, comp: Computation, inst: Instruction, phys
         else:
             total += out.bytes
     return total
-
-
-# -- kernels and collectives -----------------------------------------------------------------
-
-
-def _causal_pairs(seq_q: int, seq_kv: int, block_q: int, block_kv: int) -> int:
-    """(query block, key block) pairs with any key at or before a query: those a causal kernel computes."""
-    n_kv = -(-seq_kv // block_kv)
-    return sum(min(n_kv, ((i + 1) * block_q - 1) // block_kv + 1) for i in range(-(-seq_q // block_q)))
-
-
-def splash_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
-    """(FLOPs, HBM bytes) of a splash attention kernel from its block sizes, or None when
-    `inst` is not one. Its first three floating operands of rank >= 3 are q, k, v
-    ([..., tokens, head_dim]); the kernel is causal (gptjax's splash kernel is)."""
-    meta = re.search(r'"xprof_metadata":"(\{.*?\})"', inst.attrs)
-    if inst.opcode != "custom-call" or not meta or "block_q" not in meta.group(1):
-        return None
-    blocks = json.loads(meta.group(1).replace('\\"', '"'))
-    arrays = [a for i in range(len(inst.operands)) for a in _operand_arrays(comp, inst, i)]
-    q, k, v = ([a for a in arrays if len(a.dims) >= 3 and a.dtype in ("f32", "bf16", "f16")] + [None] * 3)[:3]
-    if q is None or k is None or v is None:
-        return None
-    rows, seq_q, d, seq_kv, size = math.prod(q.dims[:-2]), q.dims[-2], q.dims[-1], k.dims[-2], q.itemsize
-    name = inst.name
-    fused_bwd = bool(blocks.get("use_fused_bwd_kernel"))
-    if "dkv" in name:
-        bq, bkv, per_pair = blocks["block_q_dkv"], blocks["block_kv_dkv"], 10 if fused_bwd else 8
-    elif "dq" in name:
-        bq, bkv, per_pair = blocks["block_q_dq"], blocks["block_kv_dq"], 6
-    else:
-        bq, bkv, per_pair = blocks["block_q"], blocks["block_kv"], 4
-    pairs = _causal_pairs(seq_q, seq_kv, bq, bkv)
-    flops = rows * pairs * per_pair * bq * bkv * d
-    if "dkv" in name:  # k, v once per key block; q and d(out) per pair
-        moved = rows * size * (2 * seq_kv * d + pairs * 2 * bq * d)
-    else:  # q (and d(out)) once per query block; k and v per pair
-        moved = rows * size * ((1 if "fwd" in name else 2) * seq_q * d + pairs * 2 * bkv * d)
-    return float(flops), float(moved + inst.bytes)
-
-
-def online_softmax_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
-    """(FLOPs, HBM bytes) of the TPU compiler's own "online-softmax" kernel, or None when `inst`
-    is not one: softmax(scores [..., T, S]) @ v [..., S, D], which it makes of an einsum
-    attention's softmax and second matmul. FLOPs: the matmul's 2 T S D and 4 per score (max,
-    subtract, sum, scale); bytes: its operands and output, each once."""
-    if inst.opcode != "custom-call" or 'op_name="online-softmax"' not in inst.attrs or len(inst.operands) != 2:
-        return None
-    scores, v = (_operand_arrays(comp, inst, i) for i in range(2))
-    if len(scores) != 1 or len(v) != 1 or len(scores[0].dims) < 2:
-        return None
-    s = scores[0]
-    return float(s.elements * (2 * v[0].dims[-1] + 4)), instruction_bytes_plain(comp, inst)
-
-
-def instruction_bytes_plain(comp: Computation, inst: Instruction) -> float:
-    """An instruction's operands and output, once each, at their padded sizes."""
-    return sum(_operand_bytes(comp, inst, i) for i in range(len(inst.operands))) + inst.bytes
-
-
-def kernel_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
-    """(FLOPs, HBM bytes) of a custom-call kernel the counts know (splash, online-softmax)."""
-    return splash_cost(comp, inst) or online_softmax_cost(comp, inst)
-
-
-def _group_size(inst: Instruction, n_devices: int) -> int:
-    """The chips in each of a collective's replica groups: listed ({{0,1,2,3},...}), as an iota
-    ([groups,size]<=[n]) or as mesh axes (mesh['axis_0'=4,'axis_1'=2] {'axis_0'}: their product)."""
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", inst.attrs)
-    if mesh:
-        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
-        return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", mesh.group(2)))
-    groups = re.search(r"replica_groups=\{\{([^}]*)\}", inst.attrs)
-    if groups:
-        return len(groups.group(1).split(","))
-    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", inst.attrs)
-    if iota:
-        return int(iota.group(2))
-    return 2 if "source_target_pairs=" in inst.attrs else max(n_devices, 1)
-
-
-def collective_kind(module: Module, inst: Instruction) -> str | None:
-    """The collective an instruction starts ('all-gather', ...), or None."""
-    op = inst.opcode
-    if op.endswith("-start") and op[: -len("-start")] in COLLECTIVES:
-        return op[: -len("-start")]
-    if op in COLLECTIVES:
-        return op
-    if op == "async-start":
-        called = module.computations.get(inst.attr("calls") or "")
-        if called is not None and called.root.opcode in COLLECTIVES:
-            return called.root.opcode
-    return None
-
-
-def ici_bytes(module: Module, comp: Computation, inst: Instruction, n_devices: int) -> float:
-    """Bytes a chip sends over ICI for one collective (0 for anything else)."""
-    kind = collective_kind(module, inst)
-    if kind is None:
-        return 0.0
-    if inst.opcode == "async-start":
-        inst_for_groups = module.computations[inst.attr("calls") or ""].root
-    else:
-        inst_for_groups = inst
-    n = _group_size(inst_for_groups, n_devices)
-    data = sum(_operand_bytes(comp, inst, i) for i in range(len(inst.operands)))
-    if n <= 1:
-        return 0.0
-    return data * {"all-gather": n - 1, "all-reduce": 2 * (n - 1) / n, "collective-permute": 1}.get(kind, (n - 1) / n)
 
 
 # -- the whole call --------------------------------------------------------------------------

@@ -119,6 +119,18 @@ class Module:
         return next(c for c in self.computations.values() if c.entry)
 
 
+def operand_arrays(comp: Computation, inst: Instruction, i: int) -> list[Array]:
+    """The arrays of an instruction's i-th operand (its defining instruction's shape)."""
+    src = comp.instructions.get(inst.operands[i]) if i < len(inst.operands) else None
+    return parse_shape(src.shape) if src is not None else []
+
+
+def operand_bytes(comp: Computation, inst: Instruction, i: int) -> float:
+    """HBM bytes of an instruction's i-th operand."""
+    src = comp.instructions.get(inst.operands[i]) if i < len(inst.operands) else None
+    return shape_bytes(src.shape) if src is not None else 0.0
+
+
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _START = re.compile(r"^\s+(ROOT )?%([\w.\-]+) = ")
 
