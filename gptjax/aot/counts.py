@@ -162,7 +162,8 @@ def trip_count(module: Module, parent: Computation, loop: Instruction) -> int | 
 
 def multiplicities(module: Module) -> tuple[dict[str, int], list[tuple[str, int]], int]:
     """How many times each (non-fused) computation runs per call; the loops read; and how many
-    loops' trip counts could not be read."""
+    loops' trip counts could not be read. An async start's wrapped computation is not visited:
+    the start itself is costed (and, for a collective, its ICI bytes)."""
     times: dict[str, int] = {}
     loops: list[tuple[str, int]] = []
     unknown = 0
@@ -181,10 +182,11 @@ def multiplicities(module: Module) -> tuple[dict[str, int], list[tuple[str, int]
                     sub = module.computations.get(inst.attr(key) or "")
                     if sub is not None:
                         visit(sub, m * factor)
-            elif inst.opcode in ("call", "conditional", "async-start"):
-                for name in re.findall(r"(?:to_apply|calls|true_computation|false_computation)=%([\w.\-]+)", inst.attrs) + \
-                        re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", inst.attrs) or [None, ""])[1]):
-                    if name in module.computations and inst.opcode != "async-start":
+            elif inst.opcode in ("call", "conditional"):  # every branch, as if each ran: a bound
+                branches = re.search(r"branch_computations=\{([^}]*)\}", inst.attrs)
+                names = re.findall(r"(?:to_apply|true_computation|false_computation)=%([\w.\-]+)", inst.attrs)
+                for name in names + (re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []):
+                    if name in module.computations:
                         visit(module.computations[name], m)
 
     visit(module.entry, 1)
