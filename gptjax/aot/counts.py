@@ -13,16 +13,19 @@ more compiles:
    loop starts it at a constant and its body adds a constant (XLA's `known_trip_count`, when
    the module carries it, wins). A loop whose count cannot be read counts once, as XLA's does,
    and `Counts.unknown_loops` says how many there were.
-2. Each top-level instruction's cost, by XLA's rules (`HloCostAnalysis`): FLOPs of the dots,
-   convolutions, elementwise ops and reductions it holds; HBM bytes of its operands and
-   outputs at their padded TPU sizes (a fusion's whole operands, as the TPU compiler's own
-   count charges them; within about 1% of its total on the steps tested). A splash attention kernel
-   (`tpu_custom_call` carrying splash block sizes) is counted from its block sizes instead:
-   the causal (query block, key block) pairs it computes, 4 (forward), 6 (dq) or 8 (dkv; 10
-   fused) FLOPs per query-key-dim element of a pair, and its reads of q, k, v blocks per pair.
-3. The totals: XLA's own counts plus, for every instruction, its cost times (multiplicity - 1)
-   and a kernel's analytic cost in place of XLA's. So where nothing loops and no kernel runs
-   they are exactly XLA's, and the per-instruction model only fills in what XLA leaves out.
+2. Each top-level instruction's cost: FLOPs as XLA counts them (its dots, convolutions,
+   elementwise ops and reductions: within 1% of XLA's total on the steps tested); HBM bytes as
+   the chip moves them: its operands and outputs at their padded TPU sizes, a bitcast nothing,
+   a fusion only the slices it reads of an operand it slices and the update it writes in
+   place. (The compiler's own count charges a fusion whole buffers, which in a loop walking a
+   stacked array would multiply the stack by its depth; `instruction_bytes(physical=False)`
+   is that rule, within 3% of XLA's total where nothing loops.) A kernel the cost analysis
+   cannot see into is counted from its shapes (`gptjax.aot.kernels`: splash attention from
+   its block sizes, the compiler's online-softmax).
+3. The totals: XLA's own counts, plus every instruction's cost times (multiplicity - 1), plus
+   each kernel's own work in place of what XLA charged it. So where nothing loops and no
+   kernel runs they are exactly XLA's, and the per-instruction model only fills in the
+   iterations XLA leaves out.
 
 The collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, also
 as async starts) give the ICI bytes each chip sends, as a ring over a replica group of n
