@@ -209,4 +209,7 @@ def restore_params(run_dir: RunDir, step: int | None, device: jax.Device | None 
 def model_shape(model: Any) -> dict[str, Any]:
     """The fields of a model config (a GPTConfig or config.model) that fix parameter shapes."""
     keys = ("vocab_size", "n_layer", "n_head", "n_embd", "n_mlp", "block_size")
-    return {k: (model[k] if hasattr(model, "keys") else getattr(model, k)) for k in keys}
+    shape = {k: (model[k] if hasattr(model, "keys") else getattr(model, k)) for k in keys}
+    # padded vocabulary rows; configs saved before the field existed had none
+    shape["vocab_multiple"] = model.get("vocab_multiple", 1) if hasattr(model, "keys") else model.vocab_multiple
+    return shape

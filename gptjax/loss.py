@@ -1,11 +1,14 @@
 """The losses: token cross entropy, and the tied head's chunked cross entropy (training and evaluation).
 
 Both return (sum of weighted token losses, sum of weights) so that callers can accumulate
-over micro-batches and devices before dividing once.
+over micro-batches and devices before dividing once. The tied head's table may have padded
+rows (`model.vocab_multiple`): given the real `vocab_size`, their logits are masked out of the
+softmax, so the loss and every gradient are those of the unpadded table (padded rows get zero).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -30,33 +33,48 @@ def _seq_chunks(b: int, t: int, vocab: int) -> int:
     return t
 
 
-@jax.custom_vjp
 def head_cross_entropy(
-    hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array
+    hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
+    vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`cross_entropy` of the tied head's logits `hidden @ embedding.T`, never holding them whole.
+
+    `vocab_size`: the real vocabulary when the table has padded rows past it (default: all rows).
 
     The logits are made a sequence chunk at a time. Under differentiation the forward pass
     also computes each chunk's gradients with respect to `hidden` and `embedding` while the
     chunk is at hand (softmax - one-hot, two matmuls: the FLOPs autodiff would spend), so no
     [batch, seq, vocab] array, nor its gradient or transposed copy, is ever made.
     """
-    sums, _, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False)
+    valid = embedding_VxC.shape[0] if vocab_size is None else int(vocab_size)
+    return _head_ce_vjp(valid, hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _head_ce_vjp(
+    valid: int, hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    sums, _, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, valid=valid)
     return sums
 
 
 def _head_ce(
-    hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, grads: bool
+    hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, grads: bool,
+    valid: int | None = None,
 ) -> Any:
-    """(sums, token losses [B, T], d hidden [B, T, C] or None, d embedding [V, C] or None)."""
+    """(sums, token losses [B, T], d hidden [B, T, C] or None, d embedding [V, C] or None);
+    rows of the table from `valid` on are padding (masked out)."""
     b, t, _ = hidden_BxTxC.shape
     vocab = embedding_VxC.shape[0]
     n = _seq_chunks(b, t, vocab)
     w_VxC = embedding_VxC.astype(hidden_BxTxC.dtype)
+    real_1x1xV = None if valid is None or valid >= vocab else (jnp.arange(vocab) < valid)[None, None]
 
     def chunk(h_BxSxC: jax.Array, tg_BxS: jax.Array, wt_BxS: jax.Array) -> Any:
         # S: the chunk's sequence length (t // n).
         logits_BxSxV = jnp.einsum("btc,vc->btv", h_BxSxC, w_VxC, preferred_element_type=jnp.float32)
+        if real_1x1xV is not None:  # padded rows: exp() of them is 0, so they are in no sum or gradient
+            logits_BxSxV = jnp.where(real_1x1xV, logits_BxSxV, jnp.finfo(jnp.float32).min)
         top_BxSx1 = logits_BxSxV.max(axis=-1, keepdims=True)
         e_BxSxV = jnp.exp(logits_BxSxV - top_BxSx1)  # one exp pass serves the loss and its gradient
         total_BxS = e_BxSxV.sum(axis=-1)
@@ -96,18 +114,18 @@ def _head_ce(
     return ((losses_BxT * weights_BxT).sum(), weights_BxT.sum()), losses_BxT, dh_BxTxC, dw_VxC
 
 
-def _head_ce_fwd(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array) -> Any:
-    sums, losses, dh, dw = _head_ce(hidden, embedding, targets, weights, grads=True)
+def _head_ce_fwd(valid: int, hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array) -> Any:
+    sums, losses, dh, dw = _head_ce(hidden, embedding, targets, weights, grads=True, valid=valid)
     return sums, (losses, dh.astype(hidden.dtype), dw.astype(embedding.dtype))
 
 
-def _head_ce_bwd(res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
+def _head_ce_bwd(valid: int, res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
     losses, dh, dw = res
     g_loss, g_weight = g
     return (g_loss * dh).astype(dh.dtype), g_loss * dw, None, g_loss * losses + g_weight
 
 
-head_cross_entropy.defvjp(_head_ce_fwd, _head_ce_bwd)
+_head_ce_vjp.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
 def head_eval_sums(
@@ -116,15 +134,16 @@ def head_eval_sums(
     targets_BxT: jax.Array,
     weights_BxT: jax.Array,
     sources_BxS: jax.Array | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`head_cross_entropy` for evaluation (not differentiable), optionally split by source.
 
     Without `sources_BxS`: (loss sum, weight sum), scalars. With a one-hot `sources_BxS`:
     (loss sums [S], weight sums [S]), each row counted for the source it names (a row of zeros
-    counts nowhere). The logits are made a sequence chunk at a time, as in training, so an
+    counts nowhere). `vocab_size` as in `head_cross_entropy`. The logits are made a sequence chunk at a time, as in training, so an
     eval batch never holds [batch, seq, vocab] of them.
     """
-    sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False)
+    sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, valid=vocab_size)
     if sources_BxS is None:
         return sums
     return (losses_BxT * weights_BxT).sum(axis=1) @ sources_BxS, weights_BxT.sum(axis=1) @ sources_BxS

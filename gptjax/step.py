@@ -153,7 +153,9 @@ class Trainer:
             {"params": params}, batch["inputs"], batch.get("positions"), segment_ids=batch.get("segment_ids"),
             deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True,
         )
-        return head_cross_entropy(hidden_BxTxC, params["wte"]["embedding"], batch["targets"], batch["weights"])
+        return head_cross_entropy(
+            hidden_BxTxC, params["wte"]["embedding"], batch["targets"], batch["weights"], self.gpt.vocab_size
+        )
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step over `grad_accum` micro-batches (batch arrays are [accum, micro, seq]).
@@ -217,7 +219,8 @@ class Trainer:
             deterministic=True, return_hidden=True,
         )
         return head_eval_sums(
-            hidden_BxTxC, params["wte"]["embedding"], batch["targets"], batch["weights"], batch.get("sources")
+            hidden_BxTxC, params["wte"]["embedding"], batch["targets"], batch["weights"], batch.get("sources"),
+            self.gpt.vocab_size,
         )
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -6,6 +6,7 @@ A full pass (training, evaluation, `decode=False`) computes attention with the i
     "xla"          einsums and a softmax, with attention dropout: the reference
     "dot_product"  `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU
     "splash"       the Pallas splash kernel (`gptjax.model.splash`): TPU; interpreted on a CPU
+    "auto"         the platform's fast one of these (`gptjax.model.platform.resolve_attention`)
 
 Each takes q, k, v [B, H, T, D] in the compute dtype, the token mask and segment ids, and the
 dropout to apply to the attention probabilities (only the reference has them; the config
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 from gptjax.model.config import GPTConfig
 from gptjax.model.decode_layout import dense_layers
 from gptjax.model.layers import matmul, residual_std
+from gptjax.model.platform import resolve_attention
 
 DropoutFn = Callable[[jax.Array], jax.Array]  # attention probabilities -> the same, dropped out
 
@@ -141,7 +143,7 @@ class CausalSelfAttention(nn.Module):
             k_NxSxD, v_NxSxD, mask_BxHxTxS = self._update_cache(k_BxHxTxD, v_BxHxTxD, token_mask)
             y_BxHxTxD = cached_attention(q_BxHxTxD, k_NxSxD, v_NxSxD, mask_BxHxTxS, dropout)
         else:
-            attend = IMPLEMENTATIONS[cfg.attention]
+            attend = IMPLEMENTATIONS[resolve_attention(cfg)]
             y_BxHxTxD = attend(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids, dropout)
         y_BxTxC = projection(
             "bhtd,hdc->btc",

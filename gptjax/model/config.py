@@ -16,6 +16,7 @@ from gptjax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION = ("xla", "dot_product", "splash")  # model.attention: the keys of gptjax.model.attention.IMPLEMENTATIONS
+ATTENTION_AUTO = "auto"  # model.attention: the platform's fast path (`gptjax.model.attention.resolve_attention`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +36,14 @@ class GPTConfig:
     ln_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype; parameters are always fp32
     remat: bool = False  # recompute each block's activations in the backward pass
-    attention: str = "xla"  # one of ATTENTION
+    attention: str = "xla"  # one of ATTENTION, or ATTENTION_AUTO
     # Full passes (training, evaluation) run the blocks as one scan over their stacked
     # parameters, so compile time does not grow with depth; decoding stays unrolled.
     scan_layers: bool = False
+    # The embedding (and tied head) has `padded_vocab` rows: vocab_size rounded up to a multiple
+    # of this (e.g. 128: 50,257 -> 50,304, tiles an accelerator's matmul units evenly). The
+    # padded rows are never in the loss, never sampled, and not exported to Hugging Face.
+    vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -55,11 +60,13 @@ class GPTConfig:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in DTYPES:
             raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.attention not in ATTENTION:
-            raise UserError(f"model.attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        if self.attention not in (*ATTENTION, ATTENTION_AUTO):
+            raise UserError(f"model.attention must be one of {[*ATTENTION, ATTENTION_AUTO]}, got {self.attention!r}")
+        if not isinstance(self.vocab_multiple, int) or isinstance(self.vocab_multiple, bool) or self.vocab_multiple < 1:
+            raise UserError(f"model.vocab_multiple must be a positive integer (1: no padding), got {self.vocab_multiple!r}")
         if not isinstance(self.scan_layers, bool):
             raise UserError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
-        if self.attention != "xla" and self.dropout > 0:
+        if self.attention not in ("xla", ATTENTION_AUTO) and self.dropout > 0:
             raise UserError(
                 f"model.attention={self.attention!r} has no attention dropout; use model.dropout=0 or model.attention='xla'"
             )
@@ -77,6 +84,11 @@ class GPTConfig:
         return self.n_mlp or 4 * self.n_embd
 
     @property
+    def padded_vocab(self) -> int:
+        """The embedding's rows: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
@@ -85,7 +97,8 @@ class GPTConfig:
         return DTYPES[self.dtype]
 
     def num_params(self) -> int:
-        """Parameter count (the tied output head counted once)."""
+        """Parameter count (the tied output head counted once; padded vocabulary rows, which do no
+        useful work, left out: MFU counts the real vocabulary's FLOPs)."""
         c, m, layers = self.n_embd, self.mlp_dim, self.n_layer
         block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * m + m) + (m * c + c)
         return self.vocab_size * c + self.block_size * c + layers * block + 2 * c

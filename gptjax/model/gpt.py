@@ -121,7 +121,7 @@ class GPT(nn.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         wte = nn.Embed(
-            cfg.vocab_size,
+            cfg.padded_vocab,
             cfg.n_embd,
             dtype=jnp.float32,
             param_dtype=jnp.float32,
@@ -148,9 +148,10 @@ class GPT(nn.Module):
         x_BxTxC = layer_norm(cfg, "ln_f")(x_BxTxC)
         if return_hidden:
             return x_BxTxC.astype(cfg.compute_dtype)
-        # The tied head reads the [vocab, embed] table as stored: already the [out, in] layout.
+        # The tied head reads the [vocab, embed] table as stored: already the [out, in] layout;
+        # padded rows (`model.vocab_multiple`) make no logits.
         dtype = cfg.compute_dtype
-        return matmul("btc,vc->btv", x_BxTxC.astype(dtype), wte.embedding.astype(dtype))
+        return matmul("btc,vc->btv", x_BxTxC.astype(dtype), wte.embedding[: cfg.vocab_size].astype(dtype))
 
     def _scan_blocks(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, segment_ids: jax.Array | None,
                      deterministic: bool) -> jax.Array:

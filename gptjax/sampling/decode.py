@@ -114,7 +114,7 @@ def prefill(params: Any, tokens_BxP: jax.Array, mask_BxP: jax.Array, out_BxN: ja
         decode=True, return_hidden=True, mutable=["cache"],
     )
     # The tied head on the last position only (the model's head, as `GPT` applies it).
-    wte_VxC = params["wte"]["embedding"].astype(hidden_BxPxC.dtype)
+    wte_VxC = params["wte"]["embedding"][: s.cfg.vocab_size].astype(hidden_BxPxC.dtype)  # no padded rows
     logits_BxV = matmul("bc,vc->bv", hidden_BxPxC[:, -1], wte_VxC)
     new_B = _choose(s, logits_BxV, row_keys, t, temperature, top_k, tail)
     new_B = jnp.where(done_B, 0, new_B)
