@@ -9,12 +9,20 @@ softmax, so the loss and every gradient are those of the unpadded table (padded 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes at once
+from gptjax.model.platform import trace_platform
+
+LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes at once on a CPU
+# ... on a TPU or GPU. Each chunk reads the whole (all-gathered) table twice and reads and
+# writes its fp32 gradient accumulator once: 460 MB for GPT-2's 50,304 x 768, which a chunk of
+# 256 tokens (64 MiB on a v5e:2x2 micro-batch of 16 rows per chip) pays at 1.8 MB of HBM
+# traffic per token and one of 4,096 tokens (1 GiB) at 0.11 MB.
+ACCELERATOR_LOGITS_CHUNK_BYTES = 2**30
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -26,11 +34,21 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: 
 
 
 def _seq_chunks(b: int, t: int, vocab: int) -> int:
-    """The fewest sequence chunks (a divisor of t) whose fp32 logits fit LOGITS_CHUNK_BYTES."""
+    """The fewest sequence chunks (a divisor of t) whose fp32 logits fit the platform's budget
+    (LOGITS_CHUNK_BYTES on a CPU, ACCELERATOR_LOGITS_CHUNK_BYTES on a TPU or GPU)."""
+    budget = LOGITS_CHUNK_BYTES if trace_platform() == "cpu" else ACCELERATOR_LOGITS_CHUNK_BYTES
+    rows = -(-b // _batch_shards())  # the rows of one chip: inside a sharded step b is the global batch
     for n in range(1, t + 1):
-        if t % n == 0 and b * (t // n) * vocab * 4 <= LOGITS_CHUNK_BYTES:
+        if t % n == 0 and rows * (t // n) * vocab * 4 <= budget:
             return n
     return t
+
+
+def _batch_shards() -> int:
+    """How many ways the active mesh (`jax.set_mesh`, as the steps run under) splits the batch:
+    its data and fsdp axes (`gptjax.sharding.RULES`); 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
 
 
 def head_cross_entropy(
@@ -78,7 +96,9 @@ def _head_ce(
         top_BxSx1 = logits_BxSxV.max(axis=-1, keepdims=True)
         e_BxSxV = jnp.exp(logits_BxSxV - top_BxSx1)  # one exp pass serves the loss and its gradient
         total_BxS = e_BxSxV.sum(axis=-1)
-        target_BxS = jnp.take_along_axis(logits_BxSxV, tg_BxS[..., None], axis=-1)[..., 0]
+        # The target's logit from its own table row, not picked out of the logits: a gather of
+        # [B, S, C] rows instead of another pass over the [B, S, V] chunk in HBM.
+        target_BxS = jnp.einsum("bsc,bsc->bs", h_BxSxC.astype(jnp.float32), w_VxC[tg_BxS].astype(jnp.float32))
         losses_BxS = jnp.log(total_BxS) + top_BxSx1[..., 0] - target_BxS
         if not grads:
             return losses_BxS, None, None

@@ -147,3 +147,37 @@ def test_padded_vocab_exports_and_imports_hugging_face_tensors(padded_pair):
     np.testing.assert_array_equal(imported["wte"]["embedding"][:97], host["wte"]["embedding"])
     assert not imported["wte"]["embedding"][97:].any()
     assert hf.pad_vocab(host, TINY) is host
+
+
+# -- what the backward pass saves -----------------------------------------------------------
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_remat_policies_give_the_reference_loss_and_gradients(scan_layers):
+    """Every model.remat_policy gives the loss and gradients of the model without remat; "dots"
+    recomputes no projection (its gradient's jaxpr has one matmul per layer more than no
+    remat's: the einsum attention's scores, which it does not keep), "nothing" (= remat=True)
+    recomputes them all."""
+    base = dataclasses.replace(TINY, n_layer=2, scan_layers=scan_layers)
+    params = init_params(base, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 16)), jnp.int32)
+
+    def loss(cfg: GPTConfig, p: dict) -> jax.Array:
+        s, n = cross_entropy(GPT(cfg).apply({"params": p}, tokens[:, :-1]), tokens[:, 1:], jnp.ones((2, 15)))
+        return s / n
+
+    def dots(cfg: GPTConfig) -> int:
+        return str(jax.make_jaxpr(jax.grad(lambda p: loss(cfg, p)))(params)).count("dot_general")
+
+    want_loss, want_grads = jax.jit(jax.value_and_grad(lambda p: loss(base, p)))(params)
+    assert base.saved == "everything" and dataclasses.replace(base, remat=True).saved == "nothing"
+    for policy in ("dots",) if scan_layers else ("nothing", "dots", "everything"):
+        cfg = dataclasses.replace(base, remat_policy=policy)
+        got_loss, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(cfg, p)))(params)
+        assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_grads, want_grads)
+    reference = dots(base)
+    scores = 1 if scan_layers else base.n_layer  # a scan's body is in the jaxpr once
+    assert dots(dataclasses.replace(base, remat_policy="dots")) == reference + scores
+    assert dots(dataclasses.replace(base, remat=True)) > reference + scores
+    with pytest.raises(UserError, match="remat_policy"):
+        dataclasses.replace(base, remat_policy="some")

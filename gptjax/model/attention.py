@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from gptjax.model.config import GPTConfig
 from gptjax.model.decode_layout import dense_layers
-from gptjax.model.layers import matmul, residual_std
+from gptjax.model.layers import matmul, residual_std, saved
 from gptjax.model.platform import resolve_attention
 
 DropoutFn = Callable[[jax.Array], jax.Array]  # attention probabilities -> the same, dropped out
@@ -144,7 +144,7 @@ class CausalSelfAttention(nn.Module):
             y_BxHxTxD = cached_attention(q_BxHxTxD, k_NxSxD, v_NxSxD, mask_BxHxTxS, dropout)
         else:
             attend = IMPLEMENTATIONS[resolve_attention(cfg)]
-            y_BxHxTxD = attend(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids, dropout)
+            y_BxHxTxD = saved(attend(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids, dropout))
         y_BxTxC = projection(
             "bhtd,hdc->btc",
             kernel_shape=(cfg.n_head, cfg.head_dim, cfg.n_embd),

@@ -16,6 +16,7 @@ from gptjax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION = ("xla", "dot_product", "splash")  # model.attention: the keys of gptjax.model.attention.IMPLEMENTATIONS
+REMAT_POLICIES = ("nothing", "dots", "everything")  # model.remat_policy: what the backward pass finds saved
 ATTENTION_AUTO = "auto"  # model.attention: the platform's fast path (`gptjax.model.attention.resolve_attention`)
 
 
@@ -36,6 +37,11 @@ class GPTConfig:
     ln_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype; parameters are always fp32
     remat: bool = False  # recompute each block's activations in the backward pass
+    # What a block's backward pass finds saved (`jax.checkpoint` policies): "nothing" (recompute
+    # the block from its input: `remat=True`), "dots" (the outputs of its projections and of
+    # attention, tagged "matmul": only elementwise work is recomputed), "everything" (no
+    # recomputation: `remat=False`). "" follows `remat`.
+    remat_policy: str = ""
     attention: str = "xla"  # one of ATTENTION, or ATTENTION_AUTO
     # Full passes (training, evaluation) run the blocks as one scan over their stacked
     # parameters, so compile time does not grow with depth; decoding stays unrolled.
@@ -64,6 +70,10 @@ class GPTConfig:
             raise UserError(f"model.attention must be one of {[*ATTENTION, ATTENTION_AUTO]}, got {self.attention!r}")
         if not isinstance(self.vocab_multiple, int) or isinstance(self.vocab_multiple, bool) or self.vocab_multiple < 1:
             raise UserError(f"model.vocab_multiple must be a positive integer (1: no padding), got {self.vocab_multiple!r}")
+        if self.remat_policy not in ("", *REMAT_POLICIES):
+            raise UserError(
+                f"model.remat_policy must be one of {list(REMAT_POLICIES)} or '' (follow model.remat), got {self.remat_policy!r}"
+            )
         if not isinstance(self.scan_layers, bool):
             raise UserError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
         if self.attention not in ("xla", ATTENTION_AUTO) and self.dropout > 0:
@@ -82,6 +92,11 @@ class GPTConfig:
     @property
     def mlp_dim(self) -> int:
         return self.n_mlp or 4 * self.n_embd
+
+    @property
+    def saved(self) -> str:
+        """The remat policy in force: `remat_policy`, else "nothing" with `remat`, else "everything"."""
+        return self.remat_policy or ("nothing" if self.remat else "everything")
 
     @property
     def padded_vocab(self) -> int:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from gptjax.model.attention import CausalSelfAttention
 from gptjax.model.config import GPTConfig
 from gptjax.model.decode_layout import dense_layers
-from gptjax.model.layers import layer_norm, matmul, normal, residual_std
+from gptjax.model.layers import layer_norm, matmul, normal, remat_policy, residual_std
 
 
 class MLP(nn.Module):
@@ -142,7 +142,8 @@ class GPT(nn.Module):
         if cfg.scan_layers and not decode and not self.is_initializing():
             x_BxTxC = self._scan_blocks(x_BxTxC, token_mask, segment_ids, deterministic)
         else:
-            block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
+            policy = remat_policy(cfg)
+            block = Block if cfg.saved == "everything" else nn.remat(Block, static_argnums=(4, 5), policy=policy)
             for i in range(cfg.n_layer):
                 x_BxTxC = block(cfg, self.decode_layout, name=f"h_{i}")(x_BxTxC, token_mask, segment_ids, deterministic, decode)
         x_BxTxC = layer_norm(cfg, "ln_f")(x_BxTxC)
@@ -162,7 +163,7 @@ class GPT(nn.Module):
         the same tree; here they are stacked on a leading layer axis (one copy of the block
         parameters per pass, split like each layer's by the mesh rules) and the scan body
         applies one `Block` to one layer's slice. Dropout draws a key per layer from this
-        module's `dropout` stream. With `model.remat` the body is rematerialized.
+        module's `dropout` stream. The body is rematerialized as `model.remat_policy` says.
         """
         cfg = self.cfg
         block = Block(cfg, self.decode_layout, parent=None)
@@ -191,8 +192,8 @@ class GPT(nn.Module):
                                   deterministic, False, rngs=rngs)
             return x_BxTxC, None
 
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+        if cfg.saved != "everything":
+            body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(cfg))
         x_BxTxC, _ = jax.lax.scan(body, x_BxTxC, (stacked, keys))
         return x_BxTxC
 

@@ -15,8 +15,25 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from gptjax.model.config import GPTConfig
+
+
+SAVED_NAME = "matmul"  # the tag of the values model.remat_policy="dots" saves (`remat_policy`)
+
+
+def remat_policy(cfg: GPTConfig) -> Any:
+    """The `jax.checkpoint` policy of `cfg.saved` ("everything" has none: no remat at all)."""
+    policies = jax.checkpoint_policies
+    return {"nothing": policies.nothing_saveable, "dots": policies.save_only_these_names(SAVED_NAME)}.get(cfg.saved)
+
+
+def saved(x: jax.Array) -> jax.Array:
+    """Tag a projection's or attention's output as one model.remat_policy="dots" keeps (a
+    no-op otherwise). A name, not `dots_saveable`: that policy cannot see into `matmul`'s
+    custom gradient rule."""
+    return checkpoint_name(x, SAVED_NAME)
 
 
 def normal(std: float, names: tuple[str | None, ...]) -> Any:
@@ -118,7 +135,7 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", normal(self.std, self.kernel_axes), self.kernel_shape, jnp.float32)
-        return matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + self._bias()
+        return saved(matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + self._bias())
 
     def _bias(self) -> jax.Array:
         """The fp32 bias: zeros over the kernel's axes that the output keeps."""
@@ -144,7 +161,7 @@ class QKVProjection(nn.Module):
         bias_3xHxD = self.param("bias", zeros(QKV_AXES[1:]), (3, h, d), jnp.float32)
         x_BxTxC, kernel_Cx3xHxD = x_BxTxC.astype(dtype), kernel_Cx3xHxD.astype(dtype)
         return tuple(
-            (matmul("btc,chd->bhtd", x_BxTxC, kernel_Cx3xHxD[:, j]) + bias_3xHxD[j][:, None, :]).astype(dtype)
+            saved((matmul("btc,chd->bhtd", x_BxTxC, kernel_Cx3xHxD[:, j]) + bias_3xHxD[j][:, None, :]).astype(dtype))
             for j in range(3)
         )
 
