@@ -1,4 +1,4 @@
-"""The accelerator chips gptjax knows: published peak bf16 FLOP/s, HBM size and HBM bandwidth.
+"""The accelerator chips gptjax knows: published peak bf16 FLOP/s, HBM size, HBM and ICI bandwidth.
 
 One table for everything that needs a chip's figures: the ahead-of-time fit check and its
 roofline (`gptjax.aot`) and the peak MFU is measured against. Figures are per chip as the
@@ -10,6 +10,12 @@ Sources (Google Cloud TPU system architecture pages, "key chip specifications"):
   v5e https://cloud.google.com/tpu/docs/v5e  197 TFLOP/s bf16, HBM2 16 GB, 819 GB/s
   v5p https://cloud.google.com/tpu/docs/v5p  459 TFLOP/s bf16, HBM2e 95 GB, 2765 GB/s
   v6e https://cloud.google.com/tpu/docs/v6e  918 TFLOP/s bf16, HBM 32 GB, 1638 GB/s
+ICI (inter-chip interconnect) bandwidth per chip, both directions of all its links summed:
+  v4  600 GB/s: six links of 400 Gb/s each way (Jouppi et al., "TPU v4: An Optically
+      Reconfigurable Supercomputer...", ISCA 2023; the v4 page gives no per-chip figure)
+  v5e 400 GB/s, v5p 1200 GB/s, v6e 800 GB/s: "Bidirectional inter-chip interconnect (ICI)
+      bandwidth (per chip)" on the pages above (older versions give the one-way figure in
+      Gbps: 1,600 for v5e, 4,800 for v5p)
 The pages write "GB" for capacities that are binary (the chips hold 16, 95 and 32 GiB; the
 TPU compiler's own limit is a little under that); the table stores GiB.
 """
@@ -29,6 +35,7 @@ class Chip:
     hbm_gib: float  # HBM capacity, GiB
     hbm_gbps: float  # HBM bandwidth, GB/s (1e9 bytes)
     megacore: bool = False  # two TensorCores presented as one device
+    ici_gbps: float = 0.0  # ICI bandwidth, GB/s, both directions of all links summed (0: not known)
 
     @property
     def peak_flops(self) -> float:
@@ -42,12 +49,18 @@ class Chip:
     def hbm_bytes_per_s(self) -> float:
         return self.hbm_gbps * 1e9
 
+    @property
+    def ici_bytes_per_s(self) -> float:
+        """Bytes a chip can send per second over all its ICI links at once (half the
+        bidirectional figure): the rate a collective's sent bytes are bounded by."""
+        return self.ici_gbps * 1e9 / 2
+
 
 TPUS: dict[str, Chip] = {
-    "v4": Chip("v4", "TPU v4", 275.0, 32.0, 1200.0, megacore=True),
-    "v5e": Chip("v5e", "TPU v5 lite", 197.0, 16.0, 819.0),
-    "v5p": Chip("v5p", "TPU v5", 459.0, 95.0, 2765.0, megacore=True),
-    "v6e": Chip("v6e", "TPU v6 lite", 918.0, 32.0, 1638.0),
+    "v4": Chip("v4", "TPU v4", 275.0, 32.0, 1200.0, megacore=True, ici_gbps=600.0),
+    "v5e": Chip("v5e", "TPU v5 lite", 197.0, 16.0, 819.0, ici_gbps=400.0),
+    "v5p": Chip("v5p", "TPU v5", 459.0, 95.0, 2765.0, megacore=True, ici_gbps=1200.0),
+    "v6e": Chip("v6e", "TPU v6 lite", 918.0, 32.0, 1638.0, ici_gbps=800.0),
 }
 
 

@@ -259,6 +259,8 @@ COVERED: dict[str, str] = {
         "tests/test_fault_inject.py::test_killed_runs_end_with_bitwise_identical_checkpoints",
     # docs/tpu.md
     "python -m gptjax.aot --config configs/gpt2_124m.py --topology v5e:2x2": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_124m.py --topology v5e:2x2 --config.train.grad_accum=8 --programs train"
+    " --top_ops 10": "tests/test_aot_counts.py::test_top_ops_lists_the_largest_with_their_shares",
     "python -m gptjax.aot --config configs/gpt2_medium.py --topology v5e:1x1": _AOT_CLI,
     "python -m gptjax.aot --config configs/gpt2_medium.py --topology v5e:2x2": _AOT_CLI,
     "python -m gptjax.aot --config configs/gpt2_large.py --topology v5e:1x1": _AOT_CLI,

@@ -8,10 +8,12 @@ config's mesh, shardings and batch, go through the TPU compiler, and so do the s
 prefill and decode loop with the parameters split by the config's mesh rules (as
 `gptjax.load(path, mesh=...)` places them). The compiled programs say
 what each chip would hold (`memory_analysis`: arguments, outputs, temporaries, code) and do
-(`cost_analysis`: FLOPs and HBM bytes per chip). From those and the chip's published figures
-(`gptjax.chips`) the tool prints, per step: memory against HBM and whether it fits, and a
-roofline step time (the larger of compute time at peak bf16 FLOP/s and HBM traffic time at
-peak bandwidth), the tokens/s and MFU that time implies. A train step that does not fit is
+(`cost_analysis`: FLOPs and HBM bytes per chip, which `gptjax.aot.counts` completes with every
+loop iteration, the splash kernel's work and the collectives' ICI bytes). From those and the
+chip's published figures (`gptjax.chips`) the tool prints, per step: memory against HBM and
+whether it fits, and a roofline step time (the slowest of compute time at peak bf16 FLOP/s,
+HBM traffic time at peak bandwidth and collective traffic time at ICI bandwidth), the
+tokens/s and MFU that time implies. A train step that does not fit is
 compiled again at smaller micro-batches to find the largest that fits (train.grad_accum).
 How the compiler counts loops, and so what the roofline can and cannot say, is in
 `gptjax.aot.roofline`.
@@ -23,17 +25,20 @@ The modules, in the order a check uses them:
   topology  a slice's name -> its chip and libtpu's compile-only devices
   programs  the run's train, eval and sampler programs, lowered (the trainer's API lives here)
   compile   compiling one, and what the compiler says: memory, cost, or an out-of-HBM refusal
+  hlo       the compiled program's HLO text, parsed (computations, instructions, padded sizes)
+  counts    its FLOPs, HBM and ICI bytes with every loop iteration and kernel counted
   search    the largest micro-batch whose train step fits
-  roofline  a compiled program's counts over the whole call, and its roofline time
+  roofline  a compiled program's counts over the whole call, and its compute / HBM / ICI bound
   check     `check`: all of the above for one run and slice -> a `Report`
-  report    the `Report` and its table
+  report    the `Report`, its table, and the top ops (`--top_ops`)
   cli       `python -m gptjax.aot`
 """
 
 from gptjax.aot.check import PROGRAMS, check
 from gptjax.aot.cli import main
 from gptjax.aot.compile import Compiled, compile_lowered, parse_oom
-from gptjax.aot.report import Report, format_report
+from gptjax.aot.counts import Counts, Op, count
+from gptjax.aot.report import Report, format_report, format_top_ops
 from gptjax.aot.roofline import Column, Roofline, roofline
 from gptjax.aot.search import largest_fitting, micro_batches
 from gptjax.aot.topology import libtpu_installed, parse_topology, topology_devices
@@ -42,11 +47,15 @@ __all__ = [
     "PROGRAMS",
     "Column",
     "Compiled",
+    "Counts",
+    "Op",
     "Report",
     "Roofline",
     "check",
     "compile_lowered",
+    "count",
     "format_report",
+    "format_top_ops",
     "largest_fitting",
     "libtpu_installed",
     "main",

@@ -10,7 +10,7 @@ import jax
 
 from gptjax import config as config_lib
 from gptjax.aot.check import PROGRAMS, check
-from gptjax.aot.report import format_report
+from gptjax.aot.report import format_report, format_top_ops
 from gptjax.aot.topology import TOPOLOGY_EXAMPLES
 from gptjax.errors import UserError, run_cli
 
@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layer_costs", action="store_true",
         help="with model.scan_layers, take the train and eval HLO FLOPs and HBM bytes (and so the roofline) from "
-        "1- and 2-layer unrolled compiles (XLA counts a scan's body once); two more compiles per step",
+        "1- and 2-layer unrolled compiles instead of the scan's counted iterations (a cross-check); two more "
+        "compiles per step",
+    )
+    parser.add_argument(
+        "--top_ops", type=int, default=0, metavar="N",
+        help="also list, per compiled program, the N ops that move the most HBM bytes, do the most FLOPs and send "
+        "the most ICI bytes per call, with their share of the total",
     )
     args, rest = parser.parse_known_args(argv)
 
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(programs) - set(PROGRAMS))
         if unknown or not programs:
             raise UserError(f"--programs takes some of {', '.join(PROGRAMS)}, got {args.programs!r}")
+        if args.top_ops < 0:
+            raise UserError(f"--top_ops takes a number of ops, 0 or more, got {args.top_ops}")
         _compile_only_jax()
         config = config_lib.load_config(args.config)
         config_lib.apply_overrides(config, config_lib.parse_overrides(rest))
@@ -56,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             sample_rows=args.sample_rows, prompt_len=args.prompt_len, layer_costs=args.layer_costs,
         )
         print(format_report(report))
+        if args.top_ops:
+            print()
+            print(format_top_ops(report, args.top_ops))
         return 0 if report.fits else 1
 
     return run_cli(body)

@@ -1,8 +1,10 @@
 """Compiling a lowered program for TPU and reading what the compiler says about it.
 
 `compile_lowered` turns the compiler's answer into a `Compiled`: per-chip memory
-(`memory_analysis`) and cost (`cost_analysis`) when it compiled, or the bytes it needed and
-had when it refused the program for want of HBM (`parse_oom`).
+(`memory_analysis`), the compiler's cost (`cost_analysis`, loop bodies counted once) and the
+counts of the whole call (`gptjax.aot.counts`: every loop iteration, kernels, collectives)
+when it compiled, or the bytes it needed and had when it refused the program for want of HBM
+(`parse_oom`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from typing import Any
 
 import jax
+
+from gptjax.aot.counts import Counts, count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Compiled:
     oom_used: int | None = None  # the compiler refused it: bytes it needed
     oom_limit: int | None = None  # ... of this many it could use
     hbm: int = 0  # the chip's HBM bytes
+    counts: Counts | None = dataclasses.field(default=None, compare=False, repr=False)  # every loop iteration
     executable: Any = dataclasses.field(default=None, compare=False, repr=False)  # when it compiled
 
     @property
@@ -97,6 +102,7 @@ def compile_lowered(name: str, lowered: jax.stages.Lowered, hbm: int = 0) -> Com
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops, bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     return Compiled(
         name,
         seconds,
@@ -105,8 +111,9 @@ def compile_lowered(name: str, lowered: jax.stages.Lowered, hbm: int = 0) -> Com
         alias=mem.alias_size_in_bytes,
         temp=mem.temp_size_in_bytes,
         code=mem.generated_code_size_in_bytes,
-        flops=float(cost.get("flops", 0.0)),
-        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        flops=flops,
+        bytes_accessed=bytes_accessed,
         hbm=hbm,
+        counts=count(compiled.as_text(), flops, bytes_accessed),
         executable=compiled,
     )

@@ -1,4 +1,5 @@
-"""The check's outcome (`Report`) and the table `python -m gptjax.aot` prints from it."""
+"""The check's outcome (`Report`), the table `python -m gptjax.aot` prints from it, and the
+list of the ops that move the most bytes and do the most FLOPs (`--top_ops`)."""
 
 from __future__ import annotations
 
@@ -69,8 +70,14 @@ def _fits(chip: Chip) -> Cell:
     )
 
 
-def _rows(chip: Chip) -> list[tuple[str, Cell]]:
+def _times(c: Column, chip: Chip) -> str:
+    r = roofline(c, chip)
+    return " / ".join(_seconds(t) for t in (r.compute_s, r.hbm_s, r.ici_s))
+
+
+def _rows(chip: Chip, n_devices: int = 1) -> list[tuple[str, Cell]]:
     """The table's rows: a label and how each column's cell reads."""
+    per_chip_tokens = lambda c: max(c.tokens / max(n_devices, 1), 1e-9)
     return [
         ("rows x tokens x micro-batches", lambda c: c.shape),
         ("parameters (shardings)", lambda c: _bytes(c.state[0]) if c.state else "-"),
@@ -85,6 +92,9 @@ def _rows(chip: Chip) -> list[tuple[str, Cell]]:
         ("HLO FLOPs per chip", _if_counted(lambda c: f"{c.hlo_flops:.3g}")),
         ("model FLOPs per chip (6N + attention)", lambda c: f"{c.model_flops:.3g}"),
         ("HLO HBM bytes per chip", _if_counted(lambda c: _bytes(c.hbm_bytes))),
+        ("HBM bytes per token per chip", _if_counted(lambda c: f"{c.hbm_bytes / per_chip_tokens(c) / 1e6:.2f} MB")),
+        ("ICI bytes per chip (collectives)", _if_counted(lambda c: _bytes(c.ici_bytes))),
+        ("compute / HBM / ICI time", _if_counted(lambda c: _times(c, chip))),
         ("roofline time per call", _if_counted(lambda c: f"{_seconds(roofline(c, chip).seconds)} ({roofline(c, chip).bound}-bound)")),
         ("roofline tokens/s (slice)", _if_counted(lambda c: f"{roofline(c, chip).tokens_per_s:,.0f}")),
         ("MFU at roofline time", _if_counted(lambda c: f"{100 * roofline(c, chip).mfu:.0f}%")),
@@ -117,14 +127,49 @@ def format_report(report: Report) -> str:
         f"batch {report.batch_size} x {report.seq_len} tokens, grad_accum {report.grad_accum}",
         "",
     ]
-    rows = [(label, [cell(c) for c in report.columns]) for label, cell in _rows(chip)]
+    rows = [(label, [cell(c) for c in report.columns]) for label, cell in _rows(chip, report.n_devices)]
     width = max(len(label) for label, _ in rows)
     cols = [max(len(c.title), *(len(cells[i]) for _, cells in rows)) for i, c in enumerate(report.columns)]
     lines.append(" " * width + "  " + "  ".join(c.title.rjust(w) for c, w in zip(report.columns, cols)))
     for label, cells in rows:
         lines.append(label.ljust(width) + "  " + "  ".join(v.rjust(w) for v, w in zip(cells, cols)))
+    if any(c.compiled.counts is not None and not c.unrolled for c in report.columns):
+        lines.append("HLO figures count every loop iteration (micro-batches, head chunks, scanned layers) and the splash "
+                     "kernel's work from its block sizes; ICI: the bytes each chip sends in collectives")
+    unknown = sum(c.compiled.counts.unknown_loops for c in report.columns if c.compiled.counts is not None)
+    if unknown:
+        lines.append(f"{unknown} loop(s) without a static trip count counted once (the decode loop runs until its "
+                     "tokens are done: its column is one step)")
     if any(c.unrolled for c in report.columns):
         lines.append("HLO figures of scanned steps: c(1) + (n_layer - 1) * (c(2) - c(1)) from 1- and 2-layer unrolled compiles")
     lines.append("")
     lines.append(_verdict(report))
     return "\n".join(lines)
+
+
+_TOP_KEYS = (("hbm_bytes", "HBM bytes", _bytes), ("flops", "FLOPs", lambda v: f"{v:.3g}"), ("ici_bytes", "ICI bytes", _bytes))
+
+
+def format_top_ops(report: Report, n: int) -> str:
+    """Per compiled column: the `n` ops (fusions, kernels, collectives, ...) that move the most
+    HBM bytes, do the most FLOPs and send the most ICI bytes in one call, each with its share
+    of the column's total, how many times it runs per call and where in the program it comes
+    from (its op_name)."""
+    lines: list[str] = []
+    for c in report.columns:
+        counts = c.compiled.counts
+        if counts is None:
+            continue
+        for key, label, fmt in _TOP_KEYS:
+            top = counts.top(n, key)
+            if not top:
+                continue
+            lines.append(f"{c.title}: top {len(top)} ops by {label} per call")
+            table = [(f"{100 * share:.1f}%", fmt(getattr(op, key)), f"x{op.times}", op.kind, op.name, op.what)
+                     for op, share in top]
+            widths = [max(len(row[i]) for row in table) for i in range(5)]
+            for row in table:
+                lines.append("  " + "  ".join(v.rjust(w) if i < 3 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+                             + "  " + row[5])
+            lines.append("")
+    return "\n".join(lines).rstrip()

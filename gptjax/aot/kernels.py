@@ -1,0 +1,71 @@
+"""Custom-call kernels that XLA's cost analysis cannot see into, counted from their shapes.
+
+A Pallas kernel is a `tpu_custom_call` to the compiler: its cost analysis charges it its
+operands and outputs and no FLOPs. Two kinds appear in gptjax's programs and are counted here:
+the splash attention kernels (`model.attention="splash"`: forward, dq and dkv), from the block
+sizes the kernel records in its metadata, and the TPU compiler's own "online-softmax" kernel,
+which it makes of an einsum attention's softmax and second matmul in forward-only programs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from gptjax.aot.hlo import Computation, Instruction, operand_arrays, operand_bytes
+
+
+def _causal_pairs(seq_q: int, seq_kv: int, block_q: int, block_kv: int) -> int:
+    """(query block, key block) pairs with any key at or before a query: those a causal kernel computes."""
+    n_kv = -(-seq_kv // block_kv)
+    return sum(min(n_kv, ((i + 1) * block_q - 1) // block_kv + 1) for i in range(-(-seq_q // block_q)))
+
+
+def splash_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
+    """(FLOPs, HBM bytes) of a splash attention kernel from its block sizes, or None when
+    `inst` is not one. Its first three floating operands of rank >= 3 are q, k, v
+    ([..., tokens, head_dim]); the kernel is causal (gptjax's splash kernel is)."""
+    meta = re.search(r'"xprof_metadata":"(\{.*?\})"', inst.attrs)
+    if inst.opcode != "custom-call" or not meta or "block_q" not in meta.group(1):
+        return None
+    blocks = json.loads(meta.group(1).replace('\\"', '"'))
+    arrays = [a for i in range(len(inst.operands)) for a in operand_arrays(comp, inst, i)]
+    q, k, v = ([a for a in arrays if len(a.dims) >= 3 and a.dtype in ("f32", "bf16", "f16")] + [None] * 3)[:3]
+    if q is None or k is None or v is None:
+        return None
+    rows, seq_q, d, seq_kv, size = math.prod(q.dims[:-2]), q.dims[-2], q.dims[-1], k.dims[-2], q.itemsize
+    name = inst.name
+    fused_bwd = bool(blocks.get("use_fused_bwd_kernel"))
+    if "dkv" in name:
+        bq, bkv, per_pair = blocks["block_q_dkv"], blocks["block_kv_dkv"], 10 if fused_bwd else 8
+    elif "dq" in name:
+        bq, bkv, per_pair = blocks["block_q_dq"], blocks["block_kv_dq"], 6
+    else:
+        bq, bkv, per_pair = blocks["block_q"], blocks["block_kv"], 4
+    pairs = _causal_pairs(seq_q, seq_kv, bq, bkv)
+    flops = rows * pairs * per_pair * bq * bkv * d
+    if "dkv" in name:  # k, v once per key block; q and d(out) per pair
+        moved = rows * size * (2 * seq_kv * d + pairs * 2 * bq * d)
+    else:  # q (and d(out)) once per query block; k and v per pair
+        moved = rows * size * ((1 if "fwd" in name else 2) * seq_q * d + pairs * 2 * bkv * d)
+    return float(flops), float(moved + inst.bytes)
+
+
+def online_softmax_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
+    """(FLOPs, HBM bytes) of the TPU compiler's own "online-softmax" kernel, or None when `inst`
+    is not one: softmax(scores [..., T, S]) @ v [..., S, D], which it makes of an einsum
+    attention's softmax and second matmul. FLOPs: the matmul's 2 T S D and 4 per score (max,
+    subtract, sum, scale); bytes: its operands and output, each once."""
+    if inst.opcode != "custom-call" or 'op_name="online-softmax"' not in inst.attrs or len(inst.operands) != 2:
+        return None
+    scores, v = (operand_arrays(comp, inst, i) for i in range(2))
+    if len(scores) != 1 or len(v) != 1 or len(scores[0].dims) < 2:
+        return None
+    s = scores[0]
+    return float(s.elements * (2 * v[0].dims[-1] + 4)), sum(operand_bytes(comp, inst, i) for i in range(len(inst.operands))) + inst.bytes
+
+
+def kernel_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
+    """(FLOPs, HBM bytes) of a custom-call kernel the counts know (splash, online-softmax)."""
+    return splash_cost(comp, inst) or online_softmax_cost(comp, inst)
