@@ -23,8 +23,9 @@ of parquet; one shard, `--include "sample/10BT/000_00000.parquet"`, is enough to
 Other text works the same way: --config.data.source=files:PATH/*.jsonl (one {"text": ...} per
 line), or a TFDS dataset already prepared in array_record format (tfds:NAME, data.tfds_data_dir).
 
-Batch 512 x 1024 tokens (~0.5M tokens per step) as in GPT-2; on a pod slice the batch is split
-over the data and fsdp mesh axes, and `grad_accum` trades memory for fewer devices.
+Batch 512 x 1024 tokens (~0.5M tokens per step) as in GPT-2, in 8 micro-batches of 64 rows (the
+largest that fits a v5e:2x2, by the AOT check); on a pod slice the batch is split over the data
+and fsdp mesh axes, and a larger slice can take fewer micro-batches (--config.train.grad_accum).
 """
 
 from gptjax.config import base_config
@@ -35,12 +36,15 @@ def get_config():
     c.data.source = "files:data/fineweb-edu-10BT/*.jsonl"
     c.tokenizer.vocab_size = 50257
     c.tokenizer.max_chars = 200_000_000
-    c.model.update(vocab_size=0, n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, dtype="bfloat16")
+    # attention "auto": the splash kernel on a TPU, cuDNN's on a GPU; the embedding padded to
+    # 50,304 rows (a multiple of 128) for the accelerators' matmul tiles.
+    c.model.update(vocab_size=0, n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, dtype="bfloat16",
+                   attention="auto", vocab_multiple=128)
     c.train.update(
         steps=100_000,
         batch_size=512,
         seq_len=1024,
-        grad_accum=1,
+        grad_accum=8,  # micro-batches of 64 rows: what fits a v5e:2x2 (python -m gptjax.aot)
         eval_every=1000,
         eval_batches=20,
         log_every=50,

@@ -210,7 +210,7 @@ def restore_params(run_dir: RunDir, step: int | None, device: jax.Device | None 
 
 # The model fields that fix the parameter tree (names and shapes).
 SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "n_mlp", "block_size",
-                "position", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "bias")
+                "position", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "bias", "vocab_multiple")
 
 
 def model_shape(model: Any) -> dict[str, Any]:

@@ -246,6 +246,18 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], fields: Mapping[str, Any], s
     return params
 
 
+def pad_vocab(params: dict, cfg: GPTConfig) -> dict:
+    """Imported parameters for a model with padded vocabulary rows (`model.vocab_multiple`):
+    the embedding gets zero rows up to `cfg.padded_vocab` (never in the loss, never sampled);
+    parameters that already have them, or a model without them, are returned as they are."""
+    table = params["wte"]["embedding"]
+    if table.shape[0] >= cfg.padded_vocab:
+        return params
+    padded = np.zeros((cfg.padded_vocab, table.shape[1]), table.dtype)
+    padded[: table.shape[0]] = table
+    return {**params, "wte": {**params["wte"], "embedding": padded}}
+
+
 def load_hf_dir(directory: str) -> tuple[dict[str, Any], dict, Tokenizer]:
     """(GPTConfig field values, fp32 numpy parameters, tokenizer) from a Hugging Face GPT-2 directory.
 
@@ -278,6 +290,8 @@ def params_to_hf(params: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[s
                 raise UserError(f"the parameters lack {'/'.join(path)} (model shape {dict(fields)})")
             node = node[part]
         value = np.asarray(node, np.float32)
+        if name == "wte.weight" and value.shape == (cfg.padded_vocab, cfg.n_embd):
+            value = value[: cfg.vocab_size]  # padded rows (model.vocab_multiple) stay behind
         if value.shape != shape:
             raise UserError(
                 f"parameter {'/'.join(path)} has shape {_shape(value.shape)} but the model config implies {_shape(shape)}"

@@ -1,18 +1,28 @@
 """The losses: token cross entropy, and the output head's chunked cross entropy (training and evaluation).
 
 Both return (sum of weighted token losses, sum of weights) so that callers can accumulate
-over micro-batches and devices before dividing once.
+over micro-batches and devices before dividing once. The tied head's table may have padded
+rows (`model.vocab_multiple`): given the real `vocab_size`, their logits are masked out of the
+softmax, so the loss and every gradient are those of the unpadded table (padded rows get zero).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes at once
+from gptjax.model.platform import trace_platform
+
+LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes at once on a CPU
+# ... on a TPU or GPU. Each chunk reads the whole (all-gathered) table twice and reads and
+# writes its fp32 gradient accumulator once: 460 MB for GPT-2's 50,304 x 768, which a chunk of
+# 256 tokens (64 MiB on a v5e:2x2 micro-batch of 16 rows per chip) pays at 1.8 MB of HBM
+# traffic per token and one of 4,096 tokens (1 GiB) at 0.11 MB.
+ACCELERATOR_LOGITS_CHUNK_BYTES = 2**30
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -24,41 +34,63 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: 
 
 
 def _seq_chunks(b: int, t: int, vocab: int) -> int:
-    """The fewest sequence chunks (a divisor of t) whose fp32 logits fit LOGITS_CHUNK_BYTES."""
+    """The fewest sequence chunks (a divisor of t) whose fp32 logits fit the platform's budget
+    (LOGITS_CHUNK_BYTES on a CPU, ACCELERATOR_LOGITS_CHUNK_BYTES on a TPU or GPU)."""
+    budget = LOGITS_CHUNK_BYTES if trace_platform() == "cpu" else ACCELERATOR_LOGITS_CHUNK_BYTES
+    rows = -(-b // _batch_shards())  # the rows of one chip: inside a sharded step b is the global batch
     for n in range(1, t + 1):
-        if t % n == 0 and b * (t // n) * vocab * 4 <= LOGITS_CHUNK_BYTES:
+        if t % n == 0 and rows * (t // n) * vocab * 4 <= budget:
             return n
     return t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _batch_shards() -> int:
+    """How many ways the active mesh (`jax.set_mesh`, as the steps run under) splits the batch:
+    its data and fsdp axes (`gptjax.sharding.RULES`); 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+
+
 def head_cross_entropy(
     hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
-    softcap: float = 0.0,
+    vocab_size: int | None = None, softcap: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """`cross_entropy` of the head's logits `hidden @ embedding.T`, never holding them whole.
 
-    `embedding` is the head's [vocab, embed] table (the tied `wte`, or an untied head); with
-    `softcap` > 0 the logits are `softcap * tanh(logits / softcap)` (`model.logit_softcap`).
+    `embedding` is the head's [vocab, embed] table (the tied `wte`, or an untied head).
+    `vocab_size`: the real vocabulary when the table has padded rows past it (default: all rows).
+    `softcap` > 0: the logits are `softcap * tanh(logits / softcap)` (`model.logit_softcap`).
 
     The logits are made a sequence chunk at a time. Under differentiation the forward pass
     also computes each chunk's gradients with respect to `hidden` and `embedding` while the
     chunk is at hand (softmax - one-hot, two matmuls: the FLOPs autodiff would spend), so no
     [batch, seq, vocab] array, nor its gradient or transposed copy, is ever made.
     """
-    sums, _, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, softcap=softcap)
+    valid = embedding_VxC.shape[0] if vocab_size is None else int(vocab_size)
+    return _head_ce_vjp(valid, float(softcap), hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _head_ce_vjp(
+    valid: int, softcap: float, hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array,
+    weights_BxT: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    sums, _, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, valid=valid,
+                             softcap=softcap)
     return sums
 
 
 def _head_ce(
     hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, grads: bool,
-    softcap: float = 0.0,
+    valid: int | None = None, softcap: float = 0.0,
 ) -> Any:
-    """(sums, token losses [B, T], d hidden [B, T, C] or None, d embedding [V, C] or None)."""
+    """(sums, token losses [B, T], d hidden [B, T, C] or None, d embedding [V, C] or None);
+    rows of the table from `valid` on are padding (masked out); `softcap` as in `head_cross_entropy`."""
     b, t, _ = hidden_BxTxC.shape
     vocab = embedding_VxC.shape[0]
     n = _seq_chunks(b, t, vocab)
     w_VxC = embedding_VxC.astype(hidden_BxTxC.dtype)
+    real_1x1xV = None if valid is None or valid >= vocab else (jnp.arange(vocab) < valid)[None, None]
 
     def chunk(h_BxSxC: jax.Array, tg_BxS: jax.Array, wt_BxS: jax.Array) -> Any:
         # S: the chunk's sequence length (t // n).
@@ -66,10 +98,16 @@ def _head_ce(
         if softcap:
             tanh_BxSxV = jnp.tanh(logits_BxSxV / softcap)
             logits_BxSxV = softcap * tanh_BxSxV
+        if real_1x1xV is not None:  # padded rows: exp() of them is 0, so they are in no sum or gradient
+            logits_BxSxV = jnp.where(real_1x1xV, logits_BxSxV, jnp.finfo(jnp.float32).min)
         top_BxSx1 = logits_BxSxV.max(axis=-1, keepdims=True)
         e_BxSxV = jnp.exp(logits_BxSxV - top_BxSx1)  # one exp pass serves the loss and its gradient
         total_BxS = e_BxSxV.sum(axis=-1)
-        target_BxS = jnp.take_along_axis(logits_BxSxV, tg_BxS[..., None], axis=-1)[..., 0]
+        # The target's logit from its own table row, not picked out of the logits: a gather of
+        # [B, S, C] rows instead of another pass over the [B, S, V] chunk in HBM.
+        target_BxS = jnp.einsum("bsc,bsc->bs", h_BxSxC.astype(jnp.float32), w_VxC[tg_BxS].astype(jnp.float32))
+        if softcap:
+            target_BxS = softcap * jnp.tanh(target_BxS / softcap)
         losses_BxS = jnp.log(total_BxS) + top_BxSx1[..., 0] - target_BxS
         if not grads:
             return losses_BxS, None, None
@@ -106,19 +144,19 @@ def _head_ce(
     return ((losses_BxT * weights_BxT).sum(), weights_BxT.sum()), losses_BxT, dh_BxTxC, dw_VxC
 
 
-def _head_ce_fwd(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
-                 softcap: float = 0.0) -> Any:
-    sums, losses, dh, dw = _head_ce(hidden, embedding, targets, weights, grads=True, softcap=softcap)
+def _head_ce_fwd(valid: int, softcap: float, hidden: jax.Array, embedding: jax.Array, targets: jax.Array,
+                 weights: jax.Array) -> Any:
+    sums, losses, dh, dw = _head_ce(hidden, embedding, targets, weights, grads=True, valid=valid, softcap=softcap)
     return sums, (losses, dh.astype(hidden.dtype), dw.astype(embedding.dtype))
 
 
-def _head_ce_bwd(softcap: float, res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
+def _head_ce_bwd(valid: int, softcap: float, res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
     losses, dh, dw = res
     g_loss, g_weight = g
     return (g_loss * dh).astype(dh.dtype), g_loss * dw, None, g_loss * losses + g_weight
 
 
-head_cross_entropy.defvjp(_head_ce_fwd, _head_ce_bwd)
+_head_ce_vjp.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
 def head_eval_sums(
@@ -127,16 +165,18 @@ def head_eval_sums(
     targets_BxT: jax.Array,
     weights_BxT: jax.Array,
     sources_BxS: jax.Array | None = None,
+    vocab_size: int | None = None,
     softcap: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """`head_cross_entropy` for evaluation (not differentiable), optionally split by source.
 
     Without `sources_BxS`: (loss sum, weight sum), scalars. With a one-hot `sources_BxS`:
     (loss sums [S], weight sums [S]), each row counted for the source it names (a row of zeros
-    counts nowhere). The logits are made a sequence chunk at a time, as in training, so an
-    eval batch never holds [batch, seq, vocab] of them.
+    counts nowhere). `vocab_size` and `softcap` as in `head_cross_entropy`. The logits are made a
+    sequence chunk at a time, as in training, so an eval batch never holds [batch, seq, vocab] of them.
     """
-    sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, softcap=softcap)
+    sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, valid=vocab_size,
+                                    softcap=softcap)
     if sources_BxS is None:
         return sums
     return (losses_BxT * weights_BxT).sum(axis=1) @ sources_BxS, weights_BxT.sum(axis=1) @ sources_BxS

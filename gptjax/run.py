@@ -96,6 +96,9 @@ class Run:
             pretrained, given = None, None
             if self.init_from and not self.resuming:
                 _, pretrained, given = _read_init_from(self.init_from, weights=True)
+                from gptjax.hf import pad_vocab
+
+                pretrained = pad_vocab(pretrained, self.model)
             tokenizer, dataset = given or self.tokenizer, None
             if data:
                 dataset = data_lib.prepare(self.data, self.sections.tokenizer, self.run_dir, tokenizer=given)

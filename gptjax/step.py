@@ -154,8 +154,10 @@ class Trainer:
             {"params": params}, batch["inputs"], batch.get("positions"), segment_ids=batch.get("segment_ids"),
             deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True,
         )
-        table_VxC, cap = head_table(self.gpt, params), self.gpt.logit_softcap
-        return head_cross_entropy(hidden_BxTxC, table_VxC, batch["targets"], batch["weights"], cap)
+        return head_cross_entropy(
+            hidden_BxTxC, head_table(self.gpt, params), batch["targets"], batch["weights"], self.gpt.vocab_size,
+            self.gpt.logit_softcap,
+        )
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step over `grad_accum` micro-batches (batch arrays are [accum, micro, seq]).
@@ -220,7 +222,7 @@ class Trainer:
         )
         return head_eval_sums(
             hidden_BxTxC, head_table(self.gpt, params), batch["targets"], batch["weights"], batch.get("sources"),
-            self.gpt.logit_softcap,
+            self.gpt.vocab_size, self.gpt.logit_softcap,
         )
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -118,7 +118,8 @@ def test_124m_on_v5e_2x2_train_holds_12_bytes_per_parameter_per_fsdp_chip_and_ev
     (model.scan_layers), which leaves the state as it is and compiles in a third of the time."""
     rows, seq = 4, 512
     config = config_lib.load_config(os.path.join(ROOT, "configs/gpt2_124m.py"))
-    config_lib.apply_overrides(config, [("train.batch_size", str(rows)), ("train.seq_len", str(seq)), ("model.scan_layers", "true")])
+    config_lib.apply_overrides(config, [("train.batch_size", str(rows)), ("train.seq_len", str(seq)), ("train.grad_accum", "1"),
+                                     ("model.scan_layers", "true")])
     report = aot.check(config, "v5e:2x2", programs=("train", "eval"))
     assert report.n_devices == 4 and report.mesh["fsdp"] == 4 and report.fits
     train, evaluation = report.columns

@@ -253,6 +253,7 @@ COVERED: dict[str, str] = {
     'python -m gptjax.sample --workdir runs/default --prompt "def " --max_new_tokens 100':
         "tests/test_sample_cli.py::test_a_second_cli_run_loads_the_sampler_without_compiling",
     "python tools/compare_trainer.py": "tests/test_sft.py::test_same_completion_losses_as_transformers_trainer",
+    "python tools/bench_gpu.py": "tests/test_bench_gpu.py::test_bench_gpu_tiny_smoke_run",
     # docs/reliability.md
     "python tools/fault_inject.py --trials 20":
         "tests/test_fault_inject.py::test_killed_runs_end_with_bitwise_identical_checkpoints",

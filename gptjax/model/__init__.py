@@ -5,6 +5,7 @@
     attention.py      CausalSelfAttention, the causal mask, and the implementations that
                       `model.attention` names ("xla", "dot_product", "splash")
     splash.py         the Pallas splash attention kernel (TPU)
+    platform.py       the platform a program is traced for; model.attention="auto"'s choice
     layers.py         the fp32-accumulating matmul, the dense projections, LayerNorm
     decode_layout.py  the [out, in] projections the sampler decodes with, and to_decode_layout
 

@@ -6,6 +6,7 @@ A full pass (training, evaluation, `decode=False`) computes attention with the i
     "xla"          einsums and a softmax, with attention dropout: the reference
     "dot_product"  `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU
     "splash"       the Pallas splash kernel (`gptjax.model.splash`): TPU; interpreted on a CPU
+    "auto"         the platform's fast one of these (`gptjax.model.platform.resolve_attention`)
 
 Each takes q [B, H, T, D] and k, v [B, K, T, D] in the compute dtype (K key/value heads,
 `model.n_kv_head`: query head h reads key/value head h // (H / K), grouped-query attention
@@ -38,7 +39,8 @@ import jax.numpy as jnp
 
 from gptjax.model.config import GPTConfig
 from gptjax.model.decode_layout import dense_layers
-from gptjax.model.layers import RMSNorm, matmul, residual_std
+from gptjax.model.layers import RMSNorm, matmul, residual_std, saved
+from gptjax.model.platform import resolve_attention
 from gptjax.model.rope import apply_rope, rope_angles
 
 DropoutFn = Callable[[jax.Array], jax.Array]  # attention probabilities -> the same, dropped out
@@ -170,8 +172,8 @@ class CausalSelfAttention(nn.Module):
             k_NxSxD, v_NxSxD, mask_BxHxTxS = self._update_cache(k_BxKxTxD, v_BxKxTxD, token_mask)
             y_BxHxTxD = cached_attention(q_BxHxTxD, k_NxSxD, v_NxSxD, mask_BxHxTxS, dropout)
         else:
-            attend = IMPLEMENTATIONS[cfg.attention]
-            y_BxHxTxD = attend(q_BxHxTxD, k_BxKxTxD, v_BxKxTxD, token_mask, segment_ids, dropout)
+            attend = IMPLEMENTATIONS[resolve_attention(cfg)]
+            y_BxHxTxD = saved(attend(q_BxHxTxD, k_BxKxTxD, v_BxKxTxD, token_mask, segment_ids, dropout))
         y_BxTxC = projection(
             "bhtd,hdc->btc",
             kernel_shape=(cfg.n_head, cfg.head_dim, cfg.n_embd),

@@ -19,6 +19,8 @@ ATTENTION = ("xla", "dot_product", "splash")  # model.attention: the keys of gpt
 POSITIONS = ("learned", "rope")  # model.position
 NORMS = ("layernorm", "rmsnorm")  # model.norm: the keys of gptjax.model.layers.NORMS
 MLPS = ("gelu", "swiglu", "relu2")  # model.mlp: the keys of gptjax.model.mlp.MLPS
+REMAT_POLICIES = ("nothing", "dots", "everything")  # model.remat_policy: what the backward pass finds saved
+ATTENTION_AUTO = "auto"  # model.attention: the platform's fast path (`gptjax.model.attention.resolve_attention`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,12 @@ class GPTConfig:
     ln_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype; parameters are always fp32
     remat: bool = False  # recompute each block's activations in the backward pass
-    attention: str = "xla"  # one of ATTENTION
+    # What a block's backward pass finds saved (`jax.checkpoint` policies): "nothing" (recompute
+    # the block from its input: `remat=True`), "dots" (the outputs of its projections and of
+    # attention, tagged "matmul": only elementwise work is recomputed), "everything" (no
+    # recomputation: `remat=False`). "" follows `remat`.
+    remat_policy: str = ""
+    attention: str = "xla"  # one of ATTENTION, or ATTENTION_AUTO
     # Full passes (training, evaluation) run the blocks as one scan over their stacked
     # parameters, so compile time does not grow with depth; decoding stays unrolled.
     scan_layers: bool = False
@@ -54,6 +61,10 @@ class GPTConfig:
     bias: bool = True  # biases in every projection and LayerNorm
     zero_init_proj: bool = False  # the projections into the residual stream start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    # The embedding (and tied head) has `padded_vocab` rows: vocab_size rounded up to a multiple
+    # of this (e.g. 128: 50,257 -> 50,304, tiles an accelerator's matmul units evenly). The
+    # padded rows are never in the loss, never sampled, and not exported to Hugging Face.
+    vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -70,8 +81,14 @@ class GPTConfig:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in DTYPES:
             raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.attention not in ATTENTION:
-            raise UserError(f"model.attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        if self.attention not in (*ATTENTION, ATTENTION_AUTO):
+            raise UserError(f"model.attention must be one of {[*ATTENTION, ATTENTION_AUTO]}, got {self.attention!r}")
+        if not isinstance(self.vocab_multiple, int) or isinstance(self.vocab_multiple, bool) or self.vocab_multiple < 1:
+            raise UserError(f"model.vocab_multiple must be a positive integer (1: no padding), got {self.vocab_multiple!r}")
+        if self.remat_policy not in ("", *REMAT_POLICIES):
+            raise UserError(
+                f"model.remat_policy must be one of {list(REMAT_POLICIES)} or '' (follow model.remat), got {self.remat_policy!r}"
+            )
         if not isinstance(self.scan_layers, bool):
             raise UserError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
         for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
@@ -92,7 +109,7 @@ class GPTConfig:
             )
         if not self.logit_softcap >= 0:
             raise UserError(f"model.logit_softcap must be >= 0 (0 means off), got {self.logit_softcap}")
-        if self.attention != "xla" and self.dropout > 0:
+        if self.attention not in ("xla", ATTENTION_AUTO) and self.dropout > 0:
             raise UserError(
                 f"model.attention={self.attention!r} has no attention dropout; use model.dropout=0 or model.attention='xla'"
             )
@@ -121,6 +138,16 @@ class GPTConfig:
         return self.n_kv_head or self.n_head
 
     @property
+    def saved(self) -> str:
+        """The remat policy in force: `remat_policy`, else "nothing" with `remat`, else "everything"."""
+        return self.remat_policy or ("nothing" if self.remat else "everything")
+
+    @property
+    def padded_vocab(self) -> int:
+        """The embedding's rows: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
@@ -129,7 +156,8 @@ class GPTConfig:
         return DTYPES[self.dtype]
 
     def num_params(self) -> int:
-        """Parameter count (a tied output head counted once)."""
+        """Parameter count (a tied output head counted once; padded vocabulary rows, which do no
+        useful work, left out: MFU counts the real vocabulary's FLOPs)."""
         c, m, d, b = self.n_embd, self.mlp_dim, self.head_dim, int(self.bias)
         qkv = (self.n_head + 2 * self.kv_heads) * d
         norm = c * (1 + b * (self.norm == "layernorm"))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from gptjax.model.attention import CausalSelfAttention
 from gptjax.model.config import GPTConfig
-from gptjax.model.layers import UntiedHead, head_logits, norm, normal
+from gptjax.model.layers import UntiedHead, head_logits, norm, normal, remat_policy
 from gptjax.model.mlp import MLPS
 
 
@@ -97,7 +97,7 @@ class GPT(nn.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         wte = nn.Embed(
-            cfg.vocab_size,
+            cfg.padded_vocab,
             cfg.n_embd,
             dtype=jnp.float32,
             param_dtype=jnp.float32,
@@ -120,7 +120,8 @@ class GPT(nn.Module):
         if cfg.scan_layers and not decode and not self.is_initializing():
             x_BxTxC = self._scan_blocks(x_BxTxC, positions_BxT, token_mask, segment_ids, deterministic)
         else:
-            block = nn.remat(Block, static_argnums=(5, 6)) if cfg.remat else Block
+            policy = remat_policy(cfg)
+            block = Block if cfg.saved == "everything" else nn.remat(Block, static_argnums=(5, 6), policy=policy)
             for i in range(cfg.n_layer):
                 x_BxTxC = block(cfg, self.decode_layout, name=f"h_{i}")(
                     x_BxTxC, positions_BxT, token_mask, segment_ids, deterministic, decode
@@ -141,7 +142,7 @@ class GPT(nn.Module):
         the same tree; here they are stacked on a leading layer axis (one copy of the block
         parameters per pass, split like each layer's by the mesh rules) and the scan body
         applies one `Block` to one layer's slice. Dropout draws a key per layer from this
-        module's `dropout` stream. With `model.remat` the body is rematerialized.
+        module's `dropout` stream. The body is rematerialized as `model.remat_policy` says.
         """
         cfg = self.cfg
         block = Block(cfg, self.decode_layout, parent=None)
@@ -173,8 +174,8 @@ class GPT(nn.Module):
                                   segment_ids, deterministic, False, rngs=rngs)
             return x_BxTxC, None
 
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+        if cfg.saved != "everything":
+            body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(cfg))
         x_BxTxC, _ = jax.lax.scan(body, x_BxTxC, (stacked, keys))
         return x_BxTxC
 

@@ -16,8 +16,25 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from gptjax.model.config import GPTConfig
+
+
+SAVED_NAME = "matmul"  # the tag of the values model.remat_policy="dots" saves (`remat_policy`)
+
+
+def remat_policy(cfg: GPTConfig) -> Any:
+    """The `jax.checkpoint` policy of `cfg.saved` ("everything" has none: no remat at all)."""
+    policies = jax.checkpoint_policies
+    return {"nothing": policies.nothing_saveable, "dots": policies.save_only_these_names(SAVED_NAME)}.get(cfg.saved)
+
+
+def saved(x: jax.Array) -> jax.Array:
+    """Tag a projection's or attention's output as one model.remat_policy="dots" keeps (a
+    no-op otherwise). A name, not `dots_saveable`: that policy cannot see into `matmul`'s
+    custom gradient rule."""
+    return checkpoint_name(x, SAVED_NAME)
 
 
 def normal(std: float, names: tuple[str | None, ...]) -> Any:
@@ -98,9 +115,11 @@ class UntiedHead(nn.Module):
 
 def head_logits(cfg: GPTConfig, hidden_BxTxC: jax.Array, table_VxC: jax.Array) -> jax.Array:
     """fp32 logits [B, T, V] of the final norm's output under the head's [vocab, embed] table,
-    in the compute dtype, soft-capped when `model.logit_softcap` is set."""
+    in the compute dtype, soft-capped when `model.logit_softcap` is set. Padded rows
+    (`model.vocab_multiple`) make no logits: V is the real vocabulary."""
     dtype = cfg.compute_dtype
-    return soft_cap(matmul("btc,vc->btv", hidden_BxTxC.astype(dtype), table_VxC.astype(dtype)), cfg.logit_softcap)
+    table_VxC = table_VxC[: cfg.vocab_size].astype(dtype)
+    return soft_cap(matmul("btc,vc->btv", hidden_BxTxC.astype(dtype), table_VxC), cfg.logit_softcap)
 
 
 def soft_cap(logits: jax.Array, cap: float) -> jax.Array:
@@ -180,7 +199,7 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", normal(self.std, self.kernel_axes), self.kernel_shape, jnp.float32)
-        return matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + self._bias()
+        return saved(matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + self._bias())
 
     def _bias(self) -> jax.Array:
         """The fp32 bias: zeros over the kernel's axes that the output keeps (a scalar 0 without one)."""
@@ -208,7 +227,7 @@ class QKVProjection(nn.Module):
         bias_3xHxD = qkv_bias(self, cfg)
         x_BxTxC, kernel_Cx3xHxD = x_BxTxC.astype(dtype), kernel_Cx3xHxD.astype(dtype)
         return tuple(
-            (matmul("btc,chd->bhtd", x_BxTxC, kernel_Cx3xHxD[:, j]) + bias_3xHxD[j][:, None, :]).astype(dtype)
+            saved((matmul("btc,chd->bhtd", x_BxTxC, kernel_Cx3xHxD[:, j]) + bias_3xHxD[j][:, None, :]).astype(dtype))
             for j in range(3)
         )
 

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptjax import sharding
 from gptjax.errors import UserError
+from gptjax.model.platform import trace_platform
 
 LANES = 128  # the kernel's blocks are multiples of this many tokens
 MAX_BLOCK = 512  # the largest query / key block tried (a block divides the padded sequence)
@@ -41,7 +42,7 @@ def splash_attention(q_BxHxTxD: jax.Array, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.
     mask.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    platform = trace_platform()
     if platform == "gpu":
         raise UserError("model.attention='splash' is a TPU kernel; on a GPU use model.attention='dot_product' (cuDNN)")
     b, h, t, d = q_BxHxTxD.shape
