@@ -73,7 +73,7 @@ def imported_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """`fields` of an imported checkpoint with every architecture field set (GPTConfig's default
     where the format leaves it out), so that a run's config.model cannot change what the
     imported weights compute (e.g. RoPE over GPT-2's learned positions)."""
-    defaults = {f: getattr(GPTConfig, f) for f in ARCHITECTURE_FIELDS if hasattr(GPTConfig, f)}
+    defaults = {f: getattr(GPTConfig, f) for f in ARCHITECTURE_FIELDS}
     return {**defaults, **fields}
 
 
