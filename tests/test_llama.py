@@ -25,7 +25,7 @@ from gptjax.errors import UserError  # noqa: E402
 from gptjax.model import GPT, GPTConfig, init_params  # noqa: E402
 from gptjax.run import resolve  # noqa: E402
 from gptjax.sampling import generate_tokens  # noqa: E402
-from gptjax.tokenizer import EOT, GPT2BPETokenizer  # noqa: E402
+from gptjax.tokenizer import EOT, GPT2BPETokenizer, load_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -172,6 +172,15 @@ def test_export_refuses_what_llama_cannot_hold(bpe, option: str, value: object, 
     assert not out.exists()
 
 
+def test_export_refuses_a_gpt2_model_with_an_option_gpt2_cannot_hold(bpe, tmp_path) -> None:
+    fields = {"vocab_size": VOCAB, "n_layer": 1, "n_head": 2, "n_embd": 32, "qk_norm": True}
+    with pytest.raises(UserError, match=r"GPT-2 cannot hold model.qk_norm=True \(GPT-2 has no QK-norm\); Llama cannot "
+                                        r"hold model.position='learned'") as e:
+        hf.export_hf_dir(fields, {}, GPT2BPETokenizer(bpe), str(tmp_path / "out"))
+    assert "\n" not in str(e.value)
+    assert hf.export_format({**fields, "qk_norm": False}) == "gpt2"
+
+
 def test_cli_round_trip_and_bad_input(hf_llama, tmp_path, capsys: pytest.CaptureFixture) -> None:
     """import writes a gptjax run of the Llama directory; export gives back the same model; a
     directory without weights is one line and exit status 2."""
@@ -215,3 +224,44 @@ def test_import_refuses_what_gptjax_does_not_compute(hf_llama, tmp_path) -> None
         with pytest.raises(UserError, match=message) as e:
             hf.load_hf_dir(case)
         assert "\n" not in str(e.value)
+
+
+def test_a_tokenizer_without_endoftext_ends_texts_with_its_eos(tmp_path) -> None:
+    """A Llama-style vocabulary ('<unk>', '<s>', '</s>', no '<|endoftext|>') keeps its size, and
+    '</s>' (tokenizer_config.json's eos_token) is the end-of-text id, also after gptjax saves it."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    tok.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    src = str(tmp_path / "llama-tok")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(src)
+    ours = load_tokenizer(src)
+    assert (ours.eot_id, ours.vocab_size) == (2, tok.get_vocab_size())
+    assert ours.decode(ours.encode("the lazy dog")) == "the lazy dog"
+    assert ours.eot_id not in ours.encode("a </s> b")  # written in a document, '</s>' is text
+    saved = str(tmp_path / "saved")
+    ours.save(saved)
+    again = load_tokenizer(saved)
+    assert (again.eot_id, again.vocab_size, again.fingerprint()) == (2, ours.vocab_size, ours.fingerprint())
+    assert transformers.AutoTokenizer.from_pretrained(saved).eos_token_id == 2
+
+
+SMOLLM_135M = {  # HuggingFaceTB/SmolLM-135M's config.json as transformers 4.40 wrote it (the shape; no weights)
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
+    "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.02, "intermediate_size": 1536,
+    "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
+    "num_key_value_heads": 3, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
+    "tie_word_embeddings": True, "torch_dtype": "float32", "transformers_version": "4.40.0.dev0", "use_cache": True,
+    "vocab_size": 49152,
+}
+
+
+def test_smollm_135m_config_reads_as_its_shape(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM_135M))
+    cfg = GPTConfig(**hf.imported_fields(hf.read_hf_config(str(tmp_path))))
+    assert (cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.tie_embeddings) == (30, 9, 3, 64, 1536, True)
+    assert cfg.num_params() == 134_515_008  # SmolLM-135M's parameter count
+    layout = hf.llama.layout(cfg)
+    assert len(layout) == 2 + 30 * 9 and layout["model.layers.0.self_attn.k_proj.weight"].hf_shape == (192, 576)
