@@ -196,7 +196,9 @@ def format_param_table(params: Any, optimizer: Optimizer) -> str:
 
 def _param_rows(cfg: OptimConfig, paths: list[str], shapes: list[tuple[int, ...]]) -> list[ParamRow]:
     """Decide each parameter's label, multiplier, weight decay and trainability."""
-    no_decay = _matches(paths, "no_decay", _split(cfg.no_decay))
+    # The default patterns name every kind of parameter GPT-2 has; a model without biases or
+    # learned positions (e.g. an imported Llama) lacks some of them, which is no user's mistake.
+    no_decay = _matches(paths, "no_decay", _split(cfg.no_decay), required=cfg.no_decay != OptimConfig.no_decay)
     n_layer = _n_layer(paths)
 
     trainable = [True] * len(paths)
@@ -279,8 +281,8 @@ def _parse_rules(text: str) -> list[tuple[str, float]]:
     return rules
 
 
-def _matches(paths: list[str], field: str, patterns: list[str]) -> list[bool]:
-    """Which paths any of `patterns` selects; a pattern that selects nothing is an error."""
+def _matches(paths: list[str], field: str, patterns: list[str], required: bool = True) -> list[bool]:
+    """Which paths any of `patterns` selects; a pattern that selects nothing is an error (unless not `required`)."""
     hits = [False] * len(paths)
     for pattern in patterns:
         regex = _compile(field, pattern)
@@ -289,7 +291,7 @@ def _matches(paths: list[str], field: str, patterns: list[str]) -> list[bool]:
             parts = path.split("/")
             if any(regex.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
                 hits[i] = found = True
-        if not found:
+        if not found and required:
             examples = ", ".join(_examples(paths))
             raise UserError(
                 f"optim.{field} pattern {pattern!r} matches no parameter; parameter paths look like "

@@ -271,13 +271,15 @@ def _check_same_optimizer_state(
 
 
 def _read_init_from(init_from: str, weights: bool) -> tuple[dict[str, Any], Any, Tokenizer | None]:
-    """(model fields, host params, tokenizer) of `init_from=hf:DIR` (DIR may be a gs:// URL);
-    without weights, the fields alone (read from config.json) and None, None."""
+    """(model fields, host params, tokenizer) of `init_from=hf:DIR` (DIR may be a gs:// URL; a
+    GPT-2 or Llama directory, told apart by its config.json); without weights, the fields alone
+    (read from config.json) and None, None. The fields set every architecture option."""
     kind, _, path = init_from.partition(":")
     if kind != "hf" or not path:
-        raise UserError(f"init_from must be '' or 'hf:/path/to/gpt2-dir', got {init_from!r}")
+        raise UserError(f"init_from must be '' or 'hf:/path/to/hf-dir' (a GPT-2 or Llama directory), got {init_from!r}")
     from gptjax import hf
 
     if weights:
-        return hf.load_hf_dir(path)
-    return hf.read_hf_config(path), None, None
+        fields, params, tokenizer = hf.load_hf_dir(path)
+        return hf.imported_fields(fields), params, tokenizer
+    return hf.imported_fields(hf.read_hf_config(path)), None, None

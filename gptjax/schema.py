@@ -24,8 +24,8 @@ class TopConfig:
     """The config's top-level fields."""
 
     seed: int = 0  # parameter initialisation, dropout and the batches drawn
-    # '' trains from scratch; 'hf:/path/to/gpt2' starts from a local Hugging Face GPT-2
-    # directory (model shape and tokenizer come from it).
+    # '' trains from scratch; 'hf:/path/to/dir' starts from a Hugging Face GPT-2 or Llama
+    # directory (model shape, architecture and tokenizer come from it).
     init_from: str = ""
 
 

@@ -1,18 +1,21 @@
-"""Convert between a Hugging Face GPT-2 directory and a gptjax run.
+"""Convert between a Hugging Face GPT-2 or Llama directory and a gptjax run.
 
     python tools/convert_hf.py import --hf_dir path/to/gpt2 --out runs/gpt2
     python tools/convert_hf.py export --workdir runs/finetuned --out path/to/hf_dir
 
 Any of these paths may be a gs:// URL.
 
-`import` reads config.json, model.safetensors and the tokenizer (never a pickle), checks every
-tensor against the config, and writes a gptjax run directory (config.json, tokenizer/, a
-step-0 checkpoint) that `gptjax.sample` can sample from. To fine-tune, point training at the
-Hugging Face directory directly: `python -m gptjax.train --config.init_from=hf:path/to/gpt2`.
+`import` reads config.json (its model_type says GPT-2 or Llama), model.safetensors and the
+tokenizer (never a pickle), checks every tensor against the config, and writes a gptjax run
+directory (config.json, tokenizer/, a step-0 checkpoint) that `gptjax.sample` can sample from.
+To fine-tune, point training at the Hugging Face directory directly:
+`python -m gptjax.train --config.init_from=hf:path/to/gpt2`.
 
 `export` writes the latest checkpoint of a run (or a given `<workdir>/checkpoints/<step>`) as a
-directory that `transformers.GPT2LMHeadModel.from_pretrained` loads, with the run's tokenizer;
-for a SentencePiece run `AutoTokenizer` cannot load that tokenizer (see `gptjax.hf`).
+directory that transformers loads: `GPT2LMHeadModel` for a GPT-2-shaped model,
+`LlamaForCausalLM` for one with RoPE, RMSNorm, SwiGLU and no biases; a model neither format
+holds is refused, naming the options. The run's tokenizer goes with it; for a SentencePiece
+run `AutoTokenizer` cannot load that tokenizer (see `gptjax.hf`).
 
 Bad input prints one line and exits with status 2.
 """
@@ -28,8 +31,9 @@ from gptjax.tokenizer import Tokenizer, load_tokenizer
 
 
 def _describe(cfg: GPTConfig, tokenizer: Tokenizer) -> str:
+    kv = f" ({cfg.kv_heads} key/value)" if cfg.kv_heads != cfg.n_head else ""
     return (
-        f"{cfg.num_params() / 1e6:.2f}M params: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, "
+        f"{cfg.num_params() / 1e6:.2f}M params: {cfg.n_layer} layers, {cfg.n_head} heads{kv}, width {cfg.n_embd}, "
         f"context {cfg.block_size}, vocab {cfg.vocab_size} "
         f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens)"
     )
@@ -66,7 +70,7 @@ def import_hf(hf_dir: str, out: str) -> None:
 
 
 def export_hf(workdir: str, out: str) -> None:
-    """Write the run's latest (or given) checkpoint and tokenizer as a Hugging Face GPT-2 directory."""
+    """Write the run's latest (or given) checkpoint and tokenizer as a Hugging Face GPT-2 or Llama directory."""
     from gptjax.checkpoint_read import load_for_inference
     from gptjax.layout import find_run
 
@@ -75,8 +79,8 @@ def export_hf(workdir: str, out: str) -> None:
     config, params = load_for_inference(workdir)
     tokenizer = load_tokenizer(run_dir.tokenizer)
     fields = config.model.to_dict()
-    hf.export_hf_dir(fields, params, tokenizer, out)
-    print(f"wrote {out}: {_describe(GPTConfig.from_config(fields), tokenizer)}")
+    model_type = hf.export_hf_dir(fields, params, tokenizer, out)
+    print(f"wrote {out}: {hf.FORMATS[model_type].MODEL_CLASS}, {_describe(GPTConfig.from_config(fields), tokenizer)}")
     if tokenizer.kind != "gpt2":
         print(
             f"note: the run's tokenizer is {tokenizer.kind}; {out} holds its model for gptjax and sentencepiece, "
@@ -87,10 +91,10 @@ def export_hf(workdir: str, out: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("import", help="Hugging Face GPT-2 directory -> gptjax run")
+    p = sub.add_parser("import", help="Hugging Face GPT-2 or Llama directory -> gptjax run")
     p.add_argument("--hf_dir", required=True, help="directory with config.json, model.safetensors, tokenizer files")
     p.add_argument("--out", required=True, help="the gptjax run directory to create")
-    p = sub.add_parser("export", help="gptjax run -> Hugging Face GPT-2 directory")
+    p = sub.add_parser("export", help="gptjax run -> Hugging Face GPT-2 or Llama directory")
     p.add_argument("--workdir", required=True, help="a gptjax run directory or <workdir>/checkpoints/<step>")
     p.add_argument("--out", required=True, help="the Hugging Face directory to create (new or empty)")
     args = parser.parse_args(argv)

@@ -2,8 +2,10 @@
 
 The directory it saves is also a Hugging Face `GPT2TokenizerFast` directory (tokenizer.json,
 vocab.json, merges.txt and the transformers configs), so `transformers.AutoTokenizer` loads
-it; `from_files` reads such a directory, gptjax's or Hugging Face's. `tokenizers` is imported
-on use: only runs imported from GPT-2 need it.
+it; `from_files` reads such a directory, gptjax's or Hugging Face's. The end-of-text token is
+'<|endoftext|>' (GPT-2's, SmolLM's); a tokenizer without it, such as Llama's, ends texts with the
+`eos_token` its tokenizer_config.json names (e.g. '</s>'), so its vocabulary stays as trained.
+`tokenizers` is imported on use: only runs imported from Hugging Face need it.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ class GPT2BPETokenizer:
 
     kind = "gpt2"
 
-    def __init__(self, tok: tokenizers.Tokenizer):
-        if tok.token_to_id(EOT) is None:
-            tok.add_special_tokens([EOT])
+    def __init__(self, tok: tokenizers.Tokenizer, eot: str = EOT):
+        if tok.token_to_id(eot) is None:
+            tok.add_special_tokens([eot])
         self._tok = tok
-        # '<|endoftext|>' written in a document is text, not the end-of-text id.
+        # '<|endoftext|>' (any special token) written in a document is text, not the end-of-text id.
         self._tok.encode_special_tokens = True
+        self.eot_token = eot
         self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
-        self.eot_id: int = tok.token_to_id(EOT)
+        self.eot_id: int = tok.token_to_id(eot)
 
     @classmethod
     def from_files(cls, directory: str) -> "GPT2BPETokenizer":
@@ -57,7 +60,7 @@ class GPT2BPETokenizer:
             tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
         else:
             raise UserError(f"no GPT-2 tokenizer in {directory}: expected tokenizer.json or vocab.json + merges.txt")
-        return cls(tok)
+        return cls(tok, _end_of_text(directory, tok))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -73,7 +76,7 @@ class GPT2BPETokenizer:
         with storage.local_dir(directory, last=META_FILE) as local:
             self._tok.save(os.path.join(local, "tokenizer.json"))
             self._tok.model.save(local)
-            special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+            special = {"bos_token": self.eot_token, "eos_token": self.eot_token, "unk_token": self.eot_token}
             with open(os.path.join(local, "special_tokens_map.json"), "w") as f:
                 json.dump(special, f, indent=2)
             config = {
@@ -91,3 +94,19 @@ class GPT2BPETokenizer:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
+
+
+def _end_of_text(directory: str, tok: tokenizers.Tokenizer) -> str:
+    """'<|endoftext|>' when the vocabulary has it, else the eos_token of `directory`'s
+    tokenizer_config.json when the vocabulary has that (Llama's '</s>'), else '<|endoftext|>'
+    (added as a new id)."""
+    path = storage.join(directory, "tokenizer_config.json")
+    if tok.token_to_id(EOT) is not None or not storage.is_file(path):
+        return EOT
+    try:
+        eos = json.loads(storage.read_text(path)).get("eos_token")
+    except (ValueError, AttributeError):
+        raise UserError(f"{path} is not a JSON object; expected a Hugging Face tokenizer config") from None
+    if isinstance(eos, dict):  # the older serialisation of an AddedToken
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and tok.token_to_id(eos) is not None else EOT
