@@ -1,4 +1,4 @@
-"""The losses: token cross entropy, and the tied head's chunked cross entropy (training and evaluation).
+"""The losses: token cross entropy, and the output head's chunked cross entropy (training and evaluation).
 
 Both return (sum of weighted token losses, sum of weights) so that callers can accumulate
 over micro-batches and devices before dividing once.
@@ -6,6 +6,7 @@ over micro-batches and devices before dividing once.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -30,23 +31,28 @@ def _seq_chunks(b: int, t: int, vocab: int) -> int:
     return t
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def head_cross_entropy(
-    hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array
+    hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
+    softcap: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """`cross_entropy` of the tied head's logits `hidden @ embedding.T`, never holding them whole.
+    """`cross_entropy` of the head's logits `hidden @ embedding.T`, never holding them whole.
+
+    `embedding` is the head's [vocab, embed] table (the tied `wte`, or an untied head); with
+    `softcap` > 0 the logits are `softcap * tanh(logits / softcap)` (`model.logit_softcap`).
 
     The logits are made a sequence chunk at a time. Under differentiation the forward pass
     also computes each chunk's gradients with respect to `hidden` and `embedding` while the
     chunk is at hand (softmax - one-hot, two matmuls: the FLOPs autodiff would spend), so no
     [batch, seq, vocab] array, nor its gradient or transposed copy, is ever made.
     """
-    sums, _, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False)
+    sums, _, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, softcap=softcap)
     return sums
 
 
 def _head_ce(
-    hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, grads: bool
+    hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, grads: bool,
+    softcap: float = 0.0,
 ) -> Any:
     """(sums, token losses [B, T], d hidden [B, T, C] or None, d embedding [V, C] or None)."""
     b, t, _ = hidden_BxTxC.shape
@@ -57,6 +63,9 @@ def _head_ce(
     def chunk(h_BxSxC: jax.Array, tg_BxS: jax.Array, wt_BxS: jax.Array) -> Any:
         # S: the chunk's sequence length (t // n).
         logits_BxSxV = jnp.einsum("btc,vc->btv", h_BxSxC, w_VxC, preferred_element_type=jnp.float32)
+        if softcap:
+            tanh_BxSxV = jnp.tanh(logits_BxSxV / softcap)
+            logits_BxSxV = softcap * tanh_BxSxV
         top_BxSx1 = logits_BxSxV.max(axis=-1, keepdims=True)
         e_BxSxV = jnp.exp(logits_BxSxV - top_BxSx1)  # one exp pass serves the loss and its gradient
         total_BxS = e_BxSxV.sum(axis=-1)
@@ -66,9 +75,10 @@ def _head_ce(
             return losses_BxS, None, None
         # d(loss)/d(logits) = softmax - one_hot, made once; both matmuls read it as it lies.
         onehot_BxSxV = tg_BxS[..., None] == jnp.arange(vocab, dtype=tg_BxS.dtype)
-        dlogits_BxSxV = ((e_BxSxV * (1.0 / total_BxS)[..., None] - onehot_BxSxV) * wt_BxS[..., None]).astype(
-            hidden_BxTxC.dtype
-        )
+        dlogits_BxSxV = (e_BxSxV * (1.0 / total_BxS)[..., None] - onehot_BxSxV) * wt_BxS[..., None]
+        if softcap:  # through the cap: d(cap * tanh(z / cap)) / dz = 1 - tanh^2
+            dlogits_BxSxV = dlogits_BxSxV * (1.0 - tanh_BxSxV * tanh_BxSxV)
+        dlogits_BxSxV = dlogits_BxSxV.astype(hidden_BxTxC.dtype)
         dh_BxSxC = jnp.einsum("btv,vc->btc", dlogits_BxSxV, w_VxC, preferred_element_type=jnp.float32)
         if hidden_BxTxC.dtype == jnp.float32:
             # [C, V] = h^T @ dlogits, then one small transpose: measured faster on CPU in fp32.
@@ -96,12 +106,13 @@ def _head_ce(
     return ((losses_BxT * weights_BxT).sum(), weights_BxT.sum()), losses_BxT, dh_BxTxC, dw_VxC
 
 
-def _head_ce_fwd(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array) -> Any:
-    sums, losses, dh, dw = _head_ce(hidden, embedding, targets, weights, grads=True)
+def _head_ce_fwd(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
+                 softcap: float = 0.0) -> Any:
+    sums, losses, dh, dw = _head_ce(hidden, embedding, targets, weights, grads=True, softcap=softcap)
     return sums, (losses, dh.astype(hidden.dtype), dw.astype(embedding.dtype))
 
 
-def _head_ce_bwd(res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
+def _head_ce_bwd(softcap: float, res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
     losses, dh, dw = res
     g_loss, g_weight = g
     return (g_loss * dh).astype(dh.dtype), g_loss * dw, None, g_loss * losses + g_weight
@@ -116,6 +127,7 @@ def head_eval_sums(
     targets_BxT: jax.Array,
     weights_BxT: jax.Array,
     sources_BxS: jax.Array | None = None,
+    softcap: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """`head_cross_entropy` for evaluation (not differentiable), optionally split by source.
 
@@ -124,7 +136,7 @@ def head_eval_sums(
     counts nowhere). The logits are made a sequence chunk at a time, as in training, so an
     eval batch never holds [batch, seq, vocab] of them.
     """
-    sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False)
+    sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, softcap=softcap)
     if sources_BxS is None:
         return sums
     return (losses_BxT * weights_BxT).sum(axis=1) @ sources_BxS, weights_BxT.sum(axis=1) @ sources_BxS

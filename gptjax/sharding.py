@@ -30,6 +30,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", None),  # grouped-query attention's key/value heads: few (maybe 1), replicated over tensor
     ("mlp", "tensor"),
     ("head_dim", None),
     ("qkv", None),

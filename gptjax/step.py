@@ -25,6 +25,7 @@ from gptjax import optim as optim_lib
 from gptjax import sharding
 from gptjax.loss import head_cross_entropy, head_eval_sums
 from gptjax.model import GPT, GPTConfig
+from gptjax.model.layers import head_table
 
 BATCH_KEYS = ("inputs", "targets", "weights")
 # Batches of packed examples (and of document-masked text) also carry these, int32 [rows, seq];
@@ -153,7 +154,8 @@ class Trainer:
             {"params": params}, batch["inputs"], batch.get("positions"), segment_ids=batch.get("segment_ids"),
             deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True,
         )
-        return head_cross_entropy(hidden_BxTxC, params["wte"]["embedding"], batch["targets"], batch["weights"])
+        table_VxC, cap = head_table(self.gpt, params), self.gpt.logit_softcap
+        return head_cross_entropy(hidden_BxTxC, table_VxC, batch["targets"], batch["weights"], cap)
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step over `grad_accum` micro-batches (batch arrays are [accum, micro, seq]).
@@ -217,7 +219,8 @@ class Trainer:
             deterministic=True, return_hidden=True,
         )
         return head_eval_sums(
-            hidden_BxTxC, params["wte"]["embedding"], batch["targets"], batch["weights"], batch.get("sources")
+            hidden_BxTxC, head_table(self.gpt, params), batch["targets"], batch["weights"], batch.get("sources"),
+            self.gpt.logit_softcap,
         )
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -16,6 +16,9 @@ from gptjax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION = ("xla", "dot_product", "splash")  # model.attention: the keys of gptjax.model.attention.IMPLEMENTATIONS
+POSITIONS = ("learned", "rope")  # model.position
+NORMS = ("layernorm", "rmsnorm")  # model.norm: the keys of gptjax.model.layers.NORMS
+MLPS = ("gelu", "swiglu", "relu2")  # model.mlp: the keys of gptjax.model.mlp.MLPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,18 @@ class GPTConfig:
     # Full passes (training, evaluation) run the blocks as one scan over their stacked
     # parameters, so compile time does not grow with depth; decoding stays unrolled.
     scan_layers: bool = False
+    # Architecture options; the defaults are GPT-2's. The parameters each one makes are listed
+    # in `gptjax.model`'s docstring.
+    position: str = "learned"  # one of POSITIONS
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # one of NORMS
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys
+    mlp: str = "gelu"  # one of MLPS
+    n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 means n_head
+    tie_embeddings: bool = True  # the output head is `wte`; False: its own `lm_head`
+    bias: bool = True  # biases in every projection and LayerNorm
+    zero_init_proj: bool = False  # the projections into the residual stream start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -59,6 +74,24 @@ class GPTConfig:
             raise UserError(f"model.attention must be one of {list(ATTENTION)}, got {self.attention!r}")
         if not isinstance(self.scan_layers, bool):
             raise UserError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
+        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"model.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("qk_norm", "tie_embeddings", "bias", "zero_init_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise UserError(
+                f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} "
+                f"(0 means n_head; allowed: {[d for d in _divisors(self.n_head) if self.n_head % d == 0]})"
+            )
+        if self.position == "rope" and (self.head_dim % 2 or not self.rope_base > 0):
+            raise UserError(
+                f"model.position='rope' needs an even head_dim (n_embd / n_head = {self.head_dim}) "
+                f"and model.rope_base > 0 (got {self.rope_base})"
+            )
+        if not self.logit_softcap >= 0:
+            raise UserError(f"model.logit_softcap must be >= 0 (0 means off), got {self.logit_softcap}")
         if self.attention != "xla" and self.dropout > 0:
             raise UserError(
                 f"model.attention={self.attention!r} has no attention dropout; use model.dropout=0 or model.attention='xla'"
@@ -74,7 +107,18 @@ class GPTConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return self.n_mlp or 4 * self.n_embd
+        """The MLP's hidden width: n_mlp, else 4 * n_embd (GELU, ReLU squared) or, for SwiGLU,
+        Llama's default: 8/3 * n_embd rounded up to a multiple of 256."""
+        if self.n_mlp:
+            return self.n_mlp
+        if self.mlp == "swiglu":
+            return 256 * -(-int(8 * self.n_embd / 3) // 256)
+        return 4 * self.n_embd
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when 0 (multi-head attention)."""
+        return self.n_kv_head or self.n_head
 
     @property
     def head_dim(self) -> int:
@@ -85,15 +129,22 @@ class GPTConfig:
         return DTYPES[self.dtype]
 
     def num_params(self) -> int:
-        """Parameter count (the tied output head counted once)."""
-        c, m, layers = self.n_embd, self.mlp_dim, self.n_layer
-        block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * m + m) + (m * c + c)
-        return self.vocab_size * c + self.block_size * c + layers * block + 2 * c
+        """Parameter count (a tied output head counted once)."""
+        c, m, d, b = self.n_embd, self.mlp_dim, self.head_dim, int(self.bias)
+        qkv = (self.n_head + 2 * self.kv_heads) * d
+        norm = c * (1 + b * (self.norm == "layernorm"))
+        attn = c * qkv + b * qkv + self.n_head * d * c + b * c + 2 * d * self.qk_norm
+        mlp = 3 * c * m + b * (2 * m + c) if self.mlp == "swiglu" else 2 * c * m + b * (m + c)
+        embeddings = self.vocab_size * c * (2 - self.tie_embeddings) + self.block_size * c * (self.position == "learned")
+        return embeddings + self.n_layer * (2 * norm + attn + mlp) + norm
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B convention."""
-        n = self.num_params() - self.block_size * self.n_embd
-        return 6.0 * n + 12.0 * self.n_layer * self.n_embd * seq_len
+        """Training FLOPs per token (forward + backward), PaLM appendix B convention: 6 per
+        matmul parameter (the head counts; the position table and an untied input table, which
+        are looked up, do not) plus attention's 12 * layers * width * context."""
+        lookups = self.block_size * self.n_embd * (self.position == "learned")
+        lookups += self.vocab_size * self.n_embd * (not self.tie_embeddings)
+        return 6.0 * (self.num_params() - lookups) + 12.0 * self.n_layer * self.n_embd * seq_len
 
 
 def _divisors(n: int) -> list[int]:

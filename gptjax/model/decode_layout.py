@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.model.config import GPTConfig
-from gptjax.model.layers import QKV_AXES, Projection, QKVProjection, zeros
+from gptjax.model.layers import Projection, QKVProjection, qkv_bias
 
 
 def linear_out_in(x: jax.Array, w_OxI: jax.Array, dtype: Any) -> jax.Array:
@@ -50,7 +50,7 @@ class OutInProjection(Projection):
         x = jnp.transpose(x, [x_spec.index(a) for a in lead + contracted])
         lead_shape = x.shape[: len(lead)]
         y = linear_out_in(x.reshape(*lead_shape, n_in), w_OxI, self.dtype) + bias.reshape(-1)
-        return y.reshape(*lead_shape, *bias.shape)
+        return y.reshape(*lead_shape, *(self.kernel_shape[k_spec.index(a)] for a in kept))
 
 
 class OutInQKVProjection(QKVProjection):
@@ -62,8 +62,8 @@ class OutInQKVProjection(QKVProjection):
         cfg = self.cfg
         h, d, dtype = cfg.n_head, cfg.head_dim, cfg.compute_dtype
         w_OxC = self.param("kernel_out_in", nn.initializers.normal(0.02), (3 * h * d, cfg.n_embd), jnp.float32)
-        bias_3xHxD = self.param("bias", zeros(QKV_AXES[1:]), (3, h, d), jnp.float32)
-        y_BxTxO = (linear_out_in(x_BxTxC, w_OxC, dtype) + bias_3xHxD.reshape(-1)).astype(dtype)
+        bias = qkv_bias(self, cfg)
+        y_BxTxO = (linear_out_in(x_BxTxC, w_OxC, dtype) + (bias.reshape(-1) if cfg.bias else bias[0, 0])).astype(dtype)
         y_BxTx3xHxD = y_BxTxO.reshape(*x_BxTxC.shape[:2], 3, h, d)
         return tuple(jnp.swapaxes(y_BxTx3xHxD[:, :, j], 1, 2) for j in range(3))
 
@@ -80,23 +80,21 @@ def dense_layers(decode_layout: bool) -> tuple[type[Projection], type[QKVProject
 def to_decode_layout(cfg: GPTConfig, params: Any) -> Any:
     """The parameters of `GPT(cfg, decode_layout=True)`: every dense kernel as [out, in].
 
-    Each `kernel` is replaced by `kernel_out_in`, the kernel reshaped to [in, out] (its
-    contracted leading axes merged) and transposed; embeddings, LayerNorms and biases are
-    shared. A tree that is not a GPT's parameters raises (KeyError, or flax's shape check).
+    In each layer `h_{i}`, every `kernel` is replaced by `kernel_out_in`, the kernel reshaped
+    to [in, out] (its contracted leading axes merged: two for the attention's output
+    projection `attn/c_proj`, one elsewhere) and transposed; embeddings, norms, biases and the
+    untied head's `lm_head` (already [out, in]) are shared. A tree that is not a GPT's
+    parameters raises (KeyError, or flax's shape check).
     """
 
-    def out_in(layer: Mapping[str, Any], n_in: int) -> dict[str, Any]:
-        kernel = layer["kernel"]
-        return {"kernel_out_in": kernel.reshape(math.prod(kernel.shape[:n_in]), -1).T, "bias": layer["bias"]}
+    def convert(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+        if "kernel" not in tree:
+            return {k: convert(v, (*path, k)) if isinstance(v, Mapping) else v for k, v in tree.items()}
+        kernel, n_in = tree["kernel"], 2 if path[-2:] == ("attn", "c_proj") else 1
+        out = {"kernel_out_in": kernel.reshape(math.prod(kernel.shape[:n_in]), -1).T}
+        return {**out, **{k: v for k, v in tree.items() if k != "kernel"}}
 
-    out = {k: params[k] for k in ("wte", "wpe", "ln_f")}
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
     for i in range(cfg.n_layer):
-        block = params[f"h_{i}"]
-        attn, mlp = block["attn"], block["mlp"]
-        out[f"h_{i}"] = {
-            "ln_1": block["ln_1"],
-            "ln_2": block["ln_2"],
-            "attn": {"c_attn": out_in(attn["c_attn"], 1), "c_proj": out_in(attn["c_proj"], 2)},
-            "mlp": {"c_fc": out_in(mlp["c_fc"], 1), "c_proj": out_in(mlp["c_proj"], 1)},
-        }
+        out[f"h_{i}"] = convert(params[f"h_{i}"], ())
     return out

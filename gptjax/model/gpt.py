@@ -1,10 +1,14 @@
-"""GPT-2 in Flax linen: the model top to bottom.
+"""GPT-2 in Flax linen, and its modern options: the model top to bottom.
 
 Token and learned position embeddings, pre-LayerNorm blocks of causal multi-head
-self-attention (`gptjax.model.attention`) and a tanh-GELU MLP, a final LayerNorm, and an output
-projection tied to the token embedding. Parameters are fp32; the compute dtype (`model.dtype`)
+self-attention (`gptjax.model.attention`) and a tanh-GELU MLP (`gptjax.model.mlp`), a final
+LayerNorm, and an output projection tied to the token embedding. The options of
+`GPTConfig` swap pieces: rotary positions instead of the `wpe` table (applied inside the
+attention), RMSNorm (`gptjax.model.layers.NORMS`), other MLPs (`gptjax.model.mlp.MLPS`),
+fewer key/value heads, an untied head `lm_head`, no biases, soft-capped logits.
+Parameters are fp32; the compute dtype (`model.dtype`)
 is the dtype of every matmul's operands (and of the key/value cache), accumulated in fp32
-(`gptjax.model.layers.matmul`); the residual stream, LayerNorm, softmax and GELU stay fp32.
+(`gptjax.model.layers.matmul`); the residual stream, norms, softmax and activations stay fp32.
 Every parameter carries logical axis names (see `gptjax.sharding` for the rules that map them
 to mesh axes).
 
@@ -31,53 +35,24 @@ import jax.numpy as jnp
 
 from gptjax.model.attention import CausalSelfAttention
 from gptjax.model.config import GPTConfig
-from gptjax.model.decode_layout import dense_layers
-from gptjax.model.layers import layer_norm, matmul, normal, residual_std
-
-
-class MLP(nn.Module):
-    """c_fc to 4x the width (`model.n_mlp`), tanh-GELU, c_proj back, dropout."""
-
-    cfg: GPTConfig
-    decode_layout: bool = False
-
-    @nn.compact
-    def __call__(self, x_BxTxC: jax.Array, deterministic: bool) -> jax.Array:
-        cfg = self.cfg
-        projection, _ = dense_layers(self.decode_layout)
-        h_BxTxM = projection(
-            "btc,cm->btm",
-            kernel_shape=(cfg.n_embd, cfg.mlp_dim),
-            kernel_axes=("embed", "mlp"),
-            std=0.02,
-            dtype=cfg.compute_dtype,
-            name="c_fc",
-        )(x_BxTxC)
-        h_BxTxM = nn.gelu(h_BxTxM, approximate=True)
-        y_BxTxC = projection(
-            "btm,mc->btc",
-            kernel_shape=(cfg.mlp_dim, cfg.n_embd),
-            kernel_axes=("mlp", "embed"),
-            std=residual_std(cfg),
-            dtype=cfg.compute_dtype,
-            name="c_proj",
-        )(h_BxTxM)
-        return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
+from gptjax.model.layers import UntiedHead, head_logits, norm, normal
+from gptjax.model.mlp import MLPS
 
 
 class Block(nn.Module):
-    """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); positions reach the attention (for RoPE)."""
 
     cfg: GPTConfig
     decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, segment_ids: jax.Array | None,
-                 deterministic: bool, decode: bool) -> jax.Array:
+    def __call__(self, x_BxTxC: jax.Array, positions_BxT: jax.Array, token_mask: jax.Array | None,
+                 segment_ids: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
         cfg, layout = self.cfg, self.decode_layout
         attn = CausalSelfAttention(cfg, layout, name="attn")
-        x_BxTxC = x_BxTxC + attn(layer_norm(cfg, "ln_1")(x_BxTxC), token_mask, segment_ids, deterministic, decode)
-        x_BxTxC = x_BxTxC + MLP(cfg, layout, name="mlp")(layer_norm(cfg, "ln_2")(x_BxTxC), deterministic)
+        h_BxTxC = attn(norm(cfg, "ln_1")(x_BxTxC), positions_BxT, token_mask, segment_ids, deterministic, decode)
+        x_BxTxC = x_BxTxC + h_BxTxC
+        x_BxTxC = x_BxTxC + MLPS[cfg.mlp](cfg, layout, name="mlp")(norm(cfg, "ln_2")(x_BxTxC), deterministic)
         return nn.with_logical_constraint(x_BxTxC, ("batch", "seq", "act_embed"))
 
 
@@ -111,8 +86,9 @@ class GPT(nn.Module):
         segment_ids: [batch, seq] int, the example of each token in a packed row: a token attends
             only to tokens of its own segment (training and evaluation; not with decode).
         decode: use and update the key/value cache (see the module docstring).
-        return_hidden: return the final LayerNorm's output [batch, seq, n_embd] instead of the
-            logits, for a loss that applies the tied head itself (`gptjax.loss.head_cross_entropy`).
+        return_hidden: return the final norm's output [batch, seq, n_embd] instead of the
+            logits, for a loss that applies the head itself (`gptjax.loss.head_cross_entropy`
+            over `gptjax.model.layers.head_table`).
         """
         cfg = self.cfg
         b, t = tokens_BxT.shape
@@ -128,32 +104,36 @@ class GPT(nn.Module):
             embedding_init=normal(0.02, ("vocab", "embed")),
             name="wte",
         )
-        wpe = nn.Embed(
-            cfg.block_size,
-            cfg.n_embd,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            embedding_init=normal(0.01, ("pos", "embed")),
-            name="wpe",
-        )
-        x_BxTxC = wte(tokens_BxT) + wpe(positions_BxT)
+        x_BxTxC = wte(tokens_BxT)
+        if cfg.position == "learned":  # else rotary: the attention rotates q and k by position
+            wpe = nn.Embed(
+                cfg.block_size,
+                cfg.n_embd,
+                dtype=jnp.float32,
+                param_dtype=jnp.float32,
+                embedding_init=normal(0.01, ("pos", "embed")),
+                name="wpe",
+            )
+            x_BxTxC = x_BxTxC + wpe(positions_BxT)
         x_BxTxC = nn.Dropout(cfg.dropout)(x_BxTxC, deterministic=deterministic)
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "seq", "act_embed"))
         if cfg.scan_layers and not decode and not self.is_initializing():
-            x_BxTxC = self._scan_blocks(x_BxTxC, token_mask, segment_ids, deterministic)
+            x_BxTxC = self._scan_blocks(x_BxTxC, positions_BxT, token_mask, segment_ids, deterministic)
         else:
-            block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
+            block = nn.remat(Block, static_argnums=(5, 6)) if cfg.remat else Block
             for i in range(cfg.n_layer):
-                x_BxTxC = block(cfg, self.decode_layout, name=f"h_{i}")(x_BxTxC, token_mask, segment_ids, deterministic, decode)
-        x_BxTxC = layer_norm(cfg, "ln_f")(x_BxTxC)
+                x_BxTxC = block(cfg, self.decode_layout, name=f"h_{i}")(
+                    x_BxTxC, positions_BxT, token_mask, segment_ids, deterministic, decode
+                )
+        x_BxTxC = norm(cfg, "ln_f")(x_BxTxC)
+        # The head reads a [vocab, embed] table as stored: already the [out, in] layout.
+        table_VxC = wte.embedding if cfg.tie_embeddings else UntiedHead(cfg, name="lm_head")()
         if return_hidden:
             return x_BxTxC.astype(cfg.compute_dtype)
-        # The tied head reads the [vocab, embed] table as stored: already the [out, in] layout.
-        dtype = cfg.compute_dtype
-        return matmul("btc,vc->btv", x_BxTxC.astype(dtype), wte.embedding.astype(dtype))
+        return head_logits(cfg, x_BxTxC, table_VxC)
 
-    def _scan_blocks(self, x_BxTxC: jax.Array, token_mask: jax.Array | None, segment_ids: jax.Array | None,
-                     deterministic: bool) -> jax.Array:
+    def _scan_blocks(self, x_BxTxC: jax.Array, positions_BxT: jax.Array, token_mask: jax.Array | None,
+                     segment_ids: jax.Array | None, deterministic: bool) -> jax.Array:
         """The blocks of a full pass as one `jax.lax.scan` (`model.scan_layers`).
 
         The parameters stay one subtree per layer (`h_{i}`, as `init` makes them), so
@@ -169,7 +149,10 @@ class GPT(nn.Module):
         layers = [nn.meta.unbox(params[f"h_{i}"]) for i in range(cfg.n_layer)]
         stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
         x_spec = jax.ShapeDtypeStruct(x_BxTxC.shape, x_BxTxC.dtype)
-        boxed = jax.eval_shape(lambda x: block.init(jax.random.PRNGKey(0), x, None, None, True, False), x_spec)
+        p_spec = jax.ShapeDtypeStruct(positions_BxT.shape, positions_BxT.dtype)
+        boxed = jax.eval_shape(
+            lambda x, p: block.init(jax.random.PRNGKey(0), x, p, None, None, True, False), x_spec, p_spec
+        )
         names = nn.get_partition_spec(boxed["params"])
 
         def constrain(tree: Any, lead: tuple[None, ...]) -> Any:
@@ -186,8 +169,8 @@ class GPT(nn.Module):
         def body(x_BxTxC: jax.Array, layer: tuple[Any, jax.Array | None]) -> tuple[jax.Array, None]:
             layer_params, key = layer
             rngs = None if key is None else {"dropout": key}
-            x_BxTxC = block.apply({"params": constrain(layer_params, ())}, x_BxTxC, token_mask, segment_ids,
-                                  deterministic, False, rngs=rngs)
+            x_BxTxC = block.apply({"params": constrain(layer_params, ())}, x_BxTxC, positions_BxT, token_mask,
+                                  segment_ids, deterministic, False, rngs=rngs)
             return x_BxTxC, None
 
         if cfg.remat:

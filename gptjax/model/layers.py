@@ -1,4 +1,5 @@
-"""The model's building blocks: the mixed-precision matmul, the dense projections, LayerNorm.
+"""The model's building blocks: the mixed-precision matmul, the dense projections, the norms
+(`NORMS`, by `model.norm`), the output head's table and soft-capping.
 
 Parameters are fp32 and carry logical axis names (`gptjax.sharding` maps them to mesh axes);
 every matmul reads its operands in the compute dtype and accumulates in fp32 (`matmul`). The
@@ -32,21 +33,81 @@ def ones(names: tuple[str | None, ...]) -> Any:
     return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
 
 
-def layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
-    """An fp32 LayerNorm with GPT-2's epsilon (`model.ln_eps`)."""
+def layer_norm(cfg: GPTConfig, name: str) -> nn.Module:
+    """An fp32 LayerNorm with GPT-2's epsilon (`model.ln_eps`), its bias only with `model.bias`."""
     return nn.LayerNorm(
         epsilon=cfg.ln_eps,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        use_bias=cfg.bias,
         scale_init=ones(("norm",)),
         bias_init=zeros(("norm",)),
         name=name,
     )
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale in fp32 over the last axis (Llama's; no bias, no mean subtraction)."""
+
+    eps: float
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", ones((self.axis_name,)), (x.shape[-1],), jnp.float32)
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale
+
+
+def rms_norm(cfg: GPTConfig, name: str) -> nn.Module:
+    return RMSNorm(cfg.ln_eps, name=name)
+
+
+# model.norm -> (cfg, name) -> the norm module of ln_1, ln_2 and ln_f; keys: gptjax.model.config.NORMS.
+NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
+
+
+def norm(cfg: GPTConfig, name: str) -> nn.Module:
+    """The block's norm (`model.norm`) named `name`."""
+    return NORMS[cfg.norm](cfg, name)
+
+
 def residual_std(cfg: GPTConfig) -> float:
-    """The init std of a projection that writes into the residual stream (GPT-2's scaling)."""
-    return 0.02 / math.sqrt(2 * cfg.n_layer)
+    """The init std of a projection that writes into the residual stream (GPT-2's scaling;
+    0, a zero kernel, with `model.zero_init_proj`)."""
+    return 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layer)
+
+
+def head_table(cfg: GPTConfig, params: Any) -> jax.Array:
+    """The output head's [vocab, embed] table: `wte` when tied, else `lm_head/kernel` (stored
+    [out, in], as the tied table is)."""
+    return params["wte"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"]
+
+
+class UntiedHead(nn.Module):
+    """The untied output head's table `kernel` [vocab, embed] (`model.tie_embeddings=False`):
+    stored [out, in], as the tied `wte` table is and as Hugging Face stores `lm_head.weight`."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        shape = (self.cfg.vocab_size, self.cfg.n_embd)
+        return self.param("kernel", normal(0.02, ("vocab", "embed")), shape, jnp.float32)
+
+
+def head_logits(cfg: GPTConfig, hidden_BxTxC: jax.Array, table_VxC: jax.Array) -> jax.Array:
+    """fp32 logits [B, T, V] of the final norm's output under the head's [vocab, embed] table,
+    in the compute dtype, soft-capped when `model.logit_softcap` is set."""
+    dtype = cfg.compute_dtype
+    return soft_cap(matmul("btc,vc->btv", hidden_BxTxC.astype(dtype), table_VxC.astype(dtype)), cfg.logit_softcap)
+
+
+def soft_cap(logits: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(logits / cap) in fp32 (`model.logit_softcap`); the logits as they are when cap is 0."""
+    if not cap:
+        return logits
+    return cap * jnp.tanh(logits.astype(jnp.float32) / cap)
 
 
 QKV_AXES = ("embed", "qkv", "heads", "head_dim")  # the fused query/key/value kernel's logical axes
@@ -106,7 +167,7 @@ class Projection(nn.Module):
 
     The kernel keeps its natural axes (e.g. [heads, head_dim, embed] for the attention's
     output projection) so each axis can carry its own logical name; the bias has the kernel's
-    output axes.
+    output axes (none with `use_bias=False`).
     """
 
     equation: str
@@ -114,6 +175,7 @@ class Projection(nn.Module):
     kernel_axes: tuple[str, ...]
     std: float
     dtype: Any
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -121,7 +183,9 @@ class Projection(nn.Module):
         return matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + self._bias()
 
     def _bias(self) -> jax.Array:
-        """The fp32 bias: zeros over the kernel's axes that the output keeps."""
+        """The fp32 bias: zeros over the kernel's axes that the output keeps (a scalar 0 without one)."""
+        if not self.use_bias:
+            return jnp.zeros((), jnp.float32)
         inputs, out_spec = self.equation.split("->")
         dims = [i for i, a in enumerate(inputs.split(",")[1]) if a in out_spec]
         shape, axes = tuple(self.kernel_shape[i] for i in dims), tuple(self.kernel_axes[i] for i in dims)
@@ -129,8 +193,8 @@ class Projection(nn.Module):
 
 
 class QKVProjection(nn.Module):
-    """The fused query/key/value projection: one kernel [embed, 3, heads, head_dim] (GPT-2's
-    `c_attn`) and bias [3, heads, head_dim], applied as three einsums that each write
+    """The fused query/key/value projection of multi-head attention: one kernel [embed, 3,
+    heads, head_dim] (GPT-2's `c_attn`) and bias [3, heads, head_dim], applied as three einsums that each write
     [batch, heads, seq, head_dim] in the compute dtype (on CPU, measured faster forward and
     backward than one wide matmul followed by a transpose)."""
 
@@ -141,10 +205,17 @@ class QKVProjection(nn.Module):
         cfg = self.cfg
         h, d, dtype = cfg.n_head, cfg.head_dim, cfg.compute_dtype
         kernel_Cx3xHxD = self.param("kernel", normal(0.02, QKV_AXES), (cfg.n_embd, 3, h, d), jnp.float32)
-        bias_3xHxD = self.param("bias", zeros(QKV_AXES[1:]), (3, h, d), jnp.float32)
+        bias_3xHxD = qkv_bias(self, cfg)
         x_BxTxC, kernel_Cx3xHxD = x_BxTxC.astype(dtype), kernel_Cx3xHxD.astype(dtype)
         return tuple(
             (matmul("btc,chd->bhtd", x_BxTxC, kernel_Cx3xHxD[:, j]) + bias_3xHxD[j][:, None, :]).astype(dtype)
             for j in range(3)
         )
 
+
+
+def qkv_bias(module: nn.Module, cfg: GPTConfig) -> jax.Array:
+    """The fused projection's bias [3, heads, head_dim] (zeros [3, 1, 1] without `model.bias`)."""
+    if not cfg.bias:
+        return jnp.zeros((3, 1, 1), jnp.float32)
+    return module.param("bias", zeros(QKV_AXES[1:]), (3, cfg.n_head, cfg.head_dim), jnp.float32)

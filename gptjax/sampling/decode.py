@@ -11,8 +11,8 @@ its lengths and crops its contexts):
    runs until the asked number of tokens exists, every row has chosen a stop token, or a
    row's context is full. The loop state (`DecodeState`) is donated, so XLA updates the cache
    in place. Lengths are bucketed, so calls with nearby lengths reuse compiled code.
-3. Past the context window. The model has `block_size` learned positions, so a token is
-   predicted from at most `block_size` tokens. The context of a row's next token is the row's
+3. Past the context window. The model has `block_size` positions (learned, or rotary ones
+   it was trained on), so a token is predicted from at most `block_size` tokens. The context of a row's next token is the row's
    most recent tokens: all of them while they fit; when one more would not fit, it restarts
    from the newest `keep = max(1, block_size // 2)` tokens (at positions 0..keep-1) and grows
    again. Context lengths thus run L, L+1, ..., block_size, keep, keep+1, ..., block_size,
@@ -71,7 +71,7 @@ class Static:
 class DecodeState:
     """The decode loop's state (a pytree, donated to each loop run)."""
 
-    cache: Any  # the model's `cache` collection: per layer keys/values [B * H, S, D], valid [B, S], index
+    cache: Any  # the model's `cache` collection: per layer keys/values [B * kv heads, S, D], valid [B, S], index
     token_B: jax.Array  # each row's newest token, not yet in the cache
     position_B: jax.Array  # its position: the number of the row's tokens in the cache
     done_B: jax.Array  # the row has chosen a stop token
@@ -99,7 +99,7 @@ def prefill(params: Any, tokens_BxP: jax.Array, mask_BxP: jax.Array, out_BxN: ja
     import flax.linen as nn
 
     from gptjax.model.gpt import GPT
-    from gptjax.model.layers import matmul
+    from gptjax.model.layers import head_logits, head_table
 
     b, p = tokens_BxP.shape
     model = GPT(s.cfg, decode_layout=True)
@@ -113,9 +113,8 @@ def prefill(params: Any, tokens_BxP: jax.Array, mask_BxP: jax.Array, out_BxN: ja
         {"params": params, "cache": cache}, tokens_BxP, positions_BxP, mask_BxP,
         decode=True, return_hidden=True, mutable=["cache"],
     )
-    # The tied head on the last position only (the model's head, as `GPT` applies it).
-    wte_VxC = params["wte"]["embedding"].astype(hidden_BxPxC.dtype)
-    logits_BxV = matmul("bc,vc->bv", hidden_BxPxC[:, -1], wte_VxC)
+    # The head on the last position only (the model's head, as `GPT` applies it).
+    logits_BxV = head_logits(s.cfg, hidden_BxPxC[:, -1:], head_table(s.cfg, params))[:, 0]
     new_B = _choose(s, logits_BxV, row_keys, t, temperature, top_k, tail)
     new_B = jnp.where(done_B, 0, new_B)
     return DecodeState(
