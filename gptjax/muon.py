@@ -10,8 +10,9 @@ embeddings, an output head, norms and biases keep AdamW (`gptjax.optim` builds b
 The kernels keep their natural axes (`[embed, qkv, heads, head_dim]` for the fused query/key/
 value projection, `[heads, head_dim, embed]` for the attention output), so each one is turned
 into a matrix by its logical axis names (`optax.contrib.MuonDimensionNumbers`):
-  - a stacking axis (`STACK_AXES`: the fused kernel's query/key/value axis) is a batch axis:
-    each slice (the query, the key and the value matrix) is orthogonalized on its own;
+  - a stacking axis (`STACK_AXES`: the query/key/value axis of `c_attn` and of grouped-query
+    attention's `kv_proj`) is a batch axis: each of the query, key and value matrices is
+    orthogonalized on its own;
   - a kernel that reads the residual stream (first axis `embed`) reduces over it and outputs
     the other axes; one that writes it (last axis `embed`) outputs it and reduces over the rest;
   - any other kernel reduces over its first axis and outputs the rest (flax's [in, out]).
@@ -30,7 +31,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from gptjax.schema import OptimConfig
 
-STACK_AXES = ("qkv", "kv", "gate_up")  # logical axes that stack separate matrices in one kernel
+STACK_AXES = ("qkv",)  # logical axes that stack separate matrices in one kernel (c_attn, kv_proj)
 _BLOCK = re.compile(r"h_\d+")
 
 

@@ -16,6 +16,7 @@ import pytest
 from optax.contrib import MuonDimensionNumbers as Dims
 
 from gptjax import checkpoint as ckpt
+from gptjax import muon as muon_lib
 from gptjax import optim, sharding
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
@@ -92,6 +93,24 @@ def test_muon_steps_match_optax_and_the_table_names_the_optimizer(params: Any) -
     assert rows["h_0/attn/c_proj/kernel"][2:] == ["muon/lr_x1", "1", "yes", "yes", "muon"]
     assert rows["h_0/attn/c_proj/bias"][-1] == rows["wte/embedding"][-1] == rows["ln_f/scale"][-1] == "adamw"
     assert any(line.startswith("muon:") and "4 tensors" in line for line in table)
+
+
+def test_the_kernels_of_the_modern_blocks_are_matrices_by_their_axis_names() -> None:
+    """Grouped-query attention and SwiGLU (the modern recipe's blocks): which parameters Muon takes
+    and how it reads each kernel; the untied head, embeddings and norms stay AdamW's."""
+    cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, block_size=16, position="rope",
+                    norm="rmsnorm", mlp="swiglu", tie_embeddings=False, bias=False)
+    opt = optim.make_optimizer({**MUON, "no_decay": "*ln_*,ln_f/*,wte/*,lm_head/*"}, param_shapes(cfg, boxed=True), 10)
+    muon_rows = {r.path: r.shape for r in opt.describe() if r.optimizer == "muon"}
+    blocks = ["attn/q_proj", "attn/kv_proj", "attn/c_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"]
+    assert sorted(muon_rows) == sorted(f"h_0/{m}/kernel" for m in blocks)
+    names = jax.tree.map(lambda x: x.names, param_shapes(cfg, boxed=True), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    dims = {p: muon_lib.dimension_numbers(p, s, names["h_0"][p.split("/")[1]][p.split("/")[2]]["kernel"])
+            for p, s in muon_rows.items()}
+    assert dims["h_0/attn/q_proj/kernel"] == Dims(reduction_axis=(0,), output_axis=(1, 2))
+    assert dims["h_0/attn/kv_proj/kernel"] == Dims(reduction_axis=(0,), output_axis=(2, 3))  # axis 1: keys | values
+    assert dims["h_0/attn/c_proj/kernel"] == Dims(reduction_axis=(0, 1), output_axis=(2,))
+    assert dims["h_0/mlp/down_proj/kernel"] == Dims(reduction_axis=(0,), output_axis=(1,))
 
 
 def test_freeze_and_lr_rules_apply_to_muon(params: Any) -> None:
