@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 from gptjax import config as config_lib  # noqa: E402
 from gptjax.checkpoint_read import read_run_config  # noqa: E402
 from gptjax.errors import UserError, run_cli  # noqa: E402
+from gptjax import runtime, sharding  # noqa: E402
 from gptjax.layout import RunDir  # noqa: E402
 
 # Fields the two recipes must share for the comparison to mean anything (the model's vocabulary
@@ -122,12 +123,14 @@ def build_configs(args: argparse.Namespace, extra: list[str]) -> dict[str, confi
     return configs
 
 
-def finished(workdir: str, config: config_lib.ConfigDict) -> bool:
-    """Whether `workdir` holds a finished run of exactly `config` (see `train_both`)."""
+def same_config(workdir: str, config: config_lib.ConfigDict) -> bool:
+    """Whether `workdir` holds a run (finished or not) of exactly `config` (see `train_both`)."""
     marker = os.path.join(workdir, "compare_config.json")
-    if not os.path.isfile(marker) or open(marker).read() != config_lib.to_json(config):
-        return False
-    return any(step == config.train.steps and "val_loss" in m for step, m in read_metrics(workdir))
+    return os.path.isfile(marker) and open(marker).read() == config_lib.to_json(config)
+
+
+def finished(workdir: str, steps: int) -> bool:
+    return any(step == steps and "val_loss" in m for step, m in read_metrics(workdir))
 
 
 def read_metrics(workdir: str) -> list[tuple[int, dict[str, float]]]:
@@ -169,30 +172,37 @@ def curve(workdir: str, config: config_lib.ConfigDict) -> dict[str, Any]:
 
 def train_both(configs: dict[str, config_lib.ConfigDict], root: str, devices: int,
                gpt2_run: str = "") -> dict[str, dict[str, Any]]:
-    """Train the runs that are not finished yet, GPT-2 first (once one is trained, the next is
-    too: its tokenizer is the first one's); the curves of both. `gpt2_run`: the GPT-2 run is
-    that finished one."""
+    """Train the runs that are not finished yet, GPT-2 first; the curves of both. A workdir of
+    another config starts again (and then so does the next run: its tokenizer is the first
+    one's); one of the same config resumes, or is reused when finished. `gpt2_run`: the GPT-2
+    run is that finished one."""
     import jax
 
     from gptjax import train
 
     devs = jax.devices()[:devices] if devices > 0 else None
     workdirs = {"gpt2": gpt2_run or os.path.join(root, "gpt2"), "modern": os.path.join(root, "modern")}
-    first_tokenizer, retrain = None, False
+    first_tokenizer, fresh = None, False
     for name, c in configs.items():
         workdir = workdirs[name]
-        if not (name == "gpt2" and gpt2_run):
-            retrain = retrain or not finished(workdir, c)
-        if retrain:
+        if not (name == "gpt2" and gpt2_run) and (fresh or not same_config(workdir, c)):
+            fresh = True
             shutil.rmtree(workdir, ignore_errors=True)
+            os.makedirs(workdir)
             if first_tokenizer is not None:
                 shutil.copytree(first_tokenizer, os.path.join(workdir, "tokenizer"))
-            print(f"== training the {name} recipe in {workdir}", flush=True)
-            train.run(c, workdir, devices=devs)
             with open(os.path.join(workdir, "compare_config.json"), "w") as f:
                 f.write(config_lib.to_json(c))
-        else:
+        if name == "gpt2" and gpt2_run and not finished(workdir, c.train.steps):
+            raise UserError(f"--gpt2_run {gpt2_run!r} has not finished its {c.train.steps} steps")
+        if finished(workdir, c.train.steps):
             print(f"== reusing the finished {name} run in {workdir}", flush=True)
+        else:
+            print(f"== training the {name} recipe in {workdir}", flush=True)
+            final = train.run(c, workdir, devices=devs)
+            if final.get("step") != c.train.steps:
+                raise UserError(f"the {name} run stopped at step {final.get('step', 0)} of {c.train.steps}; "
+                                "run the same command again to resume it")
         first_tokenizer = first_tokenizer or os.path.join(workdir, "tokenizer")
     return {name: curve(workdirs[name], c) for name, c in configs.items()}
 
@@ -286,6 +296,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def body() -> dict[str, Any]:
         args.cache_dir = args.cache_dir or os.path.join(os.path.abspath(args.workdir), "cache")
         configs = build_configs(args, extra)
+        # As `python -m gptjax.train` does before JAX's backends start: the CPU unless there is
+        # an accelerator, and on a CPU one device per core.
+        runtime.cpu_unless_accelerated()
+        sharding.arrange_cpu_devices(config_lib.sections(configs["modern"]).mesh)
         curves = train_both(configs, args.workdir, args.devices, args.gpt2_run)
         result = compare(curves)
         print(table(curves, result), flush=True)
