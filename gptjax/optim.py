@@ -27,6 +27,11 @@ Learning-rate multipliers (they multiply together):
   - `lr_rules` 'pattern=multiplier,...': every matching rule multiplies the parameter's
     multiplier, so rule order does not matter and rules compose with `layer_decay`.
 
+Hidden matrices (`hidden`): with 'muon' the kernels inside the blocks get
+`optax.contrib.muon` (see `gptjax.muon`) at `muon_lr` times the same schedule and multipliers,
+in labels of their own (`muon/lr_x...`); every other parameter keeps AdamW. Freezing,
+`layer_decay`, `lr_rules` and `no_decay` (against `muon_weight_decay`) apply to both.
+
 Gradient clipping (`grad_clip`, by global norm) runs before `optax.partition`; frozen
 gradients are zeroed first, so the norm is that of the trainable gradients only.
 
@@ -49,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gptjax import muon as muon_lib
 from gptjax.errors import UserError
 from gptjax.schema import OptimConfig, parse
 
@@ -68,6 +74,7 @@ class ParamRow:
     lr_mult: float  # 0 for frozen parameters
     weight_decay: bool
     trainable: bool
+    optimizer: str = "adamw"  # 'adamw', 'muon', or '-' (frozen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +134,13 @@ def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps:
         )
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_boxed)
     paths = [_path_str(p) for p, _ in flat]
-    rows = _param_rows(cfg, paths, [_shape(x) for _, x in flat])
+    shapes = [_shape(x) for _, x in flat]
+    rows = _param_rows(cfg, paths, shapes)
+    dims = {  # Muon's view of each hidden matrix, by key path (see gptjax.muon)
+        jax.tree_util.keystr(p): muon_lib.dimension_numbers(r.path, r.shape, getattr(x, "names", None))
+        for (p, x), r in zip(flat, rows)
+        if r.optimizer == "muon"
+    }
     labels = jax.tree_util.tree_unflatten(treedef, [r.label for r in rows])
     schedule = make_schedule(cfg, total_steps)
 
@@ -138,8 +151,11 @@ def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps:
         if not r.trainable:
             transforms[r.label] = optax.set_to_zero()
             continue
-        lr = schedule if r.lr_mult == 1.0 else functools.partial(_scaled, schedule, r.lr_mult)
-        if r.weight_decay:
+        mult = r.lr_mult * (cfg.muon_lr / cfg.lr if r.optimizer == "muon" else 1.0)
+        lr = schedule if mult == 1.0 else functools.partial(_scaled, schedule, mult)
+        if r.optimizer == "muon":
+            transforms[r.label] = muon_lib.muon(cfg, lr, r.weight_decay, dims)
+        elif r.weight_decay:
             transforms[r.label] = optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
         else:
             transforms[r.label] = optax.adam(lr, cfg.b1, cfg.b2, cfg.eps)
@@ -160,7 +176,9 @@ def format_param_table(params: Any, optimizer: Optimizer) -> str:
     if [_path_str(p) for p, _ in flat] != [r.path for r in rows]:
         raise ValueError("format_param_table: params are not the tree the optimizer was built for")
     n_layer = _n_layer([r.path for r in rows])
-    table = [("parameter", "shape", "label", "lr x", "decay", "trainable")]
+    muon = [r for r in rows if r.optimizer == "muon"]
+    extra = ("optimizer",) if muon else ()  # the column shows only when the optimizers differ
+    table = [("parameter", "shape", "label", "lr x", "decay", "trainable", *extra)]
     for r in sorted(rows, key=lambda r: (_layer(r.path, n_layer), r.path)):  # embeddings, h_0, h_1, ..., ln_f
         table.append(
             (
@@ -170,6 +188,7 @@ def format_param_table(params: Any, optimizer: Optimizer) -> str:
                 f"{r.lr_mult:.6g}",
                 "yes" if r.weight_decay else "no",
                 "yes" if r.trainable else "no",
+                *([r.optimizer] if muon else []),
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -188,6 +207,12 @@ def format_param_table(params: Any, optimizer: Optimizer) -> str:
         f"schedule:  {c.schedule}, peak lr {c.lr:g} after {c.warmup_steps} warmup steps, "
         f"{optimizer.lr_at(optimizer.total_steps - 1):.6g} at the final step {optimizer.total_steps - 1}",
     ]
+    if muon:
+        lines.append(
+            f"muon:      {sum(math.prod(r.shape) for r in muon):,} parameters in {len(muon)} tensors (the hidden "
+            f"matrices), peak lr {c.muon_lr:g}, momentum {c.muon_momentum:g}, weight decay {c.muon_weight_decay:g}; "
+            "the rest AdamW"
+        )
     return "\n".join(lines)
 
 
@@ -226,11 +251,12 @@ def _param_rows(cfg: OptimConfig, paths: list[str], shapes: list[tuple[int, ...]
     rows = []
     for path, shape, train, mult, nd in zip(paths, shapes, trainable, mults, no_decay):
         if train and mult > 0:
-            decay = cfg.weight_decay > 0 and not nd
-            label = f"lr_x{mult:.12g}" + ("" if decay else "/no_decay")
-            rows.append(ParamRow(path, shape, label, mult, decay, True))
+            is_muon = cfg.hidden == "muon" and muon_lib.is_hidden_matrix(path, shape)
+            decay = (cfg.muon_weight_decay if is_muon else cfg.weight_decay) > 0 and not nd
+            label = ("muon/" if is_muon else "") + f"lr_x{mult:.12g}" + ("" if decay else "/no_decay")
+            rows.append(ParamRow(path, shape, label, mult, decay, True, "muon" if is_muon else "adamw"))
         else:
-            rows.append(ParamRow(path, shape, FROZEN, 0.0, False, False))
+            rows.append(ParamRow(path, shape, FROZEN, 0.0, False, False, "-"))
     if paths and not any(r.trainable for r in rows):
         raise UserError(
             f"every parameter is frozen (optim.freeze={cfg.freeze!r}, optim.train_only={cfg.train_only!r}, "

@@ -23,6 +23,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 from etils import epath
@@ -170,7 +171,7 @@ def resolve(
     if saved is not None:
         _check_same_shape(run_dir, saved, gpt)
     # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
-    params = param_shapes(gpt)
+    params = param_shapes(gpt, boxed=True)  # with logical axis names: Muon reads the kernels' axes from them
     optimizer = optim_lib.make_optimizer(s.optim, params, train.steps)
     if saved is not None:
         _check_same_optimizer_state(run_dir, saved, params, optimizer)
@@ -249,14 +250,14 @@ def _check_same_optimizer_state(
     """The optimizer state this run would restore has the structure its checkpoints were saved
     with. A changed rule (layer_decay, freeze, lr_rules, ...) changes it; without this
     check every checkpoint would fail to restore and be set aside as unreadable. `saved` is the
-    run's saved config, `params` the parameters' shapes."""
+    run's saved config, `params` the parameters' (boxed) shapes."""
     try:
         before = optim_lib.make_optimizer(saved.optim, params, saved.train.steps)
     except UserError:  # settings this version no longer takes: the restore itself will tell
         return
 
     def layout(o: optim_lib.Optimizer) -> tuple[Any, list[tuple[Any, Any]]]:
-        state = jax.eval_shape(o.tx.init, params)
+        state = jax.eval_shape(o.tx.init, nn.meta.unbox(params))
         return jax.tree_util.tree_structure(state), [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state)]
 
     if layout(optimizer) == layout(before):

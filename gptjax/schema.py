@@ -14,6 +14,7 @@ from typing import Any, Mapping, TypeVar
 from gptjax.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+HIDDEN_OPTIMIZERS = ("adamw", "muon")  # optim.hidden
 LONG_EXAMPLES = ("truncate", "drop")  # what becomes of a pairs example longer than a row (data.long_examples)
 
 T = TypeVar("T")
@@ -133,6 +134,14 @@ class OptimConfig:
     train_last_blocks: int = 0  # train only the last N blocks and ln_f (0 = off)
     layer_decay: float = 1.0  # per-block lr decay, in (0, 1]; 1 = off
     lr_rules: str = ""  # 'pattern=multiplier,...'; matching multipliers multiply
+    # The optimizer of the hidden matrices (the kernels inside the blocks; see `gptjax.muon`):
+    # 'adamw', or 'muon' (optax.contrib.muon) with its own peak lr (on the same schedule, so
+    # the lr multipliers and warmup/decay apply to it too), Nesterov momentum and weight decay.
+    # Everything else (embeddings, head, norms, biases) keeps AdamW with the fields above.
+    hidden: str = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -153,6 +162,14 @@ class OptimConfig:
             raise UserError(f"optim.train_last_blocks must be >= 0 (0 = off), got {self.train_last_blocks}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise UserError(f"optim.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
+        if self.hidden not in HIDDEN_OPTIMIZERS:
+            raise UserError(f"optim.hidden must be one of {list(HIDDEN_OPTIMIZERS)}, got {self.hidden!r}")
+        if not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
+            raise UserError(f"optim.muon_lr must be a positive number, got {self.muon_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise UserError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not self.muon_weight_decay >= 0.0:
+            raise UserError(f"optim.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
 
 
 # config.model.vocab_size = 0 means "the tokenizer's": a GPTConfig always holds the resolved

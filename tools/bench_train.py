@@ -576,7 +576,7 @@ def torch_optim_settings(spec: dict[str, Any]) -> dict[str, Any]:
 
     c = spec_config(spec)
     gpt = GPTConfig.from_config(c.model.to_dict())
-    optimizer = make_optimizer(config_lib.sections(c).optim, param_shapes(gpt), c.train.steps)
+    optimizer = make_optimizer(config_lib.sections(c).optim, param_shapes(gpt, boxed=True), c.train.steps)
     if any(not r.trainable or r.lr_mult != 1.0 for r in optimizer.describe()):
         raise ValueError("the torch references train every parameter at one learning rate")
     flags: dict[str, Any] = {}
