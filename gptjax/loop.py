@@ -2,7 +2,7 @@
 `stop_at`. After a step, the actions that are due run in order, each one small piece:
 
     LogMetrics   loss, tokens/s and MFU to the metrics and the progress display
-    Evaluate     validation loss per source
+    Evaluate     validation loss, perplexity and bits per byte per source
     Save         a checkpoint (also when the run stops early)
 
 and beside them: `Cadence` (which steps log, evaluate, save), `Throughput` (tokens/s and MFU),
@@ -26,7 +26,8 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt
 from gptjax.failures import RunFailed, check_space, io_failure
-from gptjax.metrics import MetricsWriter, eval_line, eval_metrics, peak_flops
+from gptjax.evaluate.bpb import ValidationSet
+from gptjax.metrics import MetricsWriter, eval_line, peak_flops
 from gptjax.preemption import StopRequested, any_host
 from gptjax.run import Run
 from gptjax.runtime import log
@@ -148,19 +149,19 @@ class LogMetrics:
 
 
 class Evaluate:
-    """Validation loss and perplexity per source, on the same held-out batches every time; the
-    time it takes is left out of tokens/s."""
+    """Validation loss, perplexity and bits per byte per source, on the same held-out batches
+    every time (`gptjax.evaluate.bpb.ValidationSet`); the time it takes is left out of tokens/s."""
 
     def __init__(self, cadence: "Cadence", r: Run, sink: Sink, rate: "Throughput"):
         t = r.train
-        self.cadence, self.trainer, self.sources, self.sink, self.rate = cadence, r.trainer, r.dataset.sources, sink, rate
-        self.batches = r.dataset.eval_batches(t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count())
+        self.cadence, self.trainer, self.sink, self.rate = cadence, r.trainer, sink, rate
+        self.val = ValidationSet(r.dataset, t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count())
 
     def due(self, done: int, stopping: bool) -> bool:
         return self.cadence.evaluate(done)
 
     def __call__(self, done: int, state: TrainState, metrics: dict[str, jax.Array]) -> dict[str, float]:
-        ev = eval_metrics(*self.trainer.evaluate_sources(state.params, self.batches), self.sources)
+        ev = self.val.metrics(self.trainer, state.params)
         self.sink.write(done, ev)
         self.sink.progress.write(eval_line(done, ev))
         self.rate.restart()

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1) from None
         if jax.process_index() != 0 or "step" not in final:
             return
-        summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss", "val_ppl") if k in final)
+        summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss", "val_ppl", "val_bpb") if k in final)
         print(f"done: step {final.get('step')}; {summary}")
         print(f"checkpoint: {layout.RunDir.at(workdir).checkpoints}")
         print(f'sample:     python -m gptjax.sample --workdir {shlex.quote(workdir)} --prompt "def " --max_new_tokens 500')
