@@ -109,12 +109,13 @@ class Scorer:
         return jax.make_array_from_callback(x.shape, self.row_sharding, lambda index: x[index])
 
     def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                       progress: bool = False) -> list[tuple[float, bool]]:
+                       progress: bool = False, params: Any = None) -> list[tuple[float, bool]]:
         """For each (context ids, continuation ids): (sum over the continuation's tokens of
         log p(token | every token before it), whether each of them is the most likely token):
         lm-eval's `loglikelihood`. The context must hold a token (lm-eval gives end-of-text for
         an empty one); context + continuation are cut from the left to block_size + 1 tokens.
-        Every host of a pod passes the same requests and gets every result."""
+        Every host of a pod passes the same requests and gets every result. `params`: other
+        parameters of the same model, placed as the Scorer's (training's, as it goes on)."""
         rows = self._rows_of(requests)
         out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         batches = self._batches(rows)
@@ -124,7 +125,7 @@ class Scorer:
             batches = tqdm(batches, total=-(-len(rows) // self.batch_size), unit="batch", desc="scoring")
         with self._context():
             for idx, batch in batches:
-                logp, greedy = self._score(self.params, *(self._global(batch[k]) for k in ("inputs", "targets", "weights")))
+                logp, greedy = self._score(self.params if params is None else params, *(self._global(batch[k]) for k in ("inputs", "targets", "weights")))
                 logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
                 for r, i in enumerate(idx):
                     out[i] = (float(logp[r]), bool(greedy[r]))
