@@ -33,6 +33,7 @@ from gptjax import layout
 from gptjax import optim as optim_lib
 from gptjax import runtime, sharding
 from gptjax.errors import run_cli
+from gptjax.evaluate.multiple_choice import check_files
 from gptjax.failures import RunFailed, close_quietly, io_failure
 from gptjax.loop import train_loop
 from gptjax.metrics import MetricsWriter
@@ -111,8 +112,10 @@ def _train(r: Run, workdir: str, stop: StopRequested, stop_at: int | None) -> di
 
 
 def _prepare(r: Run) -> Run:
-    """The run prepared on disk (`Run.prepare`), its resolved config saved as config.json."""
+    """The run prepared on disk (`Run.prepare`), its resolved config saved as config.json; a
+    missing benchmark file is refused first."""
     assert r.run_dir is not None
+    check_files([arg for kind, arg in r.sections.eval.task_list() if kind == "hellaswag"])
     try:
         r = r.prepare()
         if jax.process_index() == 0:

@@ -83,3 +83,11 @@ def test_bad_tasks_are_refused_when_the_config_is_read(tasks, message):
     c.eval.tasks = tasks
     with pytest.raises(UserError, match=message):
         config_lib.sections(c)
+
+
+def test_a_missing_hellaswag_file_is_refused_before_anything_is_written(trained_run, tmp_path):
+    c = trained_run.config()
+    c.eval.tasks = f"hellaswag:{tmp_path / 'no_such.jsonl'}"
+    with pytest.raises(UserError, match="does not exist .*curl -L --create-dirs -o data/hellaswag_val.jsonl"):
+        train.run(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert not (tmp_path / "run").exists()

@@ -27,7 +27,7 @@ from gptjax.errors import UserError
 from gptjax.evaluate.scoring import Scorer
 from gptjax.tokenizer import Tokenizer
 
-GET_HELLASWAG = ("curl -L -o data/hellaswag_val.jsonl "
+GET_HELLASWAG = ("curl -L --create-dirs -o data/hellaswag_val.jsonl "
                  "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl")
 
 
@@ -55,11 +55,18 @@ def _item(record: object, where: str) -> Item:
     return Item(ctx, tuple(endings), label)
 
 
+def check_files(paths: Sequence[str]) -> None:
+    """Refuse a missing multiple-choice file before a run spends time preparing its data."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"multiple-choice file {path!r} does not exist (HellaSwag's validation set: "
+                            f"{GET_HELLASWAG}; or leave it out of eval.tasks)")
+
+
 def read_items(path: str, limit: int = 0) -> list[Item]:
     """The items of a HellaSwag-format jsonl file (the first `limit`, 0: all); a bad line is a
     UserError naming the file and line."""
-    if not os.path.isfile(path):
-        raise UserError(f"multiple-choice file {path!r} does not exist (HellaSwag's validation set: {GET_HELLASWAG})")
+    check_files([path])
     items = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
