@@ -65,18 +65,19 @@ def scored_text(batches: Iterable[dict[str, np.ndarray]], tokenizer: Tokenizer, 
 
     eot = tokenizer.eot_id
     for batch in batches:
-        for source, targets, weights in zip(_row_sources(batch, n_sources), batch["targets"].tolist(), batch["weights"]):
+        for source, targets, weights in zip(_row_sources(batch, n_sources), batch["targets"], batch["weights"]):
             if source != run_source:
                 flush()
                 run_source = source
             if source < 0:
                 continue
             tokens[source] += float(weights.sum())
-            for t, scored in zip(targets, (weights > 0).tolist()):
-                if scored and t != eot:
-                    run.append(t)
-                else:
-                    flush()
+            start = 0
+            for end in np.flatnonzero((weights <= 0) | (targets == eot)).tolist():  # where runs end
+                run.extend(targets[start:end].tolist())
+                flush()
+                start = end + 1
+            run.extend(targets[start:].tolist())
     flush()
     return Coverage(tuple(float(t) for t in tokens), tuple(int(b) for b in n_bytes))
 

@@ -55,6 +55,9 @@ def _sections(path: str, source: str | None) -> tuple[Any, str]:
             config[name].update(section.to_dict())
         else:
             config[name] = section
+    # The weights come from the run's checkpoint and its saved model section holds the whole
+    # shape: an init_from directory (which may be gone) is not read again.
+    config.init_from = ""
     s = config_lib.sections(config)
     if source is not None:
         s = dataclasses.replace(s, data=dataclasses.replace(s.data, source=source))
