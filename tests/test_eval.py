@@ -17,6 +17,7 @@ from gptjax.checkpoint_read import load_for_inference
 from gptjax.errors import UserError
 from gptjax.evaluate import cli
 from gptjax.evaluate.bpb import scored_text
+from gptjax.evaluate.rolling import rolling_requests
 from gptjax.evaluate.scoring import Scorer
 from gptjax.model import GPT, GPTConfig
 from gptjax.tokenizer import load_tokenizer
@@ -149,3 +150,34 @@ def test_bad_input_is_one_line_and_exit_2(trained_run, argv, message, capsys):
 def test_a_directory_that_is_no_run_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a gptjax run"):
         cli.evaluate_run(str(tmp_path))
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 64, 70])
+def test_rolling_windows_are_lm_evals(n):
+    utils = pytest.importorskip("lm_eval.utils")
+    tokens = list(range(100, 100 + n))
+    want = [utils.make_disjoint_window(w) for w in
+            utils.get_rolling_token_windows(token_list=tokens, prefix_token=7, max_seq_len=32, context_len=1)]
+    assert rolling_requests(tokens, 7, 32) == [(list(c), list(k)) for c, k in want]
+
+
+def test_rolling_scores_each_document_whole_from_end_of_text(trained_run, tmp_path):
+    """Two documents shorter than the context: each is predicted from end-of-text alone, its
+    bytes are its text's."""
+    texts = ["def f1_2(alpha):\n    return beta + 2\n", "def f9_9(sigma):\n    return omega + 9\n    # é\n"]
+    for i, text in enumerate(texts):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    m = cli.evaluate_run(trained_run.workdir, source=f"files:{tmp_path}/*.txt", rolling=True)
+    config, params = load_for_inference(trained_run.workdir)
+    gpt = GPTConfig.from_config(config.model)
+    tok = load_tokenizer(os.path.join(trained_run.workdir, "tokenizer"))
+    nats = n_tokens = 0
+    for text in texts:
+        ids = tok.encode(text)
+        logp = jax.nn.log_softmax(_logits(gpt, params, np.array([[tok.eot_id] + ids[:-1]])), axis=-1)[0]
+        nats -= float(np.take_along_axis(np.asarray(logp), np.array(ids)[:, None], -1).sum())
+        n_tokens += len(ids)
+    n_bytes = sum(len(t.encode()) for t in texts)
+    assert (m["documents"], m["rolling_tokens"], m["rolling_bytes"]) == (2, n_tokens, n_bytes) and n_tokens < 2 * 32
+    assert m["rolling_loss"] == pytest.approx(nats / n_tokens, rel=1e-5)
+    assert m["rolling_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
