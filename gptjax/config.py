@@ -37,6 +37,7 @@ from gptjax.schema import (  # noqa: F401  (the section classes are part of this
     TokenizerConfig,
     TopConfig,
     TrainConfig,
+    WandbConfig,
     parse,
 )
 
@@ -52,6 +53,7 @@ def schema() -> dict[str, type]:
         "optim": OptimConfig,
         "train": TrainConfig,
         "mesh": MeshConfig,
+        "wandb": WandbConfig,
     }
 
 
@@ -87,7 +89,7 @@ def to_config(s: Sections) -> ConfigDict:
     """The ConfigDict of parsed sections: what a run saves as config.json."""
     c = ConfigDict(dataclasses.asdict(s.top))
     c.model = ConfigDict(dict(s.model))
-    for name in ("tokenizer", "data", "optim", "train", "mesh"):
+    for name in ("tokenizer", "data", "optim", "train", "mesh", "wandb"):
         c[name] = ConfigDict(dataclasses.asdict(getattr(s, name)))
     return c
 
