@@ -49,4 +49,8 @@ def get_config():
     )
     c.optim.update(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, b2=0.95, grad_clip=1.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
+    # HellaSwag (acc, acc_norm as llm.c scores it) at every evaluation; get the file once with
+    #   curl -L --create-dirs -o data/hellaswag_val.jsonl https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl
+    # or leave it out: --config.eval.tasks=''
+    c.eval.tasks = "hellaswag:data/hellaswag_val.jsonl"
     return c

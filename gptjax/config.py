@@ -6,7 +6,8 @@ from `base_config()` and change what they need, so every field exists in every r
 on the command line is caught.
 
 Each section's schema is a frozen dataclass that holds its fields, defaults and validation
-(`schema()`: GPTConfig, TokenizerConfig, DataConfig, OptimConfig, TrainConfig, MeshConfig);
+(`schema()`: GPTConfig, TokenizerConfig, DataConfig, OptimConfig, TrainConfig, MeshConfig,
+EvalConfig);
 `base_config()` is built from those defaults. The ConfigDict is what files and the command line
 edit; `sections()` parses it once into `Sections`, and nothing after that reads the ConfigDict
 (`gptjax.run.resolve` takes the sections; `to_config` turns them back into the config.json a
@@ -31,6 +32,7 @@ from gptjax.model.config import GPTConfig
 from gptjax.schema import (  # noqa: F401  (the section classes are part of this module's API)
     MODEL_VOCAB_FROM_TOKENIZER,
     DataConfig,
+    EvalConfig,
     MeshConfig,
     OptimConfig,
     Sections,
@@ -53,6 +55,7 @@ def schema() -> dict[str, type]:
         "optim": OptimConfig,
         "train": TrainConfig,
         "mesh": MeshConfig,
+        "eval": EvalConfig,
         "wandb": WandbConfig,
     }
 
@@ -89,7 +92,7 @@ def to_config(s: Sections) -> ConfigDict:
     """The ConfigDict of parsed sections: what a run saves as config.json."""
     c = ConfigDict(dataclasses.asdict(s.top))
     c.model = ConfigDict(dict(s.model))
-    for name in ("tokenizer", "data", "optim", "train", "mesh", "wandb"):
+    for name in ("tokenizer", "data", "optim", "train", "mesh", "eval", "wandb"):
         c[name] = ConfigDict(dataclasses.asdict(getattr(s, name)))
     return c
 

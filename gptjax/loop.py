@@ -2,13 +2,14 @@
 `stop_at`. After a step, the actions that are due run in order, each one small piece:
 
     LogMetrics   loss, tokens/s and MFU to the metrics and the progress display
-    Evaluate     validation loss per source
+    Evaluate     validation loss, perplexity and bits per byte per source
+    Benchmark    the eval section's tasks (multiple choice, bits per byte of other text)
     Save         a checkpoint (also when the run stops early)
 
 and beside them: `Cadence` (which steps log, evaluate, save), `Throughput` (tokens/s and MFU),
 `BadSteps` (the non-finite guard's count), `Saves` (checkpoints refused for a non-finite state
 or a full disk; the last good one), `StepProgress` (a bar on a terminal, lines in a log). A new
-periodic action (a benchmark during training, say) is one more class with `due` and `__call__`.
+periodic action is one more class with `due` and `__call__`.
 
 The device runs ahead of the host: a step's skip flag is read one step late, and metrics are
 fetched only at log steps.
@@ -26,7 +27,9 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt
 from gptjax.failures import RunFailed, check_space, io_failure
-from gptjax.metrics import MetricsWriter, eval_line, eval_metrics, peak_flops
+from gptjax.evaluate.bpb import ValidationSet
+from gptjax.evaluate.tasks import Benchmarks, benchmark_line
+from gptjax.metrics import MetricsWriter, eval_line, peak_flops
 from gptjax.preemption import StopRequested, any_host
 from gptjax.run import Run
 from gptjax.runtime import log
@@ -54,7 +57,8 @@ def train_loop(
     saves = Saves(checkpointer, r.trainer, start)
     progress = StepProgress(t.steps, start, rate.tokens_per_step)
     sink = Sink(writer, progress, r.run_dir.metrics)
-    actions: list[Action] = [LogMetrics(cadence, rate, bad, sink), Evaluate(cadence, r, sink, rate), Save(cadence, saves, bad)]
+    actions: list[Action] = [LogMetrics(cadence, rate, bad, sink), Evaluate(cadence, r, sink, rate), Benchmark(cadence, r, sink, rate),
+                             Save(cadence, saves, bad)]
     final: dict[str, float] = {}
     pending: tuple[int, dict[str, jax.Array]] | None = None  # a step whose skip flag is unread
     stop.arm()
@@ -148,23 +152,43 @@ class LogMetrics:
 
 
 class Evaluate:
-    """Validation loss and perplexity per source, on the same held-out batches every time; the
-    time it takes is left out of tokens/s."""
+    """Validation loss, perplexity and bits per byte per source, on the same held-out batches
+    every time (`gptjax.evaluate.bpb.ValidationSet`); the time it takes is left out of tokens/s."""
 
     def __init__(self, cadence: "Cadence", r: Run, sink: Sink, rate: "Throughput"):
         t = r.train
-        self.cadence, self.trainer, self.sources, self.sink, self.rate = cadence, r.trainer, r.dataset.sources, sink, rate
-        self.batches = r.dataset.eval_batches(t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count())
+        self.cadence, self.trainer, self.sink, self.rate = cadence, r.trainer, sink, rate
+        self.val = ValidationSet(r.dataset, t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count())
 
     def due(self, done: int, stopping: bool) -> bool:
         return self.cadence.evaluate(done)
 
     def __call__(self, done: int, state: TrainState, metrics: dict[str, jax.Array]) -> dict[str, float]:
-        ev = eval_metrics(*self.trainer.evaluate_sources(state.params, self.batches), self.sources)
+        ev = self.val.metrics(self.trainer, state.params)
         self.sink.write(done, ev)
         self.sink.progress.write(eval_line(done, ev))
         self.rate.restart()
         return ev
+
+
+class Benchmark:
+    """The eval section's tasks (`gptjax.evaluate.tasks`), at the evaluation steps; prepared
+    once, and left out of tokens/s like the validation loss."""
+
+    def __init__(self, cadence: "Cadence", r: Run, sink: Sink, rate: "Throughput"):
+        self.cadence, self.sink, self.rate = cadence, sink, rate
+        self.tasks = Benchmarks(r) if r.sections.eval.task_list() else None
+
+    def due(self, done: int, stopping: bool) -> bool:
+        return self.tasks is not None and self.cadence.benchmark(done)
+
+    def __call__(self, done: int, state: TrainState, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        assert self.tasks is not None
+        m = self.tasks(state.params)
+        self.sink.write(done, m)
+        self.sink.progress.write(benchmark_line(done, m))
+        self.rate.restart()
+        return m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +209,8 @@ class Save:
 
 @dataclasses.dataclass(frozen=True)
 class Cadence:
-    """Which of log / evaluate / save the finished step `done` is due for: every `*_every`
-    steps and at the last step."""
+    """Which of log / evaluate / benchmark / save the finished step `done` is due for: every
+    `*_every` steps (benchmarks: eval_every) and at the last step."""
 
     train: TrainConfig
 
@@ -196,6 +220,9 @@ class Cadence:
     def evaluate(self, done: int) -> bool:
         t = self.train
         return t.eval_batches > 0 and (done % t.eval_every == 0 or done == t.steps)
+
+    def benchmark(self, done: int) -> bool:
+        return done % self.train.eval_every == 0 or done == self.train.steps
 
     def save(self, done: int) -> bool:
         return done % self.train.checkpoint_every == 0 or done == self.train.steps

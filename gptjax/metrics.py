@@ -87,8 +87,11 @@ def eval_metrics(val_loss: float, source_losses: list[float | None] | None, sour
 
 
 def eval_line(step: int, metrics: dict[str, float]) -> str:
-    """'step 200: val_loss 2.1234  val_ppl 8.37 | files:news.jsonl 2.5012 (ppl 12.20), pairs:qa.jsonl ...'"""
+    """'step 200: val_loss 2.1234  val_ppl 8.37  val_bpb 1.0512 | files:news.jsonl 2.5012 (ppl 12.20), ...'
+    (val_bpb where the metrics have it)."""
     line = f"step {step}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}"
+    if "val_bpb" in metrics:
+        line += f"  val_bpb {metrics['val_bpb']:.4f}"
     per_source = [f"{k[len('val_loss/'):]} {v:.4f} (ppl {metrics['val_ppl/' + k[len('val_loss/'):]]:.2f})"
                   for k, v in metrics.items() if k.startswith("val_loss/")]
     return line + (" | " + ", ".join(per_source) if per_source else "")

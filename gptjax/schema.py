@@ -176,6 +176,44 @@ class WandbConfig:
             raise UserError("wandb.project must name a W&B project when wandb.enabled=True")
 
 
+EVAL_TASK_KINDS = ("hellaswag", "bpb")  # eval.tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`config.eval`: benchmarks evaluated beside the validation loss every train.eval_every
+    steps and at the last step (see `gptjax.evaluate.tasks`)."""
+
+    # Tasks separated by ';': 'hellaswag:PATH' (multiple choice on a HellaSwag-format jsonl
+    # file: acc, acc_norm) or 'bpb:SOURCE' (bits per byte of a data.source's validation text,
+    # e.g. 'bpb:files:data/wiki/*.txt'). '' evaluates none.
+    tasks: str = ""
+    max_items: int = 0  # multiple choice: the first N items of each file (0: all)
+    batch_size: int = 32  # multiple choice: rows per forward pass (rounded up to the data-parallel size)
+    bpb_batches: int = 0  # bpb: evaluation batches of train.micro_batch rows per source (0: train.eval_batches)
+
+    def __post_init__(self) -> None:
+        for name in ("max_items", "bpb_batches"):
+            if getattr(self, name) < 0:
+                raise UserError(f"eval.{name} must be >= 0 (0: the default), got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise UserError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        self.task_list()
+
+    def task_list(self) -> list[tuple[str, str]]:
+        """(kind, argument) of each task in eval.tasks."""
+        out = []
+        for term in (t.strip() for t in str(self.tasks).split(";")):
+            if not term:
+                continue
+            kind, _, arg = term.partition(":")
+            if kind.strip() not in EVAL_TASK_KINDS or not arg.strip():
+                raise UserError(f"eval.tasks: bad task {term!r}; allowed: 'hellaswag:PATH.jsonl' or 'bpb:SOURCE' "
+                                "(a data.source), separated by ';'")
+            out.append((kind.strip(), arg.strip()))
+        return out
+
+
 # config.model.vocab_size = 0 means "the tokenizer's": a GPTConfig always holds the resolved
 # size, so the field has no dataclass default and its config default lives here.
 MODEL_VOCAB_FROM_TOKENIZER = 0
@@ -207,3 +245,6 @@ class Sections:
     train: TrainConfig
     mesh: MeshConfig
     wandb: WandbConfig = WandbConfig()
+
+
+    eval: EvalConfig = EvalConfig()

@@ -33,6 +33,7 @@ from gptjax import layout
 from gptjax import optim as optim_lib
 from gptjax import runtime, sharding, tracking
 from gptjax.errors import run_cli
+from gptjax.evaluate.multiple_choice import check_files
 from gptjax.failures import RunFailed, close_quietly, io_failure
 from gptjax.loop import train_loop
 from gptjax.metrics import MetricsWriter
@@ -113,8 +114,10 @@ def _train(r: Run, workdir: str, stop: StopRequested, stop_at: int | None) -> di
 
 
 def _prepare(r: Run) -> Run:
-    """The run prepared on disk (`Run.prepare`), its resolved config saved as config.json."""
+    """The run prepared on disk (`Run.prepare`), its resolved config saved as config.json; a
+    missing benchmark file is refused first."""
     assert r.run_dir is not None
+    check_files([arg for kind, arg in r.sections.eval.task_list() if kind == "hellaswag"])
     try:
         r = r.prepare()
         if jax.process_index() == 0:
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1) from None
         if jax.process_index() != 0 or "step" not in final:
             return
-        summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss", "val_ppl") if k in final)
+        summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss", "val_ppl", "val_bpb") if k in final)
         print(f"done: step {final.get('step')}; {summary}")
         print(f"checkpoint: {layout.RunDir.at(workdir).checkpoints}")
         print(f'sample:     python -m gptjax.sample --workdir {shlex.quote(workdir)} --prompt "def " --max_new_tokens 500')

@@ -10,11 +10,9 @@ answers must match the `hf` model's.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -24,11 +22,9 @@ lm_eval = pytest.importorskip("lm_eval")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import convert_hf  # noqa: E402
-from hf_fixtures import TEXTS, build_hf_dir  # noqa: E402
+from hf_fixtures import build_hf_dir  # noqa: E402
 
 import gptjax.lm_eval  # noqa: E402,F401  registers "gptjax"
-from gptjax.errors import UserError  # noqa: E402
-from gptjax.scoring import Scorer, rolling_windows  # noqa: E402
 
 BLOCK = 32
 PAGES = [
@@ -131,45 +127,16 @@ def test_greedy_generation_matches_hf_per_example(results: dict) -> None:
     assert any(r[0] for r in ours)  # something was generated
 
 
-def test_bits_per_byte_agrees_with_rolling_task(setup: dict, results: dict) -> None:
-    """Bits per byte from gptjax's own scorer on the same texts equals lm-eval's rolling task's."""
-    import gptjax
+def test_gptjax_eval_bits_per_byte_agrees_with_the_rolling_task(setup: dict, results: dict, tmp_path) -> None:
+    """`python -m gptjax.eval --rolling` on the same texts (one file each) gives lm-eval's bits_per_byte."""
+    from gptjax.evaluate.cli import evaluate_run
 
-    model = gptjax.load(setup["workdir"])
-    scorer = Scorer(model.model_config, model.params)
-    docs = [model.tokenizer.encode(p) for p in PAGES]
-    total = sum(scorer.rolling(docs, model.tokenizer.eot_id))
-    bpb = -total / (math.log(2) * sum(len(p.encode("utf-8")) for p in PAGES))
-    assert bpb == pytest.approx(results["gptjax"]["results"]["tiny_rolling"]["bits_per_byte,none"], abs=1e-4)
-
-
-def test_rolling_windows_are_lm_evals() -> None:
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-    for n in (1, 5, 8, 9, 16, 17, 23):
-        doc = list(range(100, 100 + n))
-        ours = list(rolling_windows(doc, 7, 8))
-        theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(doc, 7, 8, 1)]
-        assert ours == [(list(a), list(b)) for a, b in theirs]
-        assert [t for _, c in ours for t in c] == doc
-
-
-def test_scorer_batches_and_truncation_agree(setup: dict) -> None:
-    """Scores do not depend on batch size or padding, and a pair past the window keeps its last tokens."""
-    import gptjax
-
-    model = gptjax.load(setup["workdir"])
-    rng = np.random.default_rng(0)
-    pairs = [(list(rng.integers(0, 300, n)), list(rng.integers(0, 300, m))) for n, m in [(1, 1), (5, 3), (40, 4), (20, 12)]]
-    one = [Scorer(model.model_config, model.params, batch_size=1).loglikelihoods([p])[0] for p in pairs]
-    many = Scorer(model.model_config, model.params, batch_size=3).loglikelihoods(pairs)
-    assert [s.logprob for s in many] == pytest.approx([s.logprob for s in one], abs=1e-5)
-    assert [s.tokens for s in many] == [1, 3, 4, 12]
-    ctx, cont = pairs[2]
-    cut = Scorer(model.model_config, model.params).loglikelihoods([(ctx[-(BLOCK + 1 - len(cont)):], cont)])[0]
-    assert many[2].logprob == pytest.approx(cut.logprob, abs=1e-5)
-    with pytest.raises(UserError, match="outside the vocabulary"):
-        many[0] and Scorer(model.model_config, model.params).loglikelihoods([([1], [300])])
+    for i, page in enumerate(PAGES):
+        (tmp_path / f"page{i}.txt").write_text(page, encoding="utf-8")
+    ours = evaluate_run(setup["workdir"], source=f"files:{tmp_path}/*.txt", rolling=True, batch_size=8)
+    assert ours["documents"] == len(PAGES)
+    for result in (results["gptjax"], results["hf"]):
+        assert ours["rolling_bpb"] == pytest.approx(result["results"]["tiny_rolling"]["bits_per_byte,none"], abs=1e-4)
 
 
 def test_cli_registers_the_model(setup: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -185,7 +152,7 @@ def test_cli_registers_the_model(setup: dict, monkeypatch: pytest.MonkeyPatch, c
     local_only = lm_eval.tasks.TaskManager.__init__
     monkeypatch.setattr(lm_eval.tasks.TaskManager, "__init__",
                         lambda self, *a, **k: local_only(self, *a, **{**k, "include_defaults": False}))
-    args = ["--model", "gptjax", "--include_path", setup["tasks"], "--tasks", "tiny_mc", "--batch_size", "2"]
+    args = ["--model", "gptjax", "--include_path", setup["tasks"], "--tasks", "tiny_mc", "--batch_size", "4"]
     main([*args, "--model_args", f"workdir={setup['workdir']}"])
     out = capsys.readouterr().out
     assert "tiny_mc" in out and "acc_norm" in out

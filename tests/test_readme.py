@@ -221,6 +221,8 @@ _CONVERT = "tests/test_hf.py::test_cli_import_then_export"
 _BENCH_TABLE = "tests/test_bench_tools.py::test_bench_quick_prints_the_table"
 _AOT_CLI = "tests/test_aot.py::test_oversized_batch_is_reported_with_the_micro_batch_that_fits"
 _SPLASH = "tests/test_kernels.py::test_splash_train_step_compiles_for_v5e_2x2_with_the_kernel"
+_EVAL_OWN = "tests/test_eval.py::test_the_runs_own_source_gives_the_val_loss_training_logged"
+_EVAL_TASKS = "tests/test_eval_train.py::test_eval_tasks_are_logged_per_task_and_resume_with_the_same_values"
 
 COVERED: dict[str, str] = {
     # README.md
@@ -277,6 +279,17 @@ COVERED: dict[str, str] = {
     " --config.model.attention=splash": _SPLASH,
     "python -m gptjax.aot --config configs/gpt2_xl.py --topology v5e:4x8 --programs train --no_search --layer_costs"
     " --config.model.attention=splash": _SPLASH,
+    # README.md and docs/evaluation.md
+    "python -m gptjax.eval --workdir runs/default": _EVAL_OWN,
+    "python -m gptjax.eval --workdir runs/default --eval_batches 0":
+        "tests/test_eval.py::test_bits_per_byte_matches_a_hand_computation",
+    'python -m gptjax.eval --workdir runs/x/checkpoints/500 --source "files:data/wiki/*.txt"': _EVAL_TASKS,
+    "python -m gptjax.eval --workdir runs/gpt2_124m --hellaswag data/hellaswag_val.jsonl": _EVAL_TASKS,
+    "python -m gptjax.train --config configs/gpt2_124m.py --config.eval.max_items=2000": _EVAL_TASKS,
+    'python -m gptjax.eval --workdir runs/default --source "files:wiki.test.txt" --rolling':
+        "tests/test_eval.py::test_rolling_scores_each_document_whole_from_end_of_text",
+    "python -m gptjax.plot runs/a runs/b -o curves.png":
+        "tests/test_eval_plot.py::test_plot_writes_a_png_of_every_run_and_metric",
 }
 
 
@@ -293,6 +306,9 @@ NOT_RUN = [
     NotRun(r"^hf download ", "downloads from the Hugging Face Hub, and tests have no network; they build a tiny "
            "GPT-2 directory with the same files (tests/hf_fixtures.py), the files named are the ones gptjax reads",
            (_NEWS, _CONVERT)),
+    NotRun(r"^curl -L --create-dirs -o data/hellaswag_val\.jsonl ", "downloads HellaSwag's validation set, and "
+           "tests have no network; they score HellaSwag-format files they write",
+           ("tests/test_eval_hellaswag.py::test_acc_and_acc_norm_match_llm_c_scored_with_transformers",)),
     NotRun(r"^(gcloud compute tpus |tensorboard --logdir gs://)", "needs a Google Cloud project and a TPU VM; "
            "a run in a bucket (against a local storage emulator) and hosts joined by jax.distributed are tested",
            ("tests/test_gcs.py::test_a_run_in_a_bucket_trains_resumes_and_samples",

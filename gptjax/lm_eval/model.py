@@ -2,8 +2,8 @@
 
 Model arguments (`--model_args key=value,...`):
     workdir     a run directory, or one of its checkpoints/<step> directories (local or gs://)
-    batch_size  rows per scoring call (lm-eval's --batch_size; "auto" or 0: sized to the
-                vocabulary, see `gptjax.scoring.Scorer`)
+    batch_size  rows per forward pass (lm-eval's --batch_size; "auto": as many as keep a
+                pass's fp32 logits under AUTO_LOGITS_BYTES)
     data, fsdp, tensor
                 mesh axis sizes (one may be -1): given any, the parameters are split over all
                 devices as training splits them (a model bigger than one chip) and the
@@ -12,7 +12,7 @@ Model arguments (`--model_args key=value,...`):
 
 Requests become token ids exactly as lm-eval's `hf` model makes them (`TemplateLM`'s
 encoding; an empty context is the end-of-text token), so a Hugging Face GPT-2 and its gptjax
-import score the same: `loglikelihood` goes through `gptjax.scoring.Scorer`;
+import score the same: `loglikelihood` goes through `gptjax.evaluate.scoring.Scorer`;
 `loglikelihood_rolling` cuts each text into lm-eval's own rolling windows
 (`lm_eval.utils.get_rolling_token_windows`, context_len=1) and sums their scores;
 `generate_until` decodes each group of requests with the same generation settings in one
@@ -33,19 +33,26 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm.auto import tqdm
 
 from gptjax.errors import UserError
-from gptjax.scoring import Scorer
+from gptjax.evaluate.scoring import Scorer
+from gptjax.model.config import GPTConfig
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for tasks that name none
 GENERATE_CHUNK = 32  # decode steps between checks for the stop strings
+AUTO_LOGITS_BYTES = 2**30  # batch_size=auto: the most fp32 logits one forward pass makes
+AUTO_MAX_ROWS = 64
 
 
-def _batch_size(value: Any) -> int:
-    if value in (None, "auto") or (isinstance(value, str) and value.startswith("auto")):
-        return 0
+def _batch_size(value: Any, cfg: GPTConfig) -> int:
+    """lm-eval's batch size argument as rows per forward pass ('auto': sized to the logits)."""
+    if value is None or str(value).startswith("auto"):
+        return max(1, min(AUTO_MAX_ROWS, AUTO_LOGITS_BYTES // (cfg.block_size * cfg.vocab_size * 4)))
     try:
-        return int(value)
+        rows = int(value)
     except (TypeError, ValueError):
-        raise UserError(f"batch_size must be a positive integer or 'auto', got {value!r}") from None
+        rows = 0
+    if rows < 1:
+        raise UserError(f"batch_size must be a positive integer or 'auto', got {value!r}")
+    return rows
 
 
 @register_model("gptjax")
@@ -69,7 +76,8 @@ class GptjaxLM(TemplateLM):
         self.workdir = str(workdir)
         self.model = load(self.workdir, mesh=mesh)
         self.seed = int(seed)
-        self.scorer = Scorer(self.model.model_config, self.model.params, batch_size=_batch_size(batch_size), mesh=mesh)
+        cfg = self.model.model_config
+        self.scorer = Scorer(cfg, self.model.params, mesh, _batch_size(batch_size, cfg))
 
     @property
     def eot_token_id(self) -> int:
@@ -87,11 +95,9 @@ class GptjaxLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:
-        scores = self.scorer.loglikelihoods([(c, k) for _, c, k in requests], progress=not disable_tqdm,
-                                            desc="loglikelihood")
+        answers = self.scorer.loglikelihoods([(c, k) for _, c, k in requests], progress=not disable_tqdm)
         out = []
-        for (key, _, _), score in zip(requests, scores):
-            answer = (score.logprob, score.greedy)
+        for (key, _, _), answer in zip(requests, answers):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
             out.append(answer)

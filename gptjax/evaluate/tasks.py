@@ -1,0 +1,87 @@
+"""Benchmarks during training: the `eval` config section's tasks, prepared once when the loop
+starts and evaluated for the train state's parameters on the run's mesh.
+
+    hellaswag:PATH   multiple choice (`gptjax.evaluate.multiple_choice`):
+                     eval/<file stem>/acc, eval/<file stem>/acc_norm
+    bpb:SOURCE       a data source's validation text, tokenized into the run's data cache with
+                     the run's tokenizer (`gptjax.evaluate.bpb`): eval/<source>/loss, .../bpb
+
+Every task scores fixed inputs with the parameters alone, so a resumed run reports the same
+values as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+
+from gptjax import data as data_lib
+from gptjax.evaluate.bpb import ValidationSet
+from gptjax.evaluate.multiple_choice import MultipleChoice, read_items
+from gptjax.evaluate.scoring import Scorer
+from gptjax.metrics import source_labels
+from gptjax.run import Run
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One prepared task: its label and how to evaluate parameters (metric name -> value)."""
+
+    label: str
+    evaluate: Callable[[Any], dict[str, float]]
+
+
+def _labels(tasks: list[tuple[str, str]]) -> list[str]:
+    """A short, unique label per task: a file's stem, a source's short name."""
+    labels = [os.path.splitext(os.path.basename(arg))[0] if kind == "hellaswag" else source_labels([arg])[0]
+              for kind, arg in tasks]
+    return [f"{label}#{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
+class Benchmarks:
+    """The run's eval tasks, prepared (files read and tokenized, sources cached): calling it
+    with parameters gives every task's metrics, named `eval/<task label>/<metric>`."""
+
+    def __init__(self, r: Run):
+        assert r.run_dir is not None and r.tokenizer is not None
+        e, t = r.sections.eval, r.train
+        specs = e.task_list()
+        self.scorer = Scorer(r.model, None, r.mesh, e.batch_size)
+        self.tasks: list[Task] = []
+        for (kind, arg), label in zip(specs, _labels(specs)):
+            if kind == "hellaswag":
+                mc = MultipleChoice(read_items(arg, e.max_items), r.tokenizer, r.model.block_size)
+                self.tasks.append(Task(label, lambda params, mc=mc: mc.evaluate(self.scorer, params)))
+            else:
+                data = dataclasses.replace(r.data, source=arg)
+                dataset = data_lib.prepare(data, r.sections.tokenizer, r.run_dir, tokenizer=r.tokenizer)
+                dataset.check(t.seq_len)
+                val = ValidationSet(dataset, t.micro_batch, t.seq_len, e.bpb_batches or t.eval_batches,
+                                    jax.process_index(), jax.process_count())
+                self.tasks.append(Task(label, lambda params, val=val: _bpb(val.metrics(r.trainer, params))))
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        out = {}
+        for task in self.tasks:
+            out.update({f"eval/{task.label}/{k}": v for k, v in task.evaluate(params).items()})
+        return out
+
+
+def _bpb(metrics: dict[str, float]) -> dict[str, float]:
+    out = {"loss": metrics["val_loss"]}
+    if "val_bpb" in metrics:
+        out["bpb"] = metrics["val_bpb"]
+    return out
+
+
+def benchmark_line(step: int, metrics: dict[str, float]) -> str:
+    """'step 200: hellaswag_val acc 0.2900 acc_norm 0.2950 | files:wiki.txt loss 3.1000 bpb 1.1000'"""
+    tasks: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        label, _, name = key.removeprefix("eval/").rpartition("/")
+        if name != "items":
+            tasks.setdefault(label, []).append(f"{name} {value:.4f}")
+    return f"step {step}: " + " | ".join(f"{label} {' '.join(parts)}" for label, parts in tasks.items())
