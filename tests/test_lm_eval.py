@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+import jax
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -125,6 +126,21 @@ def test_greedy_generation_matches_hf_per_example(results: dict) -> None:
     hf, ours = _responses(results["hf"], "tiny_gen"), _responses(results["gptjax"], "tiny_gen")
     assert ours == hf
     assert any(r[0] for r in ours)  # something was generated
+
+
+def test_a_model_split_over_a_mesh_scores_as_on_one_device(setup: dict, results: dict) -> None:
+    """tensor=2 (data takes the other devices): the parameters split as training splits them, the
+    rows over data; the multiple-choice log-likelihoods are the one-device ones."""
+    from lm_eval.api.instance import Instance
+
+    lm = lm_eval.api.registry.get_model("gptjax")(workdir=setup["workdir"], tensor=2, batch_size=4)
+    assert dict(lm.scorer.mesh.shape) == {"data": len(jax.devices()) // 2, "fsdp": 1, "tensor": 2}
+    assert len(lm.model.params["wte"]["embedding"].sharding.device_set) == len(jax.devices())
+    # lm-eval's multiple-choice requests: (context, target_delimiter " " + choice)
+    requests = [Instance("loglikelihood", {}, (d["context"], " " + e), 0) for d in MC for e in d["endings"]]
+    ours = [ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+    one_device = [ll for doc in _responses(results["gptjax"], "tiny_mc") for [(ll, _)] in doc]
+    assert ours == pytest.approx(one_device, abs=1e-5)
 
 
 def test_gptjax_eval_bits_per_byte_agrees_with_the_rolling_task(setup: dict, results: dict, tmp_path) -> None:

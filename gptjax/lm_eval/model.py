@@ -5,9 +5,10 @@ Model arguments (`--model_args key=value,...`):
     batch_size  rows per forward pass (lm-eval's --batch_size; "auto": as many as keep a
                 pass's fp32 logits under AUTO_LOGITS_BYTES)
     data, fsdp, tensor
-                mesh axis sizes (one may be -1): given any, the parameters are split over all
-                devices as training splits them (a model bigger than one chip) and the
-                scoring rows over data x fsdp; without, the model runs on the first device
+                mesh axis sizes (one may be -1; data defaults to -1, the others to 1): given
+                any, the parameters are split over all devices as training splits them (a
+                model bigger than one chip) and the scoring rows over data x fsdp; without,
+                the model runs on the first device
     seed        the sampling seed of generate_until when a task samples (do_sample=True)
 
 Requests become token ids exactly as lm-eval's `hf` model makes them (`TemplateLM`'s
@@ -70,7 +71,7 @@ class GptjaxLM(TemplateLM):
         if (data, fsdp, tensor) != (None, None, None):
             from gptjax.sharding import make_mesh
 
-            sizes = {"data": 1 if data is None else data, "fsdp": 1 if fsdp is None else fsdp,
+            sizes = {"data": -1 if data is None else data, "fsdp": 1 if fsdp is None else fsdp,
                      "tensor": 1 if tensor is None else tensor}
             mesh = make_mesh(sizes, jax.devices())
         self.workdir = str(workdir)
