@@ -39,6 +39,7 @@ from gptjax.schema import (  # noqa: F401  (the section classes are part of this
     TokenizerConfig,
     TopConfig,
     TrainConfig,
+    WandbConfig,
     parse,
 )
 
@@ -55,6 +56,7 @@ def schema() -> dict[str, type]:
         "train": TrainConfig,
         "mesh": MeshConfig,
         "eval": EvalConfig,
+        "wandb": WandbConfig,
     }
 
 
@@ -90,7 +92,7 @@ def to_config(s: Sections) -> ConfigDict:
     """The ConfigDict of parsed sections: what a run saves as config.json."""
     c = ConfigDict(dataclasses.asdict(s.top))
     c.model = ConfigDict(dict(s.model))
-    for name in ("tokenizer", "data", "optim", "train", "mesh", "eval"):
+    for name in ("tokenizer", "data", "optim", "train", "mesh", "eval", "wandb"):
         c[name] = ConfigDict(dataclasses.asdict(getattr(s, name)))
     return c
 

@@ -6,6 +6,7 @@
               metrics.jsonl        one JSON record per logged step
               tb/                  TensorBoard events
               data/                the token cache (unless data.cache_dir names another place)
+              wandb_run_id         the Weights & Biases run this run logs to (with wandb.enabled)
 
 Nothing else in gptjax joins these names onto a path: code asks a `RunDir` for them. A workdir
 may be a URL (gs://bucket/run): its paths are then URLs too, and what is read here goes through
@@ -73,6 +74,10 @@ class RunDir:
     @property
     def data_cache(self) -> str:
         return os.path.join(self.root, "data")
+
+    @property
+    def wandb_run_id(self) -> str:
+        return os.path.join(self.root, "wandb_run_id")
 
     def checkpoint(self, step: int) -> str:
         return os.path.join(self.checkpoints, str(int(step)))

@@ -117,7 +117,9 @@ def summary_writer_class() -> Any:
 
 
 class MetricsWriter:
-    """Append metrics to the run's metrics.jsonl and TensorBoard events (process 0 only).
+    """Append metrics to the run's metrics.jsonl and TensorBoard events (process 0 only), and to
+    `tracker` when one is given (a `gptjax.tracking.WandbSink`: its `write` and `close` are called
+    with this writer's).
 
     A run that resumes from step `start` continues both logs from there: records after
     `start` (written by an attempt that was stopped before its next checkpoint) are dropped
@@ -132,7 +134,8 @@ class MetricsWriter:
 
     UPLOAD_EVERY_S = 60.0
 
-    def __init__(self, run_dir: RunDir, start: int = 0):
+    def __init__(self, run_dir: RunDir, start: int = 0, tracker: Any = None):
+        self.tracker = tracker
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
@@ -152,6 +155,8 @@ class MetricsWriter:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
         for k, v in metrics.items():
             self.tb.add_scalar(k, float(v), step)
+        if self.tracker is not None:
+            self.tracker.write(step, metrics)
         if self.upload_to and time.monotonic() - self.uploaded >= self.UPLOAD_EVERY_S:
             self._upload()
 
@@ -163,6 +168,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
+            if self.tracker is not None:
+                self.tracker.close()
             if self.upload_to:
                 if os.path.exists(self.path):
                     self._upload()

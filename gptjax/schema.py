@@ -172,6 +172,27 @@ class OptimConfig:
             raise UserError(f"optim.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
 
 
+WANDB_MODES = ("", "online", "offline", "disabled")  # wandb.mode; '' = W&B's own choice (WANDB_MODE, else online)
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """`config.wandb`: Weights & Biases as a metrics sink beside metrics.jsonl and TensorBoard
+    (`gptjax.tracking`); off by default."""
+
+    enabled: bool = False
+    project: str = "gptjax"
+    entity: str = ""  # the W&B team or user; '' = the logged-in user's default
+    name: str = ""  # the run's display name; '' = the workdir's directory name
+    mode: str = ""  # one of WANDB_MODES: 'offline' logs to local files only (`wandb sync` uploads them)
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise UserError(f"wandb.mode must be one of {list(WANDB_MODES)} ('' = W&B's default), got {self.mode!r}")
+        if self.enabled and not self.project.strip():
+            raise UserError("wandb.project must name a W&B project when wandb.enabled=True")
+
+
 EVAL_TASK_KINDS = ("hellaswag", "bpb")  # eval.tasks
 
 
@@ -240,4 +261,7 @@ class Sections:
     optim: OptimConfig
     train: TrainConfig
     mesh: MeshConfig
+    wandb: WandbConfig = WandbConfig()
+
+
     eval: EvalConfig = EvalConfig()

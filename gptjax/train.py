@@ -31,7 +31,7 @@ from gptjax import checkpoint as ckpt
 from gptjax import config as config_lib
 from gptjax import layout
 from gptjax import optim as optim_lib
-from gptjax import runtime, sharding
+from gptjax import runtime, sharding, tracking
 from gptjax.errors import run_cli
 from gptjax.evaluate.multiple_choice import check_files
 from gptjax.failures import RunFailed, close_quietly, io_failure
@@ -58,6 +58,7 @@ def run(
     saving and the result is empty. Divergence and failed writes raise `RunFailed`.
     """
     r = resolve(config, workdir, devices)
+    tracking.require_package(r.sections.wandb)  # before any data work, not at the first step
     if r.devices_note:
         log(r.devices_note)
     with StopRequested() as stop:
@@ -92,8 +93,9 @@ def _train(r: Run, workdir: str, stop: StopRequested, stop_at: int | None) -> di
         state, skipped_total = _initial_state(r, checkpointer)
         if jax.process_index() == 0:  # stdout, like the summary at the end; stderr is for progress and errors
             print(f"workdir {workdir}: " + (f"resuming from step {int(state.step)}" if r.resuming else "a new run"), flush=True)
+        tracker = tracking.open_wandb(r.sections.wandb, r.run_dir, r.config.to_dict())
         try:
-            writer = MetricsWriter(r.run_dir, int(state.step))
+            writer = MetricsWriter(r.run_dir, int(state.step), tracker)
         except OSError as e:
             raise io_failure("opening the metrics", e, r.run_dir.metrics) from e
         try:

@@ -256,6 +256,13 @@ COVERED: dict[str, str] = {
         "tests/test_sample_cli.py::test_a_second_cli_run_loads_the_sampler_without_compiling",
     "python tools/compare_trainer.py": "tests/test_sft.py::test_same_completion_losses_as_transformers_trainer",
     "python tools/bench_gpu.py": "tests/test_bench_gpu.py::test_bench_gpu_tiny_smoke_run",
+    # docs/lm_eval.md
+    "python -m gptjax.lm_eval --model gptjax --model_args workdir=runs/default --tasks hellaswag,wikitext --batch_size 16":
+        "tests/test_lm_eval.py::test_cli_registers_the_model",
+    'import gptjax.lm_eval\nimport lm_eval\nresults = lm_eval.simple_evaluate(model="gptjax", model_args="workdir=runs/default",'
+    ' tasks=["hellaswag"])': "tests/test_lm_eval.py::test_multiple_choice_matches_hf_per_example",
+    "python -m gptjax.train --config.wandb.enabled=True --config.wandb.project=my-project":
+        "tests/test_wandb.py::test_offline_run_holds_config_and_every_step_across_a_resume",
     # docs/reliability.md
     "python tools/fault_inject.py --trials 20":
         "tests/test_fault_inject.py::test_killed_runs_end_with_bitwise_identical_checkpoints",
