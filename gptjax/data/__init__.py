@@ -74,7 +74,7 @@ def _prepare(cfg: DataConfig, tokenizer_config: TokenizerConfig, run: RunDir, to
         progress.say(f"tokenizer: {describe(tokenizer)}, given")
     cache_root = (cfg.cache_dir if storage.is_url(cfg.cache_dir) else os.path.expanduser(cfg.cache_dir)) \
         or run.data_cache
-    streams = [token_streams(s, tokenizer, cache_root, progress, hosts) for s in sources]
+    streams = [token_streams(s, tokenizer, cache_root, progress, hosts, cfg.workers) for s in sources]
     return Dataset(tokenizer, [s.name for s in specs], [s.weight for s in specs],
                    [t for t, _ in streams], [v for _, v in streams], packing=cfg.packing,
                    long_examples=cfg.long_examples, document_mask=cfg.document_mask, say=progress.say)
