@@ -3,25 +3,16 @@
     python -m gptjax.train --config configs/gpt2_124m.py --workdir runs/gpt2_124m
     python -m gptjax.aot --config configs/gpt2_124m.py --topology v5e:2x2   # fits? how fast?
 
-Data: FineWeb-Edu's 10B-token sample as jsonl shards in data/fineweb-edu-10BT/ (TFDS has no
-OpenWebText, and its large text corpora need TensorFlow or Beam to prepare). The `hf` command
-(huggingface_hub) and pyarrow come with gptjax's dependencies; make the shards once (~28 GB
-of parquet; one shard, `--include "sample/10BT/000_00000.parquet"`, is enough to try it):
+Data: FineWeb-Edu's 10B-token sample, its parquet files read as downloaded; tokenizer: GPT-2's
+byte-level BPE (50,257 ids), so the validation loss reads against llm.c's and modded-nanogpt's
+(see docs/data.md). Download both once (~28 GB; `--include "sample/10BT/000_00000.parquet"`
+fetches one shard, enough to try it):
 
-    hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/10BT/*" \
-        --local-dir data/fineweb-edu
-    python -c "
-    import glob, json, os, pyarrow.parquet as pq
-    os.makedirs('data/fineweb-edu-10BT', exist_ok=True)
-    for path in sorted(glob.glob('data/fineweb-edu/sample/10BT/*.parquet')):
-        out = os.path.join('data/fineweb-edu-10BT', os.path.basename(path)[:-8] + '.jsonl')
-        with open(out, 'w') as f:
-            for batch in pq.ParquetFile(path).iter_batches(columns=['text']):
-                f.writelines(json.dumps({'text': t}) + '\\n' for t in batch.column('text').to_pylist())
-    "
+    hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/10BT/*" --local-dir data/fineweb-edu
+    hf download openai-community/gpt2 tokenizer.json --local-dir data/gpt2
 
-Other text works the same way: --config.data.source=files:PATH/*.jsonl (one {"text": ...} per
-line), or a TFDS dataset already prepared in array_record format (tfds:NAME, data.tfds_data_dir).
+Other data works the same way: --config.data.source=files:PATH/*.jsonl (or .parquet, .txt), or
+hf:ORG/NAME for a Hugging Face dataset; every core of every host tokenizes it.
 
 Batch 512 x 1024 tokens (~0.5M tokens per step) as in GPT-2; on a pod slice the batch is split
 over the data and fsdp mesh axes, and `grad_accum` trades memory for fewer devices.
@@ -32,10 +23,10 @@ from gptjax.config import base_config
 
 def get_config():
     c = base_config()
-    c.data.source = "files:data/fineweb-edu-10BT/*.jsonl"
-    c.tokenizer.vocab_size = 50257
-    c.tokenizer.max_chars = 200_000_000
-    c.model.update(vocab_size=0, n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, dtype="bfloat16")
+    c.data.source = "files:data/fineweb-edu/sample/10BT/*.parquet"
+    c.tokenizer.path = "data/gpt2/tokenizer.json"
+    c.tokenizer.vocab_size = 50257  # GPT-2's; also the size trained to with --config.tokenizer.path=''
+    c.model.update(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, dtype="bfloat16")
     c.train.update(
         steps=100_000,
         batch_size=512,
@@ -49,4 +40,6 @@ def get_config():
     )
     c.optim.update(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, b2=0.95, grad_clip=1.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
+    if "vocab_multiple" in c.model:  # embedding rows padded to 50,304: faster matmuls, same tokens
+        c.model.vocab_multiple = 128
     return c

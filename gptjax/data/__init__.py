@@ -32,7 +32,8 @@ from gptjax.data.progress import Progress, short_path
 from gptjax.data.sources import SourceSpec, parse_source, resolve, stdlib_files
 from gptjax.layout import RunDir
 from gptjax.schema import DataConfig, TokenizerConfig
-from gptjax.tokenizer import Tokenizer, describe, load_tokenizer, tokenizer_saved, workdir_tokenizer
+from gptjax.errors import UserError
+from gptjax.tokenizer import Tokenizer, describe, load_given, load_tokenizer, tokenizer_saved, workdir_tokenizer
 
 __all__ = ["DataConfig", "Dataset", "SourceSpec", "TokenStream", "parse_source", "prepare", "stdlib_files",
            "token_dtype"]
@@ -42,7 +43,8 @@ def prepare(data: DataConfig, tokenizer_config: TokenizerConfig, run: RunDir, *,
             process_index: int | None = None, process_count: int | None = None) -> Dataset:
     """Tokenizer and token streams for `data.source`, built once and cached in the run directory.
 
-    Without `tokenizer`, the run's tokenizer/ is loaded, or a SentencePiece model is trained
+    Without `tokenizer`, the one tokenizer.path names is used (and saved in the run), else the
+    run's tokenizer/ is loaded, or a SentencePiece model is trained
     (as `tokenizer_config` says) and saved there. A given tokenizer (e.g. GPT-2's, from an
     imported checkpoint) is used as is and saved there when none is.
     Of a pod's processes (default: jax.process_index() of jax.process_count()) only process 0
@@ -65,6 +67,11 @@ def _prepare(cfg: DataConfig, tokenizer_config: TokenizerConfig, run: RunDir, to
     specs = [s for s in parse_source(cfg.source) if s.weight > 0]
     sources = [resolve(s, cfg, download=hosts.builds) for s in specs]
     progress = Progress(hosts.index == 0)
+    if tokenizer is None and tokenizer_config.path:
+        tokenizer = load_given(tokenizer_config.path)
+        if tokenizer_saved(run.tokenizer) and load_tokenizer(run.tokenizer).fingerprint() != tokenizer.fingerprint():
+            raise UserError(f"{run.tokenizer} holds another tokenizer than tokenizer.path={tokenizer_config.path!r} "
+                            "names; use a new workdir, or leave tokenizer.path empty to keep the run's")
     if tokenizer is None:
         tokenizer = _workdir_tokenizer(tokenizer_config, cfg, run.tokenizer, sources, progress, hosts)
     elif hosts.builds and not tokenizer_saved(run.tokenizer):
