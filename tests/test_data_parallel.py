@@ -55,7 +55,7 @@ def tok(tmp_path_factory) -> tk.Tokenizer:
 def small_units(monkeypatch):
     """Units of ~2 kB, and a worker pool for any source, so that a tiny corpus has many units."""
     monkeypatch.setattr(units, "UNIT_BYTES", 2000)
-    monkeypatch.setattr(parallel, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "POOL_MIN_UNITS", 2)
 
 
 def _config(corpus: str, **fields) -> ml_collections.ConfigDict:

@@ -149,14 +149,16 @@ def parquet_file(path: str) -> Any:
         raise UserError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())})") from None
 
 
-def parquet_row_groups(path: str, column: str) -> list[int]:
-    """Rows in each row group of a .parquet file; a UserError when it lacks the text column."""
+def parquet_row_groups(path: str, column: str) -> list[tuple[int, int]]:
+    """(rows, uncompressed bytes) of each row group of a .parquet file; a UserError when it
+    lacks the text column."""
     pf = parquet_file(path)
     names = pf.schema_arrow.names
     if column not in names:
         raise UserError(f"{path} has no column {column!r} (columns: {names}); set data.text_field to the column "
                         "that holds the text")
-    return [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+    groups = [pf.metadata.row_group(i) for i in range(pf.metadata.num_row_groups)]
+    return [(g.num_rows, g.total_byte_size) for g in groups]
 
 
 def parquet_texts(path: str, column: str, groups: range) -> Iterator[str | None]:

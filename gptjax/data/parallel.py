@@ -1,7 +1,7 @@
 """Encoding a source on every core of every host: its units (units.py) become parts (parts.py).
 
 Worker processes (data.workers; 0 = every core this process may run on) each read, parse and
-encode whole units, one thread each; a source smaller than POOL_MIN_BYTES, or one read in
+encode whole units, one thread each; a source of fewer than POOL_MIN_UNITS units, or one read in
 order (TFDS, a stream), is encoded in this process instead, whose tokenizer then uses all
 cores. On a pod the units are dealt round-robin to the hosts, each of which encodes its share
 into the parts directory that all hosts share (beside the cache); host 0 waits for every part
@@ -27,10 +27,10 @@ from gptjax.data import parts as parts_lib
 from gptjax.data.hosts import Hosts
 from gptjax.data import sources
 from gptjax.data.sources import Source
-from gptjax.data.units import UNIT_BYTES, Unit
+from gptjax.data.units import Unit
 from gptjax.errors import UserError
 
-POOL_MIN_BYTES = 4 * UNIT_BYTES  # smaller sources are encoded in this process (no worker start-up)
+POOL_MIN_UNITS = 4  # sources of fewer units (~UNIT_BYTES of text each) are encoded in this process
 FAILED = "failed-host-{}.txt"  # a host that could not encode its share says why, for host 0
 _worker: dict[str, Any] = {}
 
@@ -57,9 +57,7 @@ def source_units(source: Source) -> list[Unit | None]:
 
 
 def _pool_worthy(source: Source, workers: int) -> bool:
-    if workers < 2 or not source.units or len(source.units) < 2:
-        return False
-    return source.unit != "B" or sum(u.size for u in source.units) >= POOL_MIN_BYTES
+    return workers > 1 and bool(source.units) and len(source.units) >= max(2, POOL_MIN_UNITS)
 
 
 def _init_worker(tokenizer: bytes, source: Source) -> None:

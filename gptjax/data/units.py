@@ -149,14 +149,15 @@ def plan_files(paths: list[str], mode: str, text_field: str, unit_bytes: int = 0
             units += [Unit("jsonl", (path,), (prefix,), a, b, 0 if a == 0 else -1, b - a, len(units))
                       for a, b in zip(cuts, cuts[1:]) if b > a]
             continue
-        rows = formats.parquet_row_groups(path, text_field)
-        per_row = size / max(1, sum(rows))
-        start = first = taken = 0
-        for g, n in enumerate(rows):
-            taken += n
-            if taken * per_row >= unit_bytes or g == len(rows) - 1:
-                units.append(Unit("parquet", (path,), (prefix,), start, g + 1, first, int(taken * per_row), len(units)))
-                start, first, taken = g + 1, first + taken, 0
+        groups = formats.parquet_row_groups(path, text_field)  # cut by uncompressed bytes: the text to encode
+        whole = max(1, sum(b for _, b in groups))
+        start = first = rows = text = done = 0
+        for g, (n, b) in enumerate(groups):
+            rows, text = rows + n, text + b
+            if text >= unit_bytes or g == len(groups) - 1:
+                share = size * (done + text) // whole - size * done // whole  # of the file's bytes, for progress
+                units.append(Unit("parquet", (path,), (prefix,), start, g + 1, first, share, len(units)))
+                start, first, done, rows, text = g + 1, first + rows, done + text, 0, 0
     close_group()
     files = [u.paths[0] for u in units]  # a file's units share its index: the first unit's position
     return [dataclasses.replace(u, file=files.index(u.paths[0])) for u in units]
