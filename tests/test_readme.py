@@ -253,6 +253,10 @@ COVERED: dict[str, str] = {
     'python -m gptjax.sample --workdir runs/default --prompt "def " --max_new_tokens 100':
         "tests/test_sample_cli.py::test_a_second_cli_run_loads_the_sampler_without_compiling",
     "python tools/compare_trainer.py": "tests/test_sft.py::test_same_completion_losses_as_transformers_trainer",
+    # docs/data.md
+    "python tools/bench_prepare.py": "tests/test_bench_prepare.py::test_bench_prepare_prints_rates_speedup_and_projection",
+    "python tools/bench_prepare.py --mb 16 --repeats 1":
+        "tests/test_bench_prepare.py::test_bench_prepare_prints_rates_speedup_and_projection",
     # docs/reliability.md
     "python tools/fault_inject.py --trials 20":
         "tests/test_fault_inject.py::test_killed_runs_end_with_bitwise_identical_checkpoints",

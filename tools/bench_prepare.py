@@ -48,7 +48,14 @@ def make_corpus(directory: str, megabytes: float, fmt: str) -> str:
         return tag
     shutil.rmtree(tag, ignore_errors=True)
     os.makedirs(tag)
-    text = "".join(open(p, encoding="utf-8", errors="replace").read() for p in stdlib_files())
+    pieces, size = [], 0
+    for path in stdlib_files():  # as much standard-library text as the corpus needs, up to all of it
+        with open(path, encoding="utf-8", errors="replace") as f:
+            pieces.append(f.read())
+        size += len(pieces[-1])
+        if size > 2 * megabytes * 1e6:
+            break
+    text = "".join(pieces)
     rng, target, made, shard, pos = random.Random(0), int(megabytes * 1e6), 0, 0, 0
     while made < target:
         rows, size = [], 0
@@ -76,11 +83,11 @@ def _write_shard(stem: str, rows: list[str], fmt: str) -> None:
     pq.write_table(pa.table({"text": rows}), stem + ".parquet", row_group_size=ROW_GROUP_ROWS)
 
 
-def tokenizer_dir(directory: str, corpus: str, given: str) -> str:
-    """A saved tokenizer to encode with: --tokenizer's, or a 2,048-piece SentencePiece model."""
+def tokenizer_dir(directory: str, corpus: str, given: str, vocab: int) -> str:
+    """A saved tokenizer to encode with: --tokenizer's, or a SentencePiece model of `vocab` pieces."""
     from gptjax import tokenizer as tk
 
-    out = os.path.join(directory, "tokenizer-given" if given else "tokenizer-spm2048")
+    out = os.path.join(directory, "tokenizer-given" if given else f"tokenizer-spm{vocab}")  # reused when present
     if not tk.tokenizer_saved(out):
         tok = tk.load_given(given) if given else None
         if tok is None:
@@ -88,7 +95,7 @@ def tokenizer_dir(directory: str, corpus: str, given: str) -> str:
             from gptjax.data.sources import resolve
 
             source = resolve(parse_source(f"files:{corpus}/*")[0], DataConfig())
-            tok = tk.train_sentencepiece(source.training_texts(), out + ".tmp", 2048, max_chars=2_000_000)
+            tok = tk.train_sentencepiece(source.training_texts(), out + ".tmp", vocab, max_chars=2_000_000)
             shutil.rmtree(out + ".tmp")
         tok.save(out)
     return out
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "gptjax-bench-prepare"))
     p.add_argument("--tokenizer", default="", help="a tokenizer.json / SentencePiece .model (default: SPM 2,048)")
+    p.add_argument("--vocab", type=int, default=2048, help="pieces of the SentencePiece model trained (default 2048)")
     p.add_argument("--hosts", type=int, default=4, help="hosts of the projected slice (v5e-16: 4)")
     p.add_argument("--host_cores", type=int, default=112, help="cores (vCPUs) per host (v5e: 112)")
     p.add_argument("--target_gb", type=float, default=45.0, help="text to project for, in GB (FineWeb-Edu 10BT: ~45)")
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.dir, exist_ok=True)
     corpus = make_corpus(args.dir, args.mb, args.format)
     size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(corpus, "*.*")))
-    tokenizer = tokenizer_dir(args.dir, corpus, args.tokenizer)
+    tokenizer = tokenizer_dir(args.dir, corpus, args.tokenizer, args.vocab)
     print(f"corpus: {corpus} ({size / 1e6:.0f} MB of {args.format}); tokenizer: {tokenizer}")
     rates = {}
     for n in cores:

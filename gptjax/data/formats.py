@@ -142,7 +142,7 @@ def parquet_file(path: str) -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UserError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+        raise UserError(f"{path}: reading .parquet files needs pyarrow (a gptjax dependency): pip install pyarrow") from None
     try:
         return pq.ParquetFile(path if not storage.is_url(path) else storage.open_binary(path))
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
