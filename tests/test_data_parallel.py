@@ -80,11 +80,19 @@ def test_the_cache_is_byte_identical_for_1_2_and_3_workers(tmp_path, corpus, tok
     assert len(source.units) > 6 and {"text", "jsonl", "parquet"} <= set(kinds)
     assert sum(u.format == "jsonl" and u.first == -1 for u in source.units) >= 2  # ranges past the first
     caches, real = [], parts.encode_part
+
+    def noting_pid(*a, **k):  # runs where the unit is encoded (worker processes inherit it)
+        with open(tmp_path / "pids", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*a, **k)
+
+    monkeypatch.setattr(parts, "encode_part", noting_pid)
     for workers in (1, 2, 3):
-        if workers > 1:  # the units are encoded in worker processes, not here
-            monkeypatch.setattr(parts, "encode_part", lambda *a, **k: pytest.fail("encoded in this process"))
+        (tmp_path / "pids").write_text("")
         _prepare(corpus, tmp_path / f"run{workers}", tok, workers=workers)
         caches.append(_cache(tmp_path / f"run{workers}"))
+        pids = set((tmp_path / "pids").read_text().split())
+        assert pids == {str(os.getpid())} if workers == 1 else (len(pids) == workers and str(os.getpid()) not in pids)
     assert caches[0] == caches[1] == caches[2]
     # ... and the same as one unit per file (the cut does not matter either).
     monkeypatch.setattr(units, "UNIT_BYTES", 1 << 30)

@@ -98,3 +98,18 @@ def test_the_given_tokenizer_sizes_the_model_and_dry_run_names_it(tmp_path, gpt2
     config.model.vocab_size = 280
     r = run_lib.resolve(config, None, jax.devices()[:1])
     assert r.tokenizer is None and "not there yet" in r.tokenizer_note
+
+
+def test_a_gpt2_tokenizer_encodes_the_same_in_worker_processes(tmp_path, gpt2_json, corpus, monkeypatch):
+    from gptjax.data import parallel, units
+
+    monkeypatch.setattr(units, "UNIT_BYTES", 200)
+    monkeypatch.setattr(parallel, "POOL_MIN_UNITS", 2)
+    streams = []
+    for workers in (1, 2):
+        config = _config(f"files:{corpus}/*.txt", gpt2_json)
+        config.data.workers = workers
+        ds = data.prepare(*typed_sections(config), RunDir.at(str(tmp_path / f"run{workers}")), process_index=0,
+                          process_count=1)
+        streams.append([np.asarray(s.tokens).tobytes() for s in ds.train + ds.val])
+    assert streams[0] == streams[1]  # forked after this process's encoder ran on all cores, one thread each

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import pickle
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -100,11 +101,11 @@ def encode_share(source: Source, tokenizer: Any, parts: str, hosts: Hosts, worke
         for i in todo:
             _encode(i, units[i], parts, bar.update, bar.chars, tokenizer, source)
         return
-    payload = _picklable(source)
-    context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
-                                initargs=(pickle.dumps(tokenizer), payload)) as pool:
+    initargs = (pickle.dumps(tokenizer), _picklable(source))
+    with _Forking() as forking, cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=_context(),
+                                                       initializer=_init_worker, initargs=initargs) as pool:
         futures = {pool.submit(_encode, i, units[i], parts): i for i in todo}
+        forking.done()
         try:
             for future in cf.as_completed(futures):
                 counts = future.result()
@@ -114,6 +115,41 @@ def encode_share(source: Source, tokenizer: Any, parts: str, hosts: Hosts, worke
             for f in futures:
                 f.cancel()
             raise
+
+
+def _context() -> Any:
+    """Forked workers where the platform forks: they start at once and need no importable
+    `__main__` (a user's script without a main guard works); else spawned ones."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+class _Forking:
+    """While the pool forks its workers: `tokenizers` told that a child runs one thread (else it
+    warns at each fork), and JAX's warning about forking a multithreaded process silenced (the
+    workers never touch JAX). `done()` restores both once the workers exist."""
+
+    def __enter__(self) -> "_Forking":
+        self._env = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message=".*fork.*", category=RuntimeWarning)
+        self._open = True
+        return self
+
+    def done(self) -> None:
+        if not getattr(self, "_open", False):
+            return
+        self._open = False
+        self._warnings.__exit__(None, None, None)
+        if self._env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = self._env
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done()
+
 
 
 def _size(unit: Unit | None) -> int:
