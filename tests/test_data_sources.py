@@ -149,8 +149,15 @@ def test_an_hf_dataset_saved_to_disk_is_read(tmp_path, tok, saved_dataset):
     single, dictionary, train, test = saved_dataset
     ds = _prepare(f"hf:{single}", tmp_path / "run1", tok, text_field="content")
     assert _docs(tok, ds.train + ds.val) == sorted(r for r in train if r) and ds.val_tokens > 0
-    again = _prepare(f"hf:{single}", tmp_path / "run2", tok, text_field="content")
-    assert _streams(again) == _streams(ds)  # deterministic
+    from gptjax.data import parallel, units
+
+    with pytest.MonkeyPatch.context() as m:  # ranges of rows read by 2 worker processes: the same cache
+        m.setattr(units, "UNIT_BYTES", 300)
+        m.setattr(parallel, "POOL_MIN_UNITS", 2)
+        again = _prepare(f"hf:{single}", tmp_path / "run2", tok, text_field="content", workers=2)
+        source = data.sources.resolve(data.parse_source(f"hf:{single}")[0], data.DataConfig(text_field="content"))
+        assert len(source.units) > 4
+    assert _streams(again) == _streams(ds)
 
     # A named validation split is the validation stream; a row budget cuts the training split.
     ds = _prepare(f"hf:{dictionary}", tmp_path / "run3", tok, text_field="content", hf_val_split="test",

@@ -1,12 +1,18 @@
 """Data: document sources -> token streams cached on disk -> deterministic batches.
 
-    sources.py   `data.source` parsed (stdlib, files:, tfds:, pairs:, weighted mixtures) and
+    sources.py   `data.source` parsed (stdlib, files:, hf:, tfds:, pairs:, weighted mixtures) and
                  each source's documents, split into training and validation by name
+    formats.py   the file formats files: reads (.jsonl, .parquet, text), and files it refuses
+    units.py     a source cut into units (file groups, byte ranges, row groups) for workers
+    reading.py   each unit's documents; hf_source.py: hf:NAME (Hugging Face datasets)
+    parts.py     one unit encoded into a part; the parts merged in order into the cache
+    parallel.py  the units encoded on worker processes, and shared by a pod's hosts
     cache.py     the token cache: documents encoded once into train/val .bin files + meta.json
     batches.py   Dataset: the batch for a step as a function of (seed, step), and eval batches;
                  supervised examples packed whole into rows with segment ids
     progress.py  what preparation prints (stderr, process 0): one line per source, progress
-    hosts.py     a pod prepares once: host 0 builds the tokenizer and caches, the others wait
+    hosts.py     a pod prepares once: host 0 builds the tokenizer and writes the caches (every
+                 host encodes its share of the units), the others wait
 
 Paths that may be URLs (gs://...) go through `gptjax.storage`, and so does the host-local copy
 of a bucket's cache.

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
-from gptjax.data.units import UNIT_BYTES, Advance, Doc, Reader, Unit, pieces
+from gptjax.data import units as units_lib
+from gptjax.data.units import Advance, Doc, Reader, Unit, pieces
 from gptjax.errors import UserError
 
 _READ_ROWS = 1024
@@ -106,7 +107,7 @@ def resolve(spec: Any, cfg: Any, download: bool) -> tuple[dict, Reader, list[Uni
     units = []
     for split, ds in opened.items():
         rows = len(ds) if not cfg.hf_max_docs else min(len(ds), int(cfg.hf_max_docs))
-        per_unit = max(1, int(UNIT_BYTES * max(1, len(ds)) / max(1, ds.data.nbytes)))
+        per_unit = max(1, int(units_lib.UNIT_BYTES * max(1, len(ds)) / max(1, ds.data.nbytes)))
         units += [Unit("hf", (split,), (split,), a, min(rows, a + per_unit), a, min(rows, a + per_unit) - a,
                        file=len(units)) for a in range(0, rows, per_unit)]
     return identity, reader, units, None, sum(u.size for u in units)

@@ -2,7 +2,10 @@
 
     stdlib                      the running Python's standard library source (*.py, no tests)
     files:GLOB[,GLOB...]        .jsonl/.ndjson: one document per line (field data.text_field);
-                                any other file is one document
+                                .parquet: one per row (column data.text_field); any other
+                                file is one document of UTF-8 text (formats.py refuses the rest)
+    hf:NAME[/CONFIG]            a Hugging Face dataset, or a directory save_to_disk wrote
+                                (hf_source.py)
     tfds:NAME                   a TFDS dataset (data.tfds_split / tfds_feature / tfds_data_dir),
                                 read through array_record without TensorFlow
     pairs:GLOB[,GLOB...]        .jsonl prompt/completion records: the loss counts only the
@@ -10,21 +13,21 @@
                                 whole examples (see batches.py: data.packing, long_examples)
     A@3 + B@1                   a mixture: each batch row comes from A with probability 3/4
 
-Each document goes to validation or training by a stable hash of its name. A source also says
-what its token streams depend on (`identity`, the cache key) and how much input it has, so
-that reading can show progress.
+Each document goes to validation or training by a stable hash of its name (units.py says which
+names). A source also says what its token streams depend on (`identity`, the cache key), how
+much input it has, so that reading can show progress, and its units: the slices of its input
+that worker processes read (see units.py, parallel.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import sys
 import sysconfig
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from gptjax import storage
 from gptjax.data import hf_source

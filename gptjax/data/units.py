@@ -159,8 +159,8 @@ def plan_files(paths: list[str], mode: str, text_field: str, unit_bytes: int = 0
                 units.append(Unit("parquet", (path,), (prefix,), start, g + 1, first, share, len(units)))
                 start, first, done, rows, text = g + 1, first + rows, done + text, 0, 0
     close_group()
-    files = [u.paths[0] for u in units]  # a file's units share its index: the first unit's position
-    return [dataclasses.replace(u, file=files.index(u.paths[0])) for u in units]
+    first: dict[str, int] = {}  # a file's units share one index: its first unit's position
+    return [dataclasses.replace(u, file=first.setdefault(u.paths[0], i)) for i, u in enumerate(units)]
 
 
 def parquet_docs(unit: Unit, reader: Reader, advance: Advance) -> Iterator[Doc]:
