@@ -29,6 +29,7 @@ from etils import epath
 
 from gptjax import storage
 from gptjax.data.hosts import Hosts, wait_for
+from gptjax.data import parallel
 from gptjax.data.parallel import parts_dir, share_of_others, source_units, token_dtype, worker_count, write_streams
 from gptjax.data.parts import SPLITS
 from gptjax.data.progress import Progress, short_path
@@ -125,7 +126,7 @@ def _summary(meta: dict) -> str:
 def _parts(source: Source, directory: str, hosts: Hosts) -> str:
     """The parts directory of a cache being built: shared by a pod's hosts when they share the
     work, else on this host's disk (beside the local copy of a bucket's cache)."""
-    shared = hosts.count > 1 and source.units is not None and len(source.units) >= hosts.count
+    shared = parallel.shared(source, hosts)
     local = directory if shared or not storage.is_url(directory) else \
         os.path.join(storage.host_cache_root(), os.path.basename(directory.rstrip("/")))
     return parts_dir(local, source_units(source))

@@ -88,7 +88,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def encode_share(source: Source, tokenizer: Any, parts: str, hosts: Hosts, workers: int, bar: Any) -> None:
     """Encode this host's units of `source` that have no finished part in `parts` yet."""
     units = source_units(source)
-    mine = [i for i in range(len(units)) if i % hosts.count == hosts.index] if _shared(source, hosts) \
+    mine = [i for i in range(len(units)) if i % hosts.count == hosts.index] if shared(source, hosts) \
         else (list(range(len(units))) if hosts.builds else [])
     todo = [i for i in mine if not parts_lib.part_done(parts, i)]
     for i in mine:
@@ -163,14 +163,14 @@ def _picklable(source: Source) -> Source:
     return dataclasses.replace(source, read=None)
 
 
-def _shared(source: Source, hosts: Hosts) -> bool:
+def shared(source: Source, hosts: Hosts) -> bool:
     """Whether the hosts of a pod share this source's encoding (it has units for each)."""
-    return hosts.count > 1 and bool(source.units) and len(source.units) >= hosts.count
+    return hosts.count > 1 and source.pod_shared and bool(source.units) and len(source.units) >= hosts.count
 
 
 def share_of_others(source: Source, tokenizer: Any, parts: str, hosts: Hosts, workers: int, bar: Any) -> None:
     """A host other than 0: encode its share; on failure leave the reason for host 0."""
-    if not _shared(source, hosts):
+    if not shared(source, hosts):
         return
     try:
         encode_share(source, tokenizer, parts, hosts, workers, bar)
@@ -210,7 +210,7 @@ def write_streams(source: Source, tokenizer: Any, directory: str, bar: Any, part
     shares, and merge every part into directory/{train,val}[_mask].bin; the counts."""
     units = source_units(source)
     encode_share(source, tokenizer, parts, hosts, workers, bar)
-    if _shared(source, hosts):
+    if shared(source, hosts):
         _wait_for_parts(parts, len(units), hosts)
     return parts_lib.merge_parts(units, parts, directory, token_dtype(tokenizer.vocab_size), source.has_mask,
                                  lambda key: sources.is_val(key, source.val_fraction), source.val_fraction, source.name)

@@ -109,6 +109,7 @@ class Source:
     has_mask: bool = False
     units: list[Unit] | None = None  # the slices worker processes read (None: read in order by one process)
     reader: Reader | None = None  # how `units` are read
+    pod_shared: bool = True  # every host of a pod plans the same units (else host 0 encodes them all)
 
     @property
     def name(self) -> str:
@@ -230,7 +231,8 @@ def resolve(spec: SourceSpec, cfg: DataConfig, download: bool = True) -> Source:
         identity, reader, units, read, size = hf_source.resolve(spec, cfg, download)
         if units is not None:
             read = lambda advance: source_docs(units, reader, advance)
-        return Source(spec, identity, read, size, "doc", cfg.val_fraction, units=units, reader=reader)
+        return Source(spec, identity, read, size, "doc", cfg.val_fraction, units=units, reader=reader,
+                      pod_shared=hf_source.parse(spec.arg)[2])  # a Hub dataset is downloaded by host 0 only
     if spec.kind == "stdlib":
         paths = stdlib_files()
         root = sysconfig.get_paths()["stdlib"]
