@@ -3,25 +3,16 @@
     python -m gptjax.train --config configs/gpt2_124m.py --workdir runs/gpt2_124m
     python -m gptjax.aot --config configs/gpt2_124m.py --topology v5e:2x2   # fits? how fast?
 
-Data: FineWeb-Edu's 10B-token sample as jsonl shards in data/fineweb-edu-10BT/ (TFDS has no
-OpenWebText, and its large text corpora need TensorFlow or Beam to prepare). The `hf` command
-(huggingface_hub) and pyarrow come with gptjax's dependencies; make the shards once (~28 GB
-of parquet; one shard, `--include "sample/10BT/000_00000.parquet"`, is enough to try it):
+Data: FineWeb-Edu's 10B-token sample, its parquet files read as downloaded; tokenizer: GPT-2's
+byte-level BPE (50,257 ids), so the validation loss reads against llm.c's and modded-nanogpt's
+(see docs/data.md). Download both once (~28 GB; `--include "sample/10BT/000_00000.parquet"`
+fetches one shard, enough to try it):
 
-    hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/10BT/*" \
-        --local-dir data/fineweb-edu
-    python -c "
-    import glob, json, os, pyarrow.parquet as pq
-    os.makedirs('data/fineweb-edu-10BT', exist_ok=True)
-    for path in sorted(glob.glob('data/fineweb-edu/sample/10BT/*.parquet')):
-        out = os.path.join('data/fineweb-edu-10BT', os.path.basename(path)[:-8] + '.jsonl')
-        with open(out, 'w') as f:
-            for batch in pq.ParquetFile(path).iter_batches(columns=['text']):
-                f.writelines(json.dumps({'text': t}) + '\\n' for t in batch.column('text').to_pylist())
-    "
+    hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/10BT/*" --local-dir data/fineweb-edu
+    hf download openai-community/gpt2 tokenizer.json --local-dir data/gpt2
 
-Other text works the same way: --config.data.source=files:PATH/*.jsonl (one {"text": ...} per
-line), or a TFDS dataset already prepared in array_record format (tfds:NAME, data.tfds_data_dir).
+Other data works the same way: --config.data.source=files:PATH/*.jsonl (or .parquet, .txt), or
+hf:ORG/NAME for a Hugging Face dataset; every core of every host tokenizes it.
 
 Batch 512 x 1024 tokens (~0.5M tokens per step) as in GPT-2, in 8 micro-batches of 64 rows (the
 largest that fits a v5e:2x2, by the AOT check); on a pod slice the batch is split over the data
@@ -33,12 +24,12 @@ from gptjax.config import base_config
 
 def get_config():
     c = base_config()
-    c.data.source = "files:data/fineweb-edu-10BT/*.jsonl"
-    c.tokenizer.vocab_size = 50257
-    c.tokenizer.max_chars = 200_000_000
+    c.data.source = "files:data/fineweb-edu/sample/10BT/*.parquet"
+    c.tokenizer.path = "data/gpt2/tokenizer.json"
+    c.tokenizer.vocab_size = 50257  # GPT-2's; also the size trained to with --config.tokenizer.path=''
     # attention "auto": the splash kernel on a TPU, cuDNN's on a GPU; the embedding padded to
-    # 50,304 rows (a multiple of 128) for the accelerators' matmul tiles.
-    c.model.update(vocab_size=0, n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, dtype="bfloat16",
+    # 50,304 rows (a multiple of 128) for the accelerators' matmul tiles: same tokens, faster matmuls.
+    c.model.update(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, dtype="bfloat16",
                    attention="auto", vocab_multiple=128)
     c.train.update(
         steps=100_000,

@@ -3,8 +3,8 @@
     python -m gptjax.aot --config configs/gpt2_medium.py --topology v5e:2x2   # check the fit first
     python -m gptjax.train --config configs/gpt2_medium.py --workdir gs://BUCKET/gpt2_medium
 
-The data and tokenizer are those of configs/gpt2_124m.py (FineWeb-Edu jsonl shards; its
-docstring has the commands that make them). Batch 512 x 1024 tokens per step, as for 124M; the
+The data and tokenizer are those of configs/gpt2_124m.py (FineWeb-Edu parquet files, GPT-2's tokenizer; its
+docstring has the commands that fetch them). Batch 512 x 1024 tokens per step, as for 124M; the
 parameters, AdamW state and gradients (16 bytes per parameter: 5.3 GiB, 1.32 GiB per chip here)
 are split over all chips (fsdp), each block's activations are recomputed in the backward pass
 (model.remat), and grad_accum=16 micro-batches of 32 sequences make one step. As configured it

@@ -39,7 +39,7 @@ from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.model import GPTConfig
 from gptjax.step import Trainer, param_shapes
-from gptjax.tokenizer import Tokenizer, load_tokenizer, tokenizer_saved
+from gptjax.tokenizer import Tokenizer, describe, given_exists, load_given, load_tokenizer, tokenizer_saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,20 @@ class Run:
         """The resolved config (the model section as the run builds it): what config.json holds."""
         resolved = dataclasses.replace(self.sections, model=dataclasses.asdict(self.model))
         return ml_collections.FrozenConfigDict(config_lib.to_config(resolved))
+
+    @property
+    def tokenizer_note(self) -> str:
+        """One line on the tokenizer the run uses (for --dry_run)."""
+        t = self.sections.tokenizer
+        if self.tokenizer is not None:
+            where = f" from {t.path}" if t.path and not self.resuming else ""
+            return f"tokenizer: {describe(self.tokenizer)}{where}; model vocabulary {self.model.vocab_size:,}"
+        if self.init_from:
+            return f"tokenizer: the one of {self.init_from}"
+        if t.path:
+            return f"tokenizer: {t.path} (tokenizer.path), not there yet: the run needs it"
+        return (f"tokenizer: SentencePiece {t.model_type} with {t.vocab_size:,} pieces, trained on the data when "
+                "the run starts")
 
     def prepare(self, data: bool = True) -> "Run":
         """The run with its workdir created, init_from's weights and tokenizer read (a new run),
@@ -160,6 +174,9 @@ def resolve(
     tokenizer = None
     if run_dir is not None and tokenizer_saved(run_dir.tokenizer):
         tokenizer = load_tokenizer(run_dir.tokenizer)
+    elif s.tokenizer.path and not imported and (given_exists(s.tokenizer.path) or
+                                                 s.model["vocab_size"] == config_lib.MODEL_VOCAB_FROM_TOKENIZER):
+        tokenizer = load_given(s.tokenizer.path)  # a given tokenizer (GPT-2's, say): read now, it sizes the model
     if tokenizer is not None:
         tokenizer_vocab = tokenizer.vocab_size
     else:  # the size a tokenizer will be trained to; an imported one comes with its model's size

@@ -37,6 +37,9 @@ class TokenizerConfig:
     vocab_size: int = 2048
     model_type: str = "bpe"  # 'bpe' or 'unigram'
     max_chars: int = 10_000_000  # characters sampled from the training text to train it
+    # A given tokenizer instead of a trained one: a Hugging Face tokenizer.json (GPT-2's, say), a
+    # directory holding one, or a SentencePiece .model file. '' trains one (the fields above).
+    path: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,13 @@ class DataConfig:
     long_examples: str = "truncate"  # an example longer than seq_len+1 tokens: 'truncate' (its prompt, from the left) or 'drop'
     # Plain-text sources: a token attends only within its document (split at end-of-text) and positions restart.
     document_mask: bool = False
+    workers: int = 0  # processes that read and encode the data (0: every core this process may use)
+    # hf:NAME[/CONFIG] sources (Hugging Face datasets; the column is text_field)
+    hf_split: str = "train"
+    hf_val_split: str = ""  # '' holds out val_fraction of hf_split; else this split is validation
+    hf_streaming: bool = False  # read a Hub dataset as a stream instead of downloading it first
+    hf_max_docs: int = 0  # read at most this many rows of each split (0: all)
+    hf_max_chars: int = 0  # stop a split after this many characters (0: all)
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.val_fraction) < 1.0:
@@ -112,6 +122,10 @@ class DataConfig:
             raise UserError(f"data.host_wait_s must be a positive number of seconds, got {self.host_wait_s}")
         if self.long_examples not in LONG_EXAMPLES:
             raise UserError(f"data.long_examples must be one of {list(LONG_EXAMPLES)}, got {self.long_examples!r}")
+        for name in ("workers", "hf_max_docs", "hf_max_chars"):
+            if int(getattr(self, name)) < 0:
+                raise UserError(f"data.{name} must be >= 0 (0: {'every core' if name == 'workers' else 'no limit'}), "
+                                f"got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,11 @@ def open_text(path: str, **kwargs) -> IO[str]:
     return io.TextIOWrapper(epath.Path(path).open("rb"), **kwargs)
 
 
+def open_binary(path: str) -> IO[bytes]:
+    """A file opened for reading bytes (seekable), local or a URL."""
+    return epath.Path(path).open("rb") if is_url(path) else open(path, "rb")
+
+
 def read_text(path: str) -> str:
     if is_url(path):
         return epath.Path(path).read_text()

@@ -76,6 +76,7 @@ def dry_run(config: config_lib.ConfigDict | config_lib.Sections, workdir: str) -
     if r.devices_note:
         log(r.devices_note)
     print(optim_lib.format_param_table(r.trainer.abstract_params, r.optimizer))
+    print(r.tokenizer_note)
     if r.resuming:
         _report_resume_point(r)
 

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from gptjax import data
 from gptjax.data import cache as token_cache
-from gptjax.data import sources
+from gptjax.data import parts, sources, units
 from gptjax import tokenizer as tk
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
@@ -114,8 +114,8 @@ def test_jsonl_one_document_per_line_with_configurable_field(tmp_path, tok):
 
 
 def test_long_text_file_is_read_in_pieces_and_round_trips(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 1000)
-    monkeypatch.setattr(token_cache, "ENCODE_BATCH_CHARS", 3000)
+    monkeypatch.setattr(units, "TEXT_CHUNK_CHARS", 1000)
+    monkeypatch.setattr(parts, "ENCODE_BATCH_CHARS", 3000)
     text = _write_txt(tmp_path / "one", 1, n_words=4000)[0]
     ds = data.prepare(*typed_sections(_config(f"files:{tmp_path}/one/*.txt")), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
     assert _all_text(tok, ds) == text + tk.EOT  # one document: train is its head, val its tail
@@ -132,9 +132,9 @@ def test_a_single_document_hashed_to_validation_is_split_too(tmp_path, tok, monk
 
 
 def test_long_texts_are_cut_after_newlines(monkeypatch):
-    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 10)
+    monkeypatch.setattr(units, "TEXT_CHUNK_CHARS", 10)
     text = "0123456789abc\nd\n" + "x" * 35
-    pieces = [p for p, trained in sources._pieces(text)]
+    pieces = [p for p, trained in units.pieces(text)]
     assert "".join(pieces) == text and pieces[0] == "0123456789abc\n" and all(len(p) <= 20 for p in pieces)
 
 
@@ -427,7 +427,7 @@ def test_progress_off_a_terminal_is_plain_lines(tmp_path, tok, capfd, monkeypatc
     from gptjax.data import progress
 
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
-    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 200)
+    monkeypatch.setattr(units, "TEXT_CHUNK_CHARS", 200)
     _write_txt(tmp_path / "txt", 4)
     name = f"files:{tmp_path}/txt/*.txt"
     data.prepare(*typed_sections(_config(name)), RunDir.at(str(tmp_path / "run")), tokenizer=tok)
@@ -439,7 +439,7 @@ def test_progress_off_a_terminal_is_plain_lines(tmp_path, tok, capfd, monkeypatc
 
 
 def test_progress_counts_every_byte_of_the_input(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 100)
+    monkeypatch.setattr(units, "TEXT_CHUNK_CHARS", 100)
     _write_txt(tmp_path / "files", 3, n_words=300)
     (tmp_path / "files" / "ünïcode.txt").write_text("é€😀\n" * 50)
     _write_jsonl(tmp_path / "files" / "a.jsonl", [{"text": "x" * (i % 50)} for i in range(1000)] + ["", ""])

@@ -263,6 +263,10 @@ COVERED: dict[str, str] = {
     ' tasks=["hellaswag"])': "tests/test_lm_eval.py::test_multiple_choice_matches_hf_per_example",
     "python -m gptjax.train --config.wandb.enabled=True --config.wandb.project=my-project":
         "tests/test_wandb.py::test_offline_run_holds_config_and_every_step_across_a_resume",
+    # docs/data.md
+    "python tools/bench_prepare.py": "tests/test_bench_prepare.py::test_bench_prepare_prints_rates_speedup_and_projection",
+    "python tools/bench_prepare.py --mb 16 --repeats 1":
+        "tests/test_bench_prepare.py::test_bench_prepare_prints_rates_speedup_and_projection",
     # docs/reliability.md
     "python tools/fault_inject.py --trials 20":
         "tests/test_fault_inject.py::test_killed_runs_end_with_bitwise_identical_checkpoints",

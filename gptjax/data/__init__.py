@@ -1,12 +1,18 @@
 """Data: document sources -> token streams cached on disk -> deterministic batches.
 
-    sources.py   `data.source` parsed (stdlib, files:, tfds:, pairs:, weighted mixtures) and
+    sources.py   `data.source` parsed (stdlib, files:, hf:, tfds:, pairs:, weighted mixtures) and
                  each source's documents, split into training and validation by name
+    formats.py   the file formats files: reads (.jsonl, .parquet, text), and files it refuses
+    units.py     a source cut into units (file groups, byte ranges, row groups) for workers
+    reading.py   each unit's documents; hf_source.py: hf:NAME (Hugging Face datasets)
+    parts.py     one unit encoded into a part; the parts merged in order into the cache
+    parallel.py  the units encoded on worker processes, and shared by a pod's hosts
     cache.py     the token cache: documents encoded once into train/val .bin files + meta.json
     batches.py   Dataset: the batch for a step as a function of (seed, step), and eval batches;
                  supervised examples packed whole into rows with segment ids
     progress.py  what preparation prints (stderr, process 0): one line per source, progress
-    hosts.py     a pod prepares once: host 0 builds the tokenizer and caches, the others wait
+    hosts.py     a pod prepares once: host 0 builds the tokenizer and writes the caches (every
+                 host encodes its share of the units), the others wait
 
 Paths that may be URLs (gs://...) go through `gptjax.storage`, and so does the host-local copy
 of a bucket's cache.
@@ -32,7 +38,8 @@ from gptjax.data.progress import Progress, short_path
 from gptjax.data.sources import SourceSpec, parse_source, resolve, stdlib_files
 from gptjax.layout import RunDir
 from gptjax.schema import DataConfig, TokenizerConfig
-from gptjax.tokenizer import Tokenizer, describe, load_tokenizer, tokenizer_saved, workdir_tokenizer
+from gptjax.errors import UserError
+from gptjax.tokenizer import Tokenizer, describe, load_given, load_tokenizer, tokenizer_saved, workdir_tokenizer
 
 __all__ = ["DataConfig", "Dataset", "SourceSpec", "TokenStream", "parse_source", "prepare", "stdlib_files",
            "token_dtype"]
@@ -42,7 +49,8 @@ def prepare(data: DataConfig, tokenizer_config: TokenizerConfig, run: RunDir, *,
             process_index: int | None = None, process_count: int | None = None) -> Dataset:
     """Tokenizer and token streams for `data.source`, built once and cached in the run directory.
 
-    Without `tokenizer`, the run's tokenizer/ is loaded, or a SentencePiece model is trained
+    Without `tokenizer`, the one tokenizer.path names is used (and saved in the run), else the
+    run's tokenizer/ is loaded, or a SentencePiece model is trained
     (as `tokenizer_config` says) and saved there. A given tokenizer (e.g. GPT-2's, from an
     imported checkpoint) is used as is and saved there when none is.
     Of a pod's processes (default: jax.process_index() of jax.process_count()) only process 0
@@ -65,6 +73,11 @@ def _prepare(cfg: DataConfig, tokenizer_config: TokenizerConfig, run: RunDir, to
     specs = [s for s in parse_source(cfg.source) if s.weight > 0]
     sources = [resolve(s, cfg, download=hosts.builds) for s in specs]
     progress = Progress(hosts.index == 0)
+    if tokenizer is None and tokenizer_config.path:
+        tokenizer = load_given(tokenizer_config.path)
+        if tokenizer_saved(run.tokenizer) and load_tokenizer(run.tokenizer).fingerprint() != tokenizer.fingerprint():
+            raise UserError(f"{run.tokenizer} holds another tokenizer than tokenizer.path={tokenizer_config.path!r} "
+                            "names; use a new workdir, or leave tokenizer.path empty to keep the run's")
     if tokenizer is None:
         tokenizer = _workdir_tokenizer(tokenizer_config, cfg, run.tokenizer, sources, progress, hosts)
     elif hosts.builds and not tokenizer_saved(run.tokenizer):
@@ -74,7 +87,7 @@ def _prepare(cfg: DataConfig, tokenizer_config: TokenizerConfig, run: RunDir, to
         progress.say(f"tokenizer: {describe(tokenizer)}, given")
     cache_root = (cfg.cache_dir if storage.is_url(cfg.cache_dir) else os.path.expanduser(cfg.cache_dir)) \
         or run.data_cache
-    streams = [token_streams(s, tokenizer, cache_root, progress, hosts) for s in sources]
+    streams = [token_streams(s, tokenizer, cache_root, progress, hosts, cfg.workers) for s in sources]
     return Dataset(tokenizer, [s.name for s in specs], [s.weight for s in specs],
                    [t for t, _ in streams], [v for _, v in streams], packing=cfg.packing,
                    long_examples=cfg.long_examples, document_mask=cfg.document_mask, say=progress.say)

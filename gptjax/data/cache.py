@@ -29,121 +29,15 @@ from etils import epath
 
 from gptjax import storage
 from gptjax.data.hosts import Hosts, wait_for
+from gptjax.data import parallel
+from gptjax.data.parallel import parts_dir, share_of_others, source_units, token_dtype, worker_count, write_streams
+from gptjax.data.parts import SPLITS
 from gptjax.data.progress import Progress, short_path
-from gptjax.data.sources import Advance, Source
-from gptjax.errors import UserError
+from gptjax.data.sources import Source
 from gptjax.tokenizer import Tokenizer
 
-SPLITS = ("train", "val")
+__all__ = ["SPLITS", "TokenStream", "token_dtype", "token_streams", "write_streams"]
 _FORMAT = 1  # bump when the on-disk layout or the tokenization of documents changes
-ENCODE_BATCH_CHARS = 4 << 20  # text handed to encode_batch at once
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits, else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-class _SplitWriter:
-    """Appends one split's tokens (and loss-mask bytes) to files; remembers where the last doc began."""
-
-    def __init__(self, directory: str, split: str, dtype: np.dtype, with_mask: bool):
-        self.tokens_path = os.path.join(directory, f"{split}.bin")
-        self.mask_path = os.path.join(directory, f"{split}_mask.bin") if with_mask else None
-        self.dtype = dtype
-        self._tokens = open(self.tokens_path, "wb")
-        self._mask = open(self.mask_path, "wb") if self.mask_path else None
-        self.count = self.docs = self.last_doc_start = 0
-
-    def start_doc(self) -> None:
-        self.docs += 1
-        self.last_doc_start = self.count
-
-    def write(self, ids: list[int], trained: bool) -> None:
-        self._tokens.write(np.asarray(ids, dtype=self.dtype).tobytes())
-        if self._mask:
-            self._mask.write((b"\x01" if trained else b"\x00") * len(ids))
-        self.count += len(ids)
-
-    def close(self) -> None:
-        self._tokens.close()
-        if self._mask:
-            self._mask.close()
-
-
-def _move_tail(src: _SplitWriter, dst: _SplitWriter, start: int) -> None:
-    """Move tokens [start:] of a closed split to the end of another closed split."""
-    pairs = [(src.tokens_path, dst.tokens_path, src.dtype)]
-    if src.mask_path and dst.mask_path:
-        pairs.append((src.mask_path, dst.mask_path, np.dtype(np.uint8)))
-    for a, b, dtype in pairs:
-        if start == 0 and dst.count == 0:  # everything: swap the files instead of copying
-            os.replace(a, b)
-            open(a, "wb").close()
-            continue
-        tail = np.fromfile(a, dtype=dtype, offset=start * dtype.itemsize)
-        os.truncate(a, start * dtype.itemsize)
-        with open(b, "ab") as f:
-            f.write(tail.tobytes())
-    moved = src.count - start
-    src.count, dst.count = start, dst.count + moved
-
-
-def _rebalance(writers: dict[str, _SplitWriter], val_fraction: float, name: str) -> None:
-    """Make sure both splits hold something: move the last document, or split the only one."""
-    train, val = writers["train"], writers["val"]
-    if train.docs + val.docs == 0:
-        raise UserError(f"data.source {name!r} has no text: every document is empty")
-    if train.docs and val.docs:
-        return
-    if train.docs + val.docs == 1:  # one document: its tail is the validation text
-        if val.docs:
-            _move_tail(val, train, 0)
-        if train.count < 2:
-            raise UserError(f"data.source {name!r} is too short to split into training and validation text")
-        _move_tail(train, val, train.count - max(1, int(train.count * val_fraction)))
-        train.docs = val.docs = 1
-        return
-    full, empty = (train, val) if train.docs else (val, train)
-    _move_tail(full, empty, full.last_doc_start)
-    full.docs, empty.docs = full.docs - 1, 1
-
-
-def write_streams(source: Source, tokenizer: Tokenizer, directory: str, advance: Advance) -> dict:
-    """Encode every document of `source` into directory/{train,val}[_mask].bin; return counts."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    writers = {s: _SplitWriter(directory, s, dtype, source.has_mask) for s in SPLITS}
-    pending: list[tuple[str, str | None, bool, bool]] = []  # (split, text or None for EOT, trained, starts doc)
-    pending_chars = documents = characters = 0
-
-    def flush() -> None:
-        encoded = iter(tokenizer.encode_batch([text for _, text, _, _ in pending if text is not None]))
-        for split, text, trained, starts in pending:
-            if starts:
-                writers[split].start_doc()
-            writers[split].write(next(encoded) if text is not None else [tokenizer.eot_id], trained)
-        pending.clear()
-
-    try:
-        for doc in source.documents(advance):
-            split, first = doc.split, True
-            for text, trained in doc.segments:
-                pending.append((split, text, trained, first))
-                first, pending_chars = False, pending_chars + len(text)
-                characters += len(text)
-                if pending_chars >= ENCODE_BATCH_CHARS:
-                    flush()
-                    pending_chars = 0
-            if not first:
-                pending.append((split, None, True, False))
-                documents += 1
-        flush()
-    finally:
-        for w in writers.values():
-            w.close()
-    _rebalance(writers, source.val_fraction, source.name)
-    return {"documents": documents, "characters": characters,
-            **{s: {"tokens": w.count, "docs": w.docs} for s, w in writers.items()}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +123,17 @@ def _summary(meta: dict) -> str:
     return ", ".join(read) + " -> " + tokens if read else tokens
 
 
-def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, progress: Progress) -> dict:
+def _parts(source: Source, directory: str, hosts: Hosts) -> str:
+    """The parts directory of a cache being built: shared by a pod's hosts when they share the
+    work, else on this host's disk (beside the local copy of a bucket's cache)."""
+    shared = parallel.shared(source, hosts)
+    local = directory if shared or not storage.is_url(directory) else \
+        os.path.join(storage.host_cache_root(), os.path.basename(directory.rstrip("/")))
+    return parts_dir(local, source_units(source))
+
+
+def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, progress: Progress, hosts: Hosts,
+           workers: int) -> dict:
     """Write the cache of `source` into `directory` by way of a temporary directory; return its meta.
 
     For a URL `directory` the files are built in the host-local cache, uploaded, and kept there."""
@@ -238,9 +142,10 @@ def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, prog
     os.makedirs(cache_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(local)}.tmp-", dir=cache_root)
     start = time.perf_counter()
+    parts = _parts(source, directory, hosts)
     try:
         with progress.bar(f"tokenizing {source.name}", source.size, source.unit) as bar:
-            counts = write_streams(source, tokenizer, tmp, bar.update)
+            counts = write_streams(source, tokenizer, tmp, bar, parts, hosts, workers)
         meta = {"key": key, "source": source.name, "dtype": token_dtype(tokenizer.vocab_size).name,
                 "has_mask": source.has_mask, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                 **counts}
@@ -250,6 +155,7 @@ def _build(source: Source, tokenizer: Tokenizer, directory: str, key: dict, prog
             for name in _cache_files(tmp, meta):
                 storage.copy_file(os.path.join(tmp, name), storage.join(directory, name))
         meta = _place(tmp, local, key, meta)
+        _remove_tree(parts)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     progress.say(f"{source.name}: {_summary(meta)} in {time.perf_counter() - start:.1f} s, "
@@ -261,13 +167,15 @@ def _remove_tree(directory: str) -> None:
     if storage.is_url(directory):
         epath.Path(directory).rmtree(missing_ok=True)
     else:
-        shutil.rmtree(directory)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def token_streams(source: Source, tokenizer: Tokenizer, cache_root: str, progress: Progress,
-                  hosts: Hosts) -> list[TokenStream]:
+                  hosts: Hosts, workers: int = 0) -> list[TokenStream]:
     """[train, val] streams of a source, from its cache when that is complete and current, else
-    built (by host 0 of a pod; the other hosts wait for it)."""
+    built on `workers` processes (data.workers; 0: every core): on a pod each host encodes its
+    share of the source's units, host 0 merges them and the other hosts wait for the cache."""
+    workers = worker_count(workers)
     key = json.loads(json.dumps({"format": _FORMAT, "source": source.identity, "tokenizer": tokenizer.fingerprint(),
                                  "val_fraction": float(source.val_fraction)}, sort_keys=True))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -276,6 +184,8 @@ def token_streams(source: Source, tokenizer: Tokenizer, cache_root: str, progres
     if meta is not None:
         progress.say(f"{source.name}: {_summary(meta)} (token cache reused: {short_path(directory)})")
     elif not hosts.builds:
+        with progress.bar(f"tokenizing a share of {source.name}", None, source.unit) as bar:
+            share_of_others(source, tokenizer, _parts(source, directory, hosts), hosts, workers, bar)
         wait_for(lambda: _read_valid_meta(directory, key) is not None, directory,
                  f"the token cache of {source.name}", hosts)
         meta = _read_valid_meta(directory, key)
@@ -283,7 +193,7 @@ def token_streams(source: Source, tokenizer: Tokenizer, cache_root: str, progres
         if storage.exists(directory):
             progress.say(f"{source.name}: token cache {short_path(directory)} is incomplete or stale; rebuilding it")
             _remove_tree(directory)
-        meta = _build(source, tokenizer, directory, key, progress)
+        meta = _build(source, tokenizer, directory, key, progress, hosts, workers)
     if storage.is_url(directory):
         directory = _host_copy(directory, key, meta, progress)
     dtype = np.dtype(meta["dtype"])

@@ -2,6 +2,8 @@
 
 On a terminal progress is a tqdm bar; otherwise (a pod's log, a file, a pipe) it is plain
 lines, one every LINE_EVERY_S seconds, which read well in a log without carriage returns.
+Both count the input read (`update`) and the characters encoded (`chars`), and show the rate
+of each and the time left.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class _Lines:
 
     def __init__(self, say: Any, desc: str, total: int | None, unit: str, every_s: float):
         self._say, self._desc, self._total, self._unit, self._every_s = say, desc, total, unit, every_s
-        self._done = 0
+        self._done = self._chars = 0
         self._start = self._last = time.monotonic()
 
     def __enter__(self) -> "_Lines":
@@ -49,6 +51,9 @@ class _Lines:
     def __exit__(self, *exc: Any) -> None:
         pass
 
+    def chars(self, n: int) -> None:
+        self._chars += n
+
     def update(self, n: int) -> None:
         self._done += n
         now = time.monotonic()
@@ -57,12 +62,40 @@ class _Lines:
         self._last = now
         rate = self._done / max(now - self._start, 1e-9)
         done = _amount(self._done, self._unit)
+        chars = f", {chars_rate(self._chars, now - self._start)}" if self._chars else ""
         if self._total:
             eta = (self._total - self._done) / rate if rate > 0 else float("inf")
             self._say(f"{self._desc}: {done} of {_amount(self._total, self._unit)} "
-                      f"({100 * self._done / self._total:.0f}%), {_amount(rate, self._unit)}/s, ETA {eta:.0f} s")
+                      f"({100 * self._done / self._total:.0f}%), {_amount(rate, self._unit)}/s{chars}, ETA {eta:.0f} s")
         else:
-            self._say(f"{self._desc}: {done}, {_amount(rate, self._unit)}/s")
+            self._say(f"{self._desc}: {done}, {_amount(rate, self._unit)}/s{chars}")
+
+
+def chars_rate(chars: int, seconds: float) -> str:
+    """'12.3M characters/s'."""
+    return f"{chars / max(seconds, 1e-9) / 1e6:.1f}M characters/s"
+
+
+class _Bar:
+    """A tqdm bar that also shows characters encoded per second."""
+
+    def __init__(self, bar: Any):
+        self._bar, self._chars, self._start = bar, 0, time.monotonic()
+
+    def __enter__(self) -> "_Bar":
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._bar.__exit__(*exc)
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def chars(self, n: int) -> None:
+        self._chars += n
+        if not self._bar.disable:
+            self._bar.set_postfix_str(chars_rate(self._chars, time.monotonic() - self._start), refresh=False)
 
 
 class Progress:
@@ -81,11 +114,11 @@ class Progress:
 
     def bar(self, desc: str, total: int | None, unit: str) -> Any:
         """A tqdm bar on a terminal, else plain lines (nothing on other processes); `unit` 'B'
-        counts bytes with k/M/G prefixes."""
+        counts bytes with k/M/G prefixes. `update(n)` counts input, `chars(n)` characters encoded."""
         if self.enabled and not sys.stderr.isatty():
             return _Lines(self.say, desc, total, unit, LINE_EVERY_S)
         from tqdm import tqdm
 
         in_bytes = unit == "B"
-        return tqdm(desc=desc, total=total, unit=unit, unit_scale=in_bytes, unit_divisor=1024 if in_bytes else 1000,
-                    file=sys.stderr, disable=not self.enabled, leave=False, dynamic_ncols=True)
+        return _Bar(tqdm(desc=desc, total=total, unit=unit, unit_scale=in_bytes, unit_divisor=1024 if in_bytes else 1000,
+                         file=sys.stderr, disable=not self.enabled, leave=False, dynamic_ncols=True))

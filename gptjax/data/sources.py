@@ -2,7 +2,10 @@
 
     stdlib                      the running Python's standard library source (*.py, no tests)
     files:GLOB[,GLOB...]        .jsonl/.ndjson: one document per line (field data.text_field);
-                                any other file is one document
+                                .parquet: one per row (column data.text_field); any other
+                                file is one document of UTF-8 text (formats.py refuses the rest)
+    hf:NAME[/CONFIG]            a Hugging Face dataset, or a directory save_to_disk wrote
+                                (hf_source.py)
     tfds:NAME                   a TFDS dataset (data.tfds_split / tfds_feature / tfds_data_dir),
                                 read through array_record without TensorFlow
     pairs:GLOB[,GLOB...]        .jsonl prompt/completion records: the loss counts only the
@@ -10,37 +13,38 @@
                                 whole examples (see batches.py: data.packing, long_examples)
     A@3 + B@1                   a mixture: each batch row comes from A with probability 3/4
 
-Each document goes to validation or training by a stable hash of its name. A source also says
-what its token streams depend on (`identity`, the cache key) and how much input it has, so
-that reading can show progress.
+Each document goes to validation or training by a stable hash of its name (units.py says which
+names). A source also says what its token streams depend on (`identity`, the cache key), how
+much input it has, so that reading can show progress, and its units: the slices of its input
+that worker processes read (see units.py, parallel.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import sys
 import sysconfig
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from gptjax import storage
+from gptjax.data import hf_source
+from gptjax.data.formats import LINE_DELIMITED
+from gptjax.data.reading import source_docs
+from gptjax.data.units import Advance, Doc, Reader, Unit, pieces, plan_files
 from gptjax.errors import UserError
 from gptjax.schema import DataConfig
 
-SOURCE_KINDS = ("stdlib", "files", "tfds", "pairs")
-_SOURCE_HELP = ("allowed: 'stdlib', 'files:GLOB[,GLOB]', 'tfds:NAME', 'pairs:GLOB[,GLOB]', "
+__all__ = ["LINE_DELIMITED", "Advance", "Doc", "Source", "SourceSpec", "is_val", "parse_source", "resolve",
+           "stdlib_files"]
+
+SOURCE_KINDS = ("stdlib", "files", "tfds", "pairs", "hf")
+_SOURCE_HELP = ("allowed: 'stdlib', 'files:GLOB[,GLOB]', 'tfds:NAME', 'pairs:GLOB[,GLOB]', 'hf:NAME[/CONFIG]', "
                 "or a mixture like 'files:a/*.txt@3 + stdlib@1'")
 STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
-LINE_DELIMITED = (".jsonl", ".ndjson")
-# Long texts are read and encoded in pieces of about this many characters, cut after a newline:
-# SentencePiece encodes short strings faster, and the pieces spread over encode_batch's threads.
-TEXT_CHUNK_CHARS = 1 << 16
 _TFDS_READ_BATCH = 256
-
-Advance = Callable[[int], None]  # told how much more input (bytes or documents) has been read
 
 
 def _ignore(n: int) -> None:
@@ -93,15 +97,6 @@ def parse_source(source: str) -> list[SourceSpec]:
 
 
 @dataclasses.dataclass
-class Doc:
-    """One document: its name, and its text as (text, counts in the loss) segments read lazily."""
-
-    key: str  # stable name: its hash decides train or validation
-    segments: Iterable[tuple[str, bool]]
-    split: str | None = None  # 'train' or 'val'; a reader sets it only where the source decides (TFDS splits)
-
-
-@dataclasses.dataclass
 class Source:
     """A checked source: what its streams depend on, and how to read its documents."""
 
@@ -112,6 +107,9 @@ class Source:
     unit: str  # "B" (bytes of files) or "doc"
     val_fraction: float  # data.val_fraction: the share of documents held out (by name)
     has_mask: bool = False
+    units: list[Unit] | None = None  # the slices worker processes read (None: read in order by one process)
+    reader: Reader | None = None  # how `units` are read
+    pod_shared: bool = True  # every host of a pod plans the same units (else host 0 encodes them all)
 
     @property
     def name(self) -> str:
@@ -170,101 +168,6 @@ def _expand_globs(kind: str, arg: str) -> list[str]:
     return sorted(paths)
 
 
-class _BytesRead:
-    """Reports to `advance` how far reading an open text file has got, in bytes of the file."""
-
-    def __init__(self, f: Any, advance: Advance):
-        self._f, self._advance, self._pos = f, advance, 0
-
-    def update(self) -> None:
-        pos = self._f.buffer.tell()  # the decoder's position, ahead of the text by one read buffer at most
-        self._advance(pos - self._pos)
-        self._pos = pos
-
-
-def _text_chunks(path: str, advance: Advance) -> Iterator[tuple[str, bool]]:
-    """A text file in pieces of about TEXT_CHUNK_CHARS characters, cut after a newline."""
-    with storage.open_text(path, encoding="utf-8", errors="replace", newline="") as f:
-        progress = _BytesRead(f, advance)
-        while chunk := f.read(TEXT_CHUNK_CHARS):
-            if not chunk.endswith("\n"):
-                chunk += f.readline(TEXT_CHUNK_CHARS)
-            progress.update()
-            yield chunk, True
-        progress.update()
-
-
-def _pieces(text: str) -> Iterator[tuple[str, bool]]:
-    """A long text in trained-on pieces of about TEXT_CHUNK_CHARS characters, cut after a newline."""
-    start = 0
-    while start < len(text):
-        end = start + TEXT_CHUNK_CHARS
-        newline = text.find("\n", end, end + TEXT_CHUNK_CHARS)
-        end = newline + 1 if newline >= 0 else end
-        yield text[start:end], True
-        start = end
-
-
-def _text_file_docs(paths: list[str], key: Callable[[str], str], advance: Advance) -> Iterator[Doc]:
-    for path in paths:
-        if storage.size(path):
-            yield Doc(key(path), _text_chunks(path, advance))
-
-
-def _jsonl_records(path: str, advance: Advance) -> Iterator[tuple[int, dict]]:
-    with storage.open_text(path, encoding="utf-8", errors="replace") as f:
-        progress = _BytesRead(f, advance)
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
-                                "a .jsonl file holds one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
-            if lineno % 64 == 0:  # asking the file its position costs a system call
-                progress.update()
-            yield lineno, record
-        progress.update()
-
-
-def _string_field(record: dict, name: str, setting: str, where: str) -> str:
-    value = record.get(name)
-    if not isinstance(value, str):
-        raise UserError(f"{where}: record has no string field {name!r} (fields: {sorted(record)}); "
-                        f"set {setting} to the field that holds it")
-    return value
-
-
-def _split_key(path: str) -> str:
-    """A file's name without its directory: moving the data does not change the split."""
-    return os.path.basename(path)
-
-
-def _files_docs(paths: list[str], text_field: str, advance: Advance) -> Iterator[Doc]:
-    for path in paths:
-        if not path.endswith(LINE_DELIMITED):
-            yield from _text_file_docs([path], _split_key, advance)
-            continue
-        for lineno, record in _jsonl_records(path, advance):
-            text = _string_field(record, text_field, "data.text_field", f"{path}:{lineno}")
-            if text:
-                yield Doc(f"{_split_key(path)}:{lineno}", _pieces(text))
-
-
-def _pairs_docs(paths: list[str], prompt_field: str, completion_field: str, advance: Advance) -> Iterator[Doc]:
-    for path in paths:
-        for lineno, record in _jsonl_records(path, advance):
-            where = f"{path}:{lineno}"
-            for name, setting in ((prompt_field, "data.prompt_field"), (completion_field, "data.completion_field")):
-                if not isinstance(record.get(name), str):
-                    raise UserError(f"{where}: pairs record lacks a string {name!r} (fields: {sorted(record)}); "
-                                    f"each line needs a prompt and a completion, named by {setting}")
-            yield Doc(f"{_split_key(path)}:{lineno}", [(record[prompt_field], False), (record[completion_field], True)])
-
-
 def _tfds_source(spec: SourceSpec, cfg: DataConfig, download: bool) -> Source:
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.registered import DatasetNotFoundError
@@ -295,7 +198,7 @@ def _tfds_source(spec: SourceSpec, cfg: DataConfig, download: bool) -> Source:
                         raise UserError(f"tfds:{spec.arg} feature {feature!r} is not text ({type(text).__name__}); "
                                         "set data.tfds_feature")
                     if text:
-                        yield Doc(f"{split}:{i}", _pieces(text), forced)
+                        yield Doc(f"{split}:{i}", pieces(text), forced)
 
     identity = {"kind": "tfds", "dataset": builder.info.full_name, "data_dir": str(builder.data_dir),
                 "split": cfg.tfds_split, "val_split": cfg.tfds_val_split, "feature": feature}
@@ -322,22 +225,33 @@ def resolve(spec: SourceSpec, cfg: DataConfig, download: bool = True) -> Source:
 
     Without `download` a TFDS dataset that is not prepared here is not downloaded either: a
     pod's other hosts need only its cache key, since host 0 reads the documents."""
+    if spec.kind == "tfds":
+        return _tfds_source(spec, cfg, download)
+    if spec.kind == "hf":
+        identity, reader, units, read, size = hf_source.resolve(spec, cfg, download)
+        if units is not None:
+            read = lambda advance: source_docs(units, reader, advance)
+        return Source(spec, identity, read, size, "doc", cfg.val_fraction, units=units, reader=reader,
+                      pod_shared=hf_source.parse(spec.arg)[2])  # a Hub dataset is downloaded by host 0 only
     if spec.kind == "stdlib":
         paths = stdlib_files()
         root = sysconfig.get_paths()["stdlib"]
         identity = {"kind": "stdlib", "python": sys.version, "files": _files_digest(paths)}
-        read = lambda advance: _text_file_docs(paths, lambda p: os.path.relpath(p, root), advance)
-        return Source(spec, identity, read, _total_bytes(paths), "B", cfg.val_fraction)
-    if spec.kind == "tfds":
-        return _tfds_source(spec, cfg, download)
-    paths = _expand_globs(spec.kind, spec.arg)
-    if spec.kind == "files":
-        identity = {"kind": "files", "files": _files_digest(paths), "text_field": cfg.text_field}
-        read = lambda advance: _files_docs(paths, cfg.text_field, advance)
-        return Source(spec, identity, read, _total_bytes(paths), "B", cfg.val_fraction)
-    identity = {"kind": "pairs", "files": _files_digest(paths), "fields": [cfg.prompt_field, cfg.completion_field]}
-    read = lambda advance: _pairs_docs(paths, cfg.prompt_field, cfg.completion_field, advance)
-    return Source(spec, identity, read, _total_bytes(paths), "B", cfg.val_fraction, has_mask=True)
+        units = [Unit("text", tuple(u.paths), tuple(os.path.relpath(p, root) for p in u.paths), size=u.size, file=i)
+                 for i, u in enumerate(plan_files(paths, "files", cfg.text_field))]
+        reader = Reader("files")
+    else:
+        paths = _expand_globs(spec.kind, spec.arg)
+        units = plan_files(paths, spec.kind, cfg.text_field)
+        reader = Reader(spec.kind, cfg.text_field, cfg.prompt_field, cfg.completion_field)
+        identity = {"kind": spec.kind, "files": _files_digest(paths)}
+        if spec.kind == "files":  # records are named by file stem, so a .parquet and a .jsonl of them split alike
+            identity.update(text_field=cfg.text_field, records="stem:number")
+        else:
+            identity["fields"] = [cfg.prompt_field, cfg.completion_field]
+    read = lambda advance: source_docs(units, reader, advance)
+    return Source(spec, identity, read, _total_bytes(paths), "B", cfg.val_fraction, has_mask=spec.kind == "pairs",
+                  units=units, reader=reader)
 
 
 def is_val(key: str, val_fraction: float) -> bool:

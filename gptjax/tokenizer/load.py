@@ -1,4 +1,5 @@
-"""Reading a saved tokenizer directory (gptjax's, or a Hugging Face GPT-2 one) back."""
+"""Reading a saved tokenizer directory (gptjax's, or a Hugging Face GPT-2 one) back, and a
+tokenizer given by `tokenizer.path` (a tokenizer.json, a directory, or a SentencePiece model)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,35 @@ def describe(tok: Tokenizer) -> str:
     if tok.kind == SentencePieceTokenizer.kind:
         return f"SentencePiece {tok.model_type}, {tok.vocab_size:,} pieces"
     return f"GPT-2 byte-level BPE, {tok.vocab_size:,} ids"
+
+
+def given_exists(path: str) -> bool:
+    """Whether the file or directory `tokenizer.path` names is there."""
+    return storage.exists(path if storage.is_url(path) else os.path.expanduser(path))
+
+
+def load_given(path: str) -> Tokenizer:
+    """The tokenizer `tokenizer.path` names: a Hugging Face tokenizer.json file (GPT-2's, say), a
+    directory holding one (or a gptjax tokenizer), or a SentencePiece .model file trained by gptjax."""
+    path = path if storage.is_url(path) else os.path.expanduser(path)
+    allowed = ("a Hugging Face tokenizer.json (e.g. GPT-2's: hf download openai-community/gpt2 tokenizer.json "
+               "--local-dir data/gpt2), a directory holding one, or a SentencePiece .model file")
+    if not storage.is_url(path) and os.path.isdir(path):
+        return load_tokenizer(path)
+    if not storage.is_file(path):
+        raise UserError(f"tokenizer.path {path!r} does not exist; give {allowed}")
+    if path.endswith(".json"):
+        import tokenizers
+
+        try:
+            tok = tokenizers.Tokenizer.from_str(storage.read_text(path))
+        except Exception as e:  # the tokenizers library raises its own Exception
+            raise UserError(f"tokenizer.path {path!r} is not a Hugging Face tokenizer.json ({' '.join(str(e).split())})"
+                            ) from None
+        if json.loads(tok.to_str())["model"]["type"] != "BPE":
+            raise UserError(f"tokenizer.path {path!r} holds a {json.loads(tok.to_str())['model']['type']} model; "
+                            "gptjax reads byte-level BPE tokenizer.json files (GPT-2's kind)")
+        return GPT2BPETokenizer(tok)
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(storage.read_bytes(path))
+    raise UserError(f"tokenizer.path {path!r}: unknown kind of file; give {allowed}")

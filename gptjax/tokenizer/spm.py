@@ -49,7 +49,7 @@ class SentencePieceTokenizer:
         self._space_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPM_SPACE.encode()]
         if self._sp.unk_id() in self._space_ids:
             raise UserError("SentencePiece model lacks byte-fallback pieces; train it with train_sentencepiece")
-        self._threads = os.cpu_count() or 1
+        self._threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     @functools.cached_property
     def model_type(self) -> str:
