@@ -62,6 +62,19 @@ def tokens(b, t, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, TINY["vocab_size"], (b, t)), jnp.int32)
 
 
+PACKED = jnp.concatenate([tokens(1, 5, seed=1), tokens(1, 7, seed=2)], axis=1)  # two examples in one row
+SEGMENTS = jnp.asarray([[0] * 5 + [1] * 7])
+POSITIONS = jnp.asarray([list(range(5)) + list(range(7))], jnp.int32)  # each example's own positions
+
+
+_loss_and_grads = jax.jit(
+    jax.value_and_grad(
+        lambda p, cfg: GPT(cfg).apply({"params": p}, PACKED, POSITIONS, segment_ids=SEGMENTS).sum()
+    ),
+    static_argnums=1,
+)
+
+
 # ------------------------------------------------------------------------ parameter trees
 
 
@@ -157,18 +170,22 @@ def test_rope_and_grouped_query_attention_match_transformers_llama(n_kv_head):
 
 def test_grouped_query_attention_is_the_same_in_every_implementation(models):
     """xla (grouped einsums), dot_product (jax's native GQA) and splash (kv heads repeated):
-    one packed, padded batch, with rotary positions per example."""
+    a batch with a packed row, rotary positions per example; dot_product's gradients too."""
     cfg, params = models["llama"]
-    b, t = 2, 12
-    ids = tokens(b, t)
-    segments = jnp.asarray([[0] * 5 + [1] * 7, [0] * 12])
-    positions = jnp.asarray([list(range(5)) + list(range(7)), list(range(12))], jnp.int32)
+    t = 12
+    ids = jnp.concatenate([PACKED, tokens(1, t)])
+    segments = jnp.concatenate([SEGMENTS, jnp.zeros((1, t), jnp.int32)])
+    positions = jnp.concatenate([POSITIONS, jnp.arange(t, dtype=jnp.int32)[None]])
     outs = {}
     for impl in ("xla", "dot_product", "splash"):
         c = dataclasses.replace(cfg, attention=impl)
         outs[impl] = np.asarray(_forward(c, params, ids, positions, segments))
     np.testing.assert_allclose(outs["dot_product"], outs["xla"], atol=2e-5, rtol=0)
     np.testing.assert_allclose(outs["splash"], outs["xla"], atol=2e-5, rtol=0)
+    (l0, g0), (l1, g1) = (_loss_and_grads(params, dataclasses.replace(cfg, attention=a)) for a in ("xla", "dot_product"))
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------ KV cache
@@ -225,24 +242,21 @@ def test_decoding_past_the_window_equals_the_full_forward_over_the_cropped_conte
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_packed_rows_scan_layers_and_remat_match_each_example_alone(models, name):
-    """A packed row (segment ids, positions restarting per example) gives each example's own
-    logits; scan_layers + remat give the plain model's logits and gradients."""
+def test_a_packed_row_gives_each_example_its_own_logits(models, name):
     cfg, params = models[name]
-    a, b = tokens(1, 5, seed=1), tokens(1, 7, seed=2)
-    packed = jnp.concatenate([a, b], axis=1)
-    segments = jnp.asarray([[0] * 5 + [1] * 7])
-    positions = jnp.asarray([list(range(5)) + list(range(7))], jnp.int32)
-    got = np.asarray(_forward(cfg, params, packed, positions, segments))
+    got = np.asarray(_forward(cfg, params, PACKED, POSITIONS, SEGMENTS))
     # Each example alone, right-padded to the row (causal: the padding changes nothing before it).
-    alone = np.asarray(_forward(cfg, params, jnp.concatenate([packed, jnp.roll(packed, -5, axis=1)])))
+    alone = np.asarray(_forward(cfg, params, jnp.concatenate([PACKED, jnp.roll(PACKED, -5, axis=1)])))
     np.testing.assert_allclose(got[0], np.concatenate([alone[0, :5], alone[1, :7]]), atol=2e-5, rtol=0)
 
-    scanned = dataclasses.replace(cfg, scan_layers=True, remat=True)
-    loss = lambda c: jax.jit(jax.value_and_grad(
-        lambda p: GPT(c).apply({"params": p}, packed, positions, segment_ids=segments).sum()
-    ))
-    (l0, g0), (l1, g1) = loss(cfg)(params), loss(scanned)(params)
+
+@pytest.mark.parametrize("name, variant", [
+    ("llama", dict(remat=True)), ("llama", dict(scan_layers=True, remat=True)), ("nano", dict(scan_layers=True)),
+])
+def test_remat_and_scan_layers_give_the_plain_loss_and_gradients(models, name, variant):
+    """Over a packed row with segment ids and per-example positions."""
+    cfg, params = models[name]
+    (l0, g0), (l1, g1) = (_loss_and_grads(params, c) for c in (cfg, dataclasses.replace(cfg, **variant)))
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
         np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
