@@ -221,6 +221,8 @@ _CONVERT = "tests/test_hf.py::test_cli_import_then_export"
 _BENCH_TABLE = "tests/test_bench_tools.py::test_bench_quick_prints_the_table"
 _AOT_CLI = "tests/test_aot.py::test_oversized_batch_is_reported_with_the_micro_batch_that_fits"
 _SPLASH = "tests/test_kernels.py::test_splash_train_step_compiles_for_v5e_2x2_with_the_kernel"
+_COMPARE = ("tests/test_compare_recipes.py::"
+            "test_the_tool_trains_the_modern_recipe_against_a_gpt2_run_and_writes_table_plot_summary")
 
 COVERED: dict[str, str] = {
     # README.md
@@ -253,6 +255,10 @@ COVERED: dict[str, str] = {
     'python -m gptjax.sample --workdir runs/default --prompt "def " --max_new_tokens 100':
         "tests/test_sample_cli.py::test_a_second_cli_run_loads_the_sampler_without_compiling",
     "python tools/compare_trainer.py": "tests/test_sft.py::test_same_completion_losses_as_transformers_trainer",
+    # docs/recipes.md
+    "python tools/compare_recipes.py --workdir runs/compare_default --png docs/recipes_default.png": _COMPARE,
+    "python tools/compare_recipes.py --corpus input.txt --workdir runs/compare_text --png docs/recipes_text.png":
+        _COMPARE,
     # docs/reliability.md
     "python tools/fault_inject.py --trials 20":
         "tests/test_fault_inject.py::test_killed_runs_end_with_bitwise_identical_checkpoints",
