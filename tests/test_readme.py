@@ -223,6 +223,8 @@ _AOT_CLI = "tests/test_aot.py::test_oversized_batch_is_reported_with_the_micro_b
 _SPLASH = "tests/test_kernels.py::test_splash_train_step_compiles_for_v5e_2x2_with_the_kernel"
 _EVAL_OWN = "tests/test_eval.py::test_the_runs_own_source_gives_the_val_loss_training_logged"
 _EVAL_TASKS = "tests/test_eval_train.py::test_eval_tasks_are_logged_per_task_and_resume_with_the_same_values"
+_COMPARE = ("tests/test_compare_recipes.py::"
+            "test_the_tool_trains_the_modern_recipe_against_a_gpt2_run_and_writes_table_plot_summary")
 
 COVERED: dict[str, str] = {
     # README.md
@@ -267,6 +269,10 @@ COVERED: dict[str, str] = {
     "python tools/bench_prepare.py": "tests/test_bench_prepare.py::test_bench_prepare_prints_rates_speedup_and_projection",
     "python tools/bench_prepare.py --mb 16 --repeats 1":
         "tests/test_bench_prepare.py::test_bench_prepare_prints_rates_speedup_and_projection",
+    # docs/recipes.md
+    "python tools/compare_recipes.py --workdir runs/compare_default --png docs/recipes_default.png": _COMPARE,
+    "python tools/compare_recipes.py --corpus input.txt --workdir runs/compare_text --png docs/recipes_text.png":
+        _COMPARE,
     # docs/reliability.md
     "python tools/fault_inject.py --trials 20":
         "tests/test_fault_inject.py::test_killed_runs_end_with_bitwise_identical_checkpoints",
