@@ -245,8 +245,10 @@ def resolve(spec: SourceSpec, cfg: DataConfig, download: bool = True) -> Source:
         units = plan_files(paths, spec.kind, cfg.text_field)
         reader = Reader(spec.kind, cfg.text_field, cfg.prompt_field, cfg.completion_field)
         identity = {"kind": spec.kind, "files": _files_digest(paths)}
-        if spec.kind == "files":  # records are named by file stem, so a .parquet and a .jsonl of them split alike
-            identity.update(text_field=cfg.text_field, records="stem:number")
+        if spec.kind == "files":
+            identity["text_field"] = cfg.text_field
+            if any(u.format != "text" for u in units):  # records are named by file stem (units.py): a new key
+                identity["records"] = "stem:number"
         else:
             identity["fields"] = [cfg.prompt_field, cfg.completion_field]
     read = lambda advance: source_docs(units, reader, advance)
