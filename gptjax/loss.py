@@ -90,6 +90,7 @@ def _head_ce(
     vocab = embedding_VxC.shape[0]
     n = _seq_chunks(b, t, vocab)
     w_VxC = embedding_VxC.astype(hidden_BxTxC.dtype)
+    on_cpu = trace_platform() == "cpu"
     real_1x1xV = None if valid is None or valid >= vocab else (jnp.arange(vocab) < valid)[None, None]
 
     def chunk(h_BxSxC: jax.Array, tg_BxS: jax.Array, wt_BxS: jax.Array) -> Any:
@@ -103,11 +104,15 @@ def _head_ce(
         top_BxSx1 = logits_BxSxV.max(axis=-1, keepdims=True)
         e_BxSxV = jnp.exp(logits_BxSxV - top_BxSx1)  # one exp pass serves the loss and its gradient
         total_BxS = e_BxSxV.sum(axis=-1)
-        # The target's logit from its own table row, not picked out of the logits: a gather of
-        # [B, S, C] rows instead of another pass over the [B, S, V] chunk in HBM.
-        target_BxS = jnp.einsum("bsc,bsc->bs", h_BxSxC.astype(jnp.float32), w_VxC[tg_BxS].astype(jnp.float32))
-        if softcap:
-            target_BxS = softcap * jnp.tanh(target_BxS / softcap)
+        if on_cpu:
+            target_BxS = jnp.take_along_axis(logits_BxSxV, tg_BxS[..., None], axis=-1)[..., 0]
+        else:
+            # The target's logit from its own table row, not picked out of the logits: a gather of
+            # [B, S, C] rows instead of another pass over the [B, S, V] chunk in HBM. (On a CPU the
+            # logits are at hand in cache, and picking keeps the reference's arithmetic.)
+            target_BxS = jnp.einsum("bsc,bsc->bs", h_BxSxC.astype(jnp.float32), w_VxC[tg_BxS].astype(jnp.float32))
+            if softcap:
+                target_BxS = softcap * jnp.tanh(target_BxS / softcap)
         losses_BxS = jnp.log(total_BxS) + top_BxSx1[..., 0] - target_BxS
         if not grads:
             return losses_BxS, None, None
