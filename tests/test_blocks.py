@@ -275,7 +275,7 @@ def test_soft_capped_chunked_loss_and_gradient_equal_autodiff(models):
         return cross_entropy(soft_cap(jnp.einsum("btc,vc->btv", h, w), cfg.logit_softcap), targets, weights)[0]
 
     def chunked(h, w):
-        return head_cross_entropy(h, w, targets, weights, cfg.logit_softcap)[0]
+        return head_cross_entropy(h, w, targets, weights, softcap=cfg.logit_softcap)[0]
 
     (l0, g0), (l1, g1) = (jax.value_and_grad(f, argnums=(0, 1))(hidden, table) for f in (reference, chunked))
     assert not np.isclose(l0, head_cross_entropy(hidden, table, targets, weights)[0])  # the cap matters
