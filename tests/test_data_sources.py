@@ -68,13 +68,13 @@ def _write_parquet(path, rows: list[str], row_group_size: int = 7) -> None:
 
 
 @pytest.mark.parametrize("name, content, what", [
-    ("docs.jsonl.gz", gzip.compress(b'{"text": "hi"}\n'), "gzip-compressed"),
-    ("docs.txt", gzip.compress(b"hello\n"), "gzip-compressed"),  # the content decides, not only the name
+    ("docs.jsonl.gz", gzip.compress(b'{"text": "hi"}\n', mtime=0), "gzip-compressed"),
+    ("docs.txt", gzip.compress(b"hello\n", mtime=0), "gzip-compressed"),  # the content decides, not only the name
     ("weights.dat", b"\x00\x01\x02binary", "binary"),
     ("latin1.txt", "café\n".encode("latin-1") * 3, "not UTF-8 text"),
     ("table.parquet", b"id,text\n1,hello\n", "not a Parquet file"),
     ("data.arrow", b"ARROW1\x00\x00", "an Arrow file"),
-])
+], ids=["gzip-jsonl", "gzip-as-txt", "binary", "latin1", "fake-parquet", "arrow"])
 def test_a_file_gptjax_does_not_read_is_one_line_before_any_tokenizer_is_trained(tmp_path, monkeypatch, name,
                                                                                   content, what):
     (tmp_path / "in").mkdir()
