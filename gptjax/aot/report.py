@@ -92,7 +92,7 @@ def _rows(chip: Chip, n_devices: int = 1) -> list[tuple[str, Cell]]:
         ("HLO FLOPs per chip", _if_counted(lambda c: f"{c.hlo_flops:.3g}")),
         ("model FLOPs per chip (6N + attention)", lambda c: f"{c.model_flops:.3g}"),
         ("HLO HBM bytes per chip", _if_counted(lambda c: _bytes(c.hbm_bytes))),
-        ("HBM bytes per token per chip", _if_counted(lambda c: f"{c.hbm_bytes / per_chip_tokens(c) / 1e6:.2f} MB")),
+        ("HBM bytes per token per chip", _if_counted(lambda c: f"{c.hbm_bytes / per_chip_tokens(c) / 1e6:.3g} MB")),
         ("ICI bytes per chip (collectives)", _if_counted(lambda c: _bytes(c.ici_bytes))),
         ("compute / HBM / ICI time", _if_counted(lambda c: _times(c, chip))),
         ("roofline time per call", _if_counted(lambda c: f"{_seconds(roofline(c, chip).seconds)} ({roofline(c, chip).bound}-bound)")),
