@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from gptjax.model.platform import trace_platform
 
 LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes at once on a CPU
-# ... on a TPU or GPU. Each chunk reads the whole (all-gathered) table twice and reads and
-# writes its fp32 gradient accumulator once: 460 MB for GPT-2's 50,304 x 768, which a chunk of
-# 256 tokens (64 MiB on a v5e:2x2 micro-batch of 16 rows per chip) pays at 1.8 MB of HBM
-# traffic per token and one of 4,096 tokens (1 GiB) at 0.11 MB.
+# ... on a TPU or GPU. Each chunk reads the whole (all-gathered) bf16 table twice and reads and
+# writes its fp32 gradient accumulator once: about 230 MB per chip for GPT-2's 50,304 x 768
+# over fsdp=4, which a chunk of 256 tokens (64 MiB at 16 rows per chip) pays at 0.9 MB of HBM
+# traffic per token and one of 4,096 tokens (1 GiB) at 0.06 MB.
 ACCELERATOR_LOGITS_CHUNK_BYTES = 2**30
 
 
