@@ -196,10 +196,7 @@ def format_param_table(params: Any, optimizer: Optimizer) -> str:
 
 def _param_rows(cfg: OptimConfig, paths: list[str], shapes: list[tuple[int, ...]]) -> list[ParamRow]:
     """Decide each parameter's label, multiplier, weight decay and trainability."""
-    # The default patterns name GPT-2's parameters; a model without some of them (no biases,
-    # rotary positions: `gptjax.model.config.GPTConfig`) is not an error.
-    default = {f.name: f.default for f in dataclasses.fields(OptimConfig)}["no_decay"]
-    no_decay = _matches(paths, "no_decay", _split(cfg.no_decay), optional=set(_split(default)))
+    no_decay = _matches(paths, "no_decay", _split(cfg.no_decay))
     n_layer = _n_layer(paths)
 
     trainable = [True] * len(paths)
@@ -282,9 +279,8 @@ def _parse_rules(text: str) -> list[tuple[str, float]]:
     return rules
 
 
-def _matches(paths: list[str], field: str, patterns: list[str], optional: set[str] = frozenset()) -> list[bool]:
-    """Which paths any of `patterns` selects; a pattern that selects nothing is an error, unless
-    it is one of `optional`."""
+def _matches(paths: list[str], field: str, patterns: list[str]) -> list[bool]:
+    """Which paths any of `patterns` selects; a pattern that selects nothing is an error."""
     hits = [False] * len(paths)
     for pattern in patterns:
         regex = _compile(field, pattern)
@@ -293,7 +289,7 @@ def _matches(paths: list[str], field: str, patterns: list[str], optional: set[st
             parts = path.split("/")
             if any(regex.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
                 hits[i] = found = True
-        if not found and pattern not in optional:
+        if not found:
             examples = ", ".join(_examples(paths))
             raise UserError(
                 f"optim.{field} pattern {pattern!r} matches no parameter; parameter paths look like "

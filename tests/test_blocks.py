@@ -275,7 +275,7 @@ def test_soft_capped_chunked_loss_and_gradient_equal_autodiff(models):
         return cross_entropy(soft_cap(jnp.einsum("btc,vc->btv", h, w), cfg.logit_softcap), targets, weights)[0]
 
     def chunked(h, w):
-        return head_cross_entropy(h, w, targets, weights, cfg.logit_softcap)[0]
+        return head_cross_entropy(h, w, targets, weights, softcap=cfg.logit_softcap)[0]
 
     (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hidden, table) for f in (reference, chunked))
     assert not np.isclose(l0, head_cross_entropy(hidden, table, targets, weights)[0])  # the cap matters
@@ -322,4 +322,4 @@ def test_the_default_optimizer_takes_a_model_without_biases_or_position_table():
     assert not rows["h_0/attn/ln_q/scale"] and not rows["ln_f/scale"] and not rows["wte/embedding"]
     assert rows["h_0/attn/q_proj/kernel"] and rows["lm_head/kernel"]
     with pytest.raises(UserError, match="'c_attn/\\*' matches no parameter"):
-        optim.make_optimizer(OptimConfig(no_decay="*bias,c_attn/*"), params, 100)
+        optim.make_optimizer(OptimConfig(no_decay="c_attn/*"), params, 100)
