@@ -277,12 +277,12 @@ def test_soft_capped_chunked_loss_and_gradient_equal_autodiff(models):
     def chunked(h, w):
         return head_cross_entropy(h, w, targets, weights, softcap=cfg.logit_softcap)[0]
 
-    (l0, g0), (l1, g1) = (jax.value_and_grad(f, argnums=(0, 1))(hidden, table) for f in (reference, chunked))
+    (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hidden, table) for f in (reference, chunked))
     assert not np.isclose(l0, head_cross_entropy(hidden, table, targets, weights)[0])  # the cap matters
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     for x, y in zip(g1, g0):
         np.testing.assert_allclose(x, y, atol=1e-5)
-    logits = _forward(cfg, params, tokens(1, 8))
+    logits = _forward(cfg, params, tokens(2, 12))
     assert float(jnp.abs(logits).max()) < cfg.logit_softcap
 
 
@@ -306,3 +306,20 @@ def test_every_option_shards_over_a_tensor_and_fsdp_mesh(models):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         got = jax.jit(lambda p, t: GPT(cfg).apply({"params": p}, t))(placed, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(_forward(cfg, params, ids)), atol=2e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------ optimizer defaults
+
+
+def test_the_default_optimizer_takes_a_model_without_biases_or_position_table():
+    """The default no_decay patterns ("*bias", "wpe/*", ...) may match nothing; the norms (QK-norm's
+    too) stay out of weight decay; a pattern outside the defaults that matches nothing is still refused."""
+    from gptjax import optim
+    from gptjax.schema import OptimConfig
+
+    params = jax.eval_shape(lambda: init_params(LLAMA, jax.random.PRNGKey(0)))
+    rows = {r.path: r.weight_decay for r in optim.make_optimizer(OptimConfig(), params, 100).describe()}
+    assert not rows["h_0/attn/ln_q/scale"] and not rows["ln_f/scale"] and not rows["wte/embedding"]
+    assert rows["h_0/attn/q_proj/kernel"] and rows["lm_head/kernel"]
+    with pytest.raises(UserError, match="'c_attn/\\*' matches no parameter"):
+        optim.make_optimizer(OptimConfig(no_decay="c_attn/*"), params, 100)
