@@ -64,13 +64,13 @@ def test_eval_tasks_are_logged_per_task_and_resume_with_the_same_values(trained_
         for k in keys:
             tag = re.sub(r"[^-/\w\.]", "_", k)  # tensorboardX's legal tag characters
             assert events[(tag, step)] == pytest.approx(r[k], rel=1e-6)
-    # The uninterrupted shared run's checkpoints, scored on the same tasks, give the same values.
+    # The uninterrupted shared run's last checkpoint, scored on the same tasks, gives what the
+    # resumed run logged at that step.
     other = trained_run.copy(tmp_path / "straight")  # scoring another source caches it in the workdir
-    for step in (10, 20):
-        m = cli.evaluate_run(os.path.join(other, "checkpoints", str(step)), source=source, hellaswag=hs)
-        assert logged[step]["eval/hs/acc"] == m["acc"] and logged[step]["eval/hs/acc_norm"] == m["acc_norm"]
-        assert logged[step]["eval/files:*.txt/loss"] == pytest.approx(m["val_loss"], rel=1e-5)
-        assert logged[step]["eval/files:*.txt/bpb"] == pytest.approx(m["val_bpb"], rel=1e-5)
+    m = cli.evaluate_run(os.path.join(other, "checkpoints", "20"), source=source, hellaswag=hs)
+    assert logged[20]["eval/hs/acc"] == m["acc"] and logged[20]["eval/hs/acc_norm"] == m["acc_norm"]
+    assert logged[20]["eval/files:*.txt/loss"] == pytest.approx(m["val_loss"], rel=1e-5)
+    assert logged[20]["eval/files:*.txt/bpb"] == pytest.approx(m["val_bpb"], rel=1e-5)
     assert logged[20]["eval/files:*.txt/loss"] < logged[10]["eval/files:*.txt/loss"]
 
 
