@@ -156,7 +156,8 @@ def test_gptjax_eval_bits_per_byte_agrees_with_the_rolling_task(setup: dict, res
 
 
 def test_cli_registers_the_model(setup: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """`python -m gptjax.lm_eval` is lm-eval's command with "gptjax" known; a missing workdir is one line, status 2.
+    """`python -m gptjax.lm_eval` is lm-eval's command with "gptjax" known; a missing workdir or an
+    unknown model argument is one line, status 2.
 
     lm-eval's command indexes its thousands of built-in tasks first (tens of seconds here): the
     test shows it only the local ones.
@@ -172,8 +173,9 @@ def test_cli_registers_the_model(setup: dict, monkeypatch: pytest.MonkeyPatch, c
     main([*args, "--model_args", f"workdir={setup['workdir']}"])
     out = capsys.readouterr().out
     assert "tiny_mc" in out and "acc_norm" in out
-    with pytest.raises(SystemExit) as e:
-        main([*args, "--model_args", "seed=1"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and "workdir=" in err[-1]
+    for model_args, message in (("seed=1", "workdir="), (f"workdir={setup['workdir']},temprature=0", "temprature")):
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--model_args", model_args])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1]
