@@ -41,6 +41,7 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for tasks that name none
 GENERATE_CHUNK = 32  # decode steps between checks for the stop strings
 AUTO_LOGITS_BYTES = 2**30  # batch_size=auto: the most fp32 logits one forward pass makes
 AUTO_MAX_ROWS = 64
+LM_EVAL_EXTRAS = ("max_batch_size", "device")  # what lm-eval's command passes every model; unused here
 
 
 def _batch_size(value: Any, cfg: GPTConfig) -> int:
@@ -61,10 +62,14 @@ class GptjaxLM(TemplateLM):
     """A gptjax run for lm-eval (see the module docstring for its arguments)."""
 
     def __init__(self, workdir: str | None = None, batch_size: Any = None, data: int | None = None,
-                 fsdp: int | None = None, tensor: int | None = None, seed: int = 0, **ignored: Any):
+                 fsdp: int | None = None, tensor: int | None = None, seed: int = 0, **unknown: Any):
         super().__init__()
         from gptjax.sampling.api import load
 
+        unknown = {k: v for k, v in unknown.items() if k not in LM_EVAL_EXTRAS}
+        if unknown:
+            raise UserError(f"unknown gptjax model argument(s) {sorted(unknown)}; allowed: workdir, batch_size, "
+                            "data, fsdp, tensor, seed")
         if not workdir:
             raise UserError("give the run: --model_args workdir=<run directory or checkpoint>")
         mesh = None
