@@ -290,6 +290,14 @@ COVERED: dict[str, str] = {
         "tests/test_aot.py::test_layer_costs_give_a_scanned_step_the_unrolled_steps_flops_and_bytes",
     "python -m gptjax.aot --config configs/gpt2_medium.py --topology v5e:4x8 --programs train"
     " --config.model.attention=splash": _SPLASH,
+    # docs/tpu.md: the recipes as configured (issue 22's table)
+    "python -m gptjax.aot --config configs/gpt2_124m.py --topology v5e:2x2 --programs train --top_ops 12": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_124m.py --topology v6e:2x2 --programs train --top_ops 12": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_124m.py --topology v5e:4x4 --programs train": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_124m.py --topology v5p:2x2x1 --programs train": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_medium.py --topology v5e:1x1 --programs train": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_large.py --topology v5e:2x2 --programs train": _AOT_CLI,
+    "python -m gptjax.aot --config configs/gpt2_xl.py --topology v5p:2x2x1 --programs train": _AOT_CLI,
     "python -m gptjax.aot --config configs/gpt2_xl.py --topology v5e:4x8 --programs train --no_search --layer_costs"
     " --config.model.attention=splash": _SPLASH,
     # README.md and docs/evaluation.md
