@@ -307,3 +307,19 @@ def test_every_option_shards_over_a_tensor_and_fsdp_mesh(models):
         got = jax.jit(lambda p, t: GPT(cfg).apply({"params": p}, t))(placed, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(_forward(cfg, params, ids)), atol=2e-5, rtol=0)
 
+
+# ------------------------------------------------------------------------ optimizer defaults
+
+
+def test_the_default_optimizer_takes_a_model_without_biases_or_position_table():
+    """The default no_decay patterns ("*bias", "wpe/*", ...) may match nothing; the norms (QK-norm's
+    too) stay out of weight decay; a pattern outside the defaults that matches nothing is still refused."""
+    from gptjax import optim
+    from gptjax.schema import OptimConfig
+
+    params = jax.eval_shape(lambda: init_params(LLAMA, jax.random.PRNGKey(0)))
+    rows = {r.path: r.weight_decay for r in optim.make_optimizer(OptimConfig(), params, 100).describe()}
+    assert not rows["h_0/attn/ln_q/scale"] and not rows["ln_f/scale"] and not rows["wte/embedding"]
+    assert rows["h_0/attn/q_proj/kernel"] and rows["lm_head/kernel"]
+    with pytest.raises(UserError, match="'c_attn/\\*' matches no parameter"):
+        optim.make_optimizer(OptimConfig(no_decay="c_attn/*"), params, 100)
