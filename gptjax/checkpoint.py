@@ -26,6 +26,7 @@ config of the run (see `gptjax.run`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import posixpath
 from typing import Any, Callable, Iterator
@@ -37,6 +38,7 @@ from gptjax import storage
 from gptjax.config import to_json
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
+from gptjax.model.config import GPTConfig
 from gptjax.runtime import log
 
 ITEMS = ("params", "opt_state", "data")
@@ -206,7 +208,15 @@ def restore_params(run_dir: RunDir, step: int | None, device: jax.Device | None 
         manager.close()
 
 
+# The model fields that fix the parameter tree (names and shapes).
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "n_mlp", "block_size",
+                "position", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "bias")
+
+
 def model_shape(model: Any) -> dict[str, Any]:
-    """The fields of a model config (a GPTConfig or config.model) that fix parameter shapes."""
-    keys = ("vocab_size", "n_layer", "n_head", "n_embd", "n_mlp", "block_size")
-    return {k: (model[k] if hasattr(model, "keys") else getattr(model, k)) for k in keys}
+    """The fields of a model config (a GPTConfig or config.model) that fix parameter shapes; a
+    saved config without one of them (a run from before it existed) has its default."""
+    if not hasattr(model, "keys"):
+        return {k: getattr(model, k) for k in SHAPE_FIELDS}
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    return {k: model[k] if k in model else defaults[k] for k in SHAPE_FIELDS}

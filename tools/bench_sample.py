@@ -3,6 +3,7 @@
     python tools/bench_sample.py                      # default model and GPT-2 124M, batch 1/8/32
     python tools/bench_sample.py --shapes 124m --batches 1 --repeats 5
     python tools/bench_sample.py --shapes default --new 512 --no_hf   # past the 128-token window
+    python tools/bench_sample.py --shapes 124m --batches 1,8 --kv_heads 0,4,1 --no_hf  # grouped-query
 
 For each model shape (random weights) and batch size it measures, in the same run:
 
@@ -19,12 +20,18 @@ For each model shape (random weights) and batch size it measures, in the same ru
 With --new past the window (prompt + new > block_size) the decoder crops and re-prefills
 (see `gptjax.sampling.decode`); the bound then counts the context the cropping rule gives.
 
+--kv_heads runs each shape again with that many key/value heads (`model.n_kv_head`; 0 is the
+shape's own, all heads), rows named `shape/kvN`: the KV cache holds only those heads, and the
+last column, the mean KV cache bytes a decode step reads, falls with them. transformers'
+GPT-2 has no grouped-query attention, so those rows have no HF columns.
+
 Every figure is the median of --repeats runs after a warm-up; it prints a table with ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -80,11 +87,16 @@ def mean_context(cfg: GPTConfig, prompt: int, new: int) -> float:
     return total / new
 
 
+def kv_bytes(cfg: GPTConfig, batch: int, prompt: int, new: int) -> float:
+    """The KV cache bytes a decode step reads on average: keys and values of the context, kv heads only."""
+    itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+    return batch * cfg.n_layer * 2 * mean_context(cfg, prompt, new) * cfg.kv_heads * cfg.head_dim * itemsize
+
+
 def step_bytes(cfg: GPTConfig, batch: int, prompt: int, new: int) -> float:
     """Bytes a decode step must read: all weights but the position table, plus the average KV context."""
-    weights = (cfg.num_params() - cfg.block_size * cfg.n_embd) * 4
-    kv = batch * cfg.n_layer * 2 * mean_context(cfg, prompt, new) * cfg.n_embd * 4
-    return weights + kv
+    table = cfg.block_size * cfg.n_embd if cfg.position == "learned" else 0
+    return (cfg.num_params() - table) * 4 + kv_bytes(cfg, batch, prompt, new)
 
 
 def hf_model(cfg: GPTConfig, params):
@@ -172,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=0, help="new tokens per row (default: the shape's, 64)")
     ap.add_argument("--no_hf", action="store_true", help="skip the transformers reference")
+    ap.add_argument("--kv_heads", default="0", help="comma-separated model.n_kv_head values (0: all heads)")
     args = ap.parse_args(argv)
 
     import torch
@@ -181,15 +194,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores; torch {torch.__version__}; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}")
     print(f"sampling: temperature 1.0, top_k {args.top_k}, top_p {args.top_p}; random weights; median of {args.repeats}")
-    header = (f"{'shape':8} {'batch':>5} {'prompt':>6} {'new':>4} | {'ours tok/s':>10} {'ttft ms':>8} {'compile s':>9} | "
-              f"{'HF tok/s':>9} {'HF ttft':>8} {'x HF':>6} | {'bound tok/s':>11} {'% bound':>7}")
+    header = (f"{'shape':11} {'batch':>5} {'prompt':>6} {'new':>4} | {'ours tok/s':>10} {'ttft ms':>8} {'compile s':>9} | "
+              f"{'HF tok/s':>9} {'HF ttft':>8} {'x HF':>6} | {'bound tok/s':>11} {'% bound':>7} | {'KV MB/step':>10}")
     print(header)
     print("-" * len(header))
-    for name in args.shapes.split(","):
+    runs = [(name, int(kv)) for name in args.shapes.split(",") for kv in args.kv_heads.split(",")]
+    for name, kv_heads in runs:
         spec = SHAPES[name]
         cfg, prompt, new = spec["cfg"], spec["prompt"], args.new or spec["new"]
+        if kv_heads:
+            cfg = dataclasses.replace(cfg, n_kv_head=kv_heads)
+            name = f"{name}/kv{kv_heads}"
         params = init_params(cfg, jax.random.PRNGKey(0))
-        hf = None if args.no_hf else hf_model(cfg, params)
+        hf = None if args.no_hf or kv_heads else hf_model(cfg, params)
         for batch in [int(b) for b in args.batches.split(",")]:
             prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, prompt))
             ours, ttft, compile_s = bench_ours(cfg, params, prompts, new, args.top_k, args.top_p, args.repeats)
@@ -199,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
                 hf_cols = f"{hf_tps:9.1f} {hf_ttft * 1e3:8.1f} {ours / hf_tps:6.2f}"
             else:
                 hf_cols = f"{'-':>9} {'-':>8} {'-':>6}"
-            print(f"{name:8} {batch:5d} {prompt:6d} {new:4d} | {ours:10.1f} {ttft * 1e3:8.1f} {compile_s:9.2f} | "
-                  f"{hf_cols} | {bound:11.1f} {100 * ours / bound:6.0f}%", flush=True)
+            print(f"{name:11} {batch:5d} {prompt:6d} {new:4d} | {ours:10.1f} {ttft * 1e3:8.1f} {compile_s:9.2f} | "
+                  f"{hf_cols} | {bound:11.1f} {100 * ours / bound:6.0f}% | "
+                  f"{kv_bytes(cfg, batch, prompt, new) / 1e6:10.2f}", flush=True)
 
 
 if __name__ == "__main__":
