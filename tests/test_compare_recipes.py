@@ -45,12 +45,15 @@ def test_curves_leave_out_the_compilation_and_find_the_first_evaluation_at_the_t
         {"step": 10, "loss": 3.0, "tokens_per_s": 100.0}, {"step": 10, "val_loss": 1.6},
         {"step": 20, "loss": 2.0, "tokens_per_s": 100.0}, {"step": 20, "val_loss": 1.5},
         {"step": 30, "loss": 1.0, "tokens_per_s": 100.0}, {"step": 30, "val_loss": 1.2},
+        {"step": 40, "loss": 1.0, "tokens_per_s": 2.0}, {"step": 40, "val_loss": 1.1},  # resumed: compiled again
     ])
     curves = {name: tool.curve(str(tmp_path / name), config) for name in ("gpt2", "modern")}
     g = curves["gpt2"]
     assert g["step_s"] == pytest.approx(0.3)  # the median of 0.1 and 0.3 s per step (upper middle)
     assert g["train_s"] == pytest.approx([3.0, 4.0, 7.0])  # the first window counted at the median
-    assert g["compile_first_s"] == pytest.approx(97.0)
+    assert g["compile_s"] == pytest.approx(97.0)
+    m = curves["modern"]
+    assert m["train_s"] == pytest.approx([1.0, 2.0, 3.0, 4.0]) and m["compile_s"] == pytest.approx(49.0)
     result = tool.compare(curves)
     assert result["target_val_loss"] == 1.5 and result["modern_steps_to_target"] == 20  # 1.5 <= 1.5, not 1.6
     assert result["step_ratio"] == pytest.approx(20 / 30) and result["time_ratio"] == pytest.approx(2.0 / 7.0)

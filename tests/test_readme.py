@@ -273,6 +273,7 @@ COVERED: dict[str, str] = {
     "python tools/compare_recipes.py --workdir runs/compare_default --png docs/recipes_default.png": _COMPARE,
     "python tools/compare_recipes.py --corpus input.txt --workdir runs/compare_text --png docs/recipes_text.png":
         _COMPARE,
+    "python -m gptjax.aot --config configs/modern_124m.py --topology v5e:2x2 --programs train": _AOT_CLI,
     # docs/reliability.md
     "python tools/fault_inject.py --trials 20":
         "tests/test_fault_inject.py::test_killed_runs_end_with_bitwise_identical_checkpoints",
