@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from gptjax import aot
+from gptjax import aot, loss
 from gptjax import config as config_lib
 from gptjax.aot import topology as topology_lib
 from gptjax.aot.report import outcome
@@ -217,13 +217,16 @@ def test_layer_costs_give_a_scanned_step_the_unrolled_steps_flops_and_bytes():
 def test_eval_step_holds_no_full_logits():
     """A narrow model with GPT-2's vocabulary, where an eval batch's [rows, seq, vocab] fp32
     logits would dwarf everything else: the eval step's whole footprint on v5e:2x2 is a small
-    part of them (the head is applied a sequence chunk at a time)."""
+    part of them (the head is applied a sequence chunk at a time; here with chunks of 64 MiB of
+    logits per chip, where an accelerator's default budget, 1 GiB, would hold them all)."""
     rows, seq, vocab = 16, 1024, 50257
     overrides = [("model.vocab_size", str(vocab)), ("model.n_layer", "1"), ("model.n_embd", "64"), ("model.n_head", "4"),
                  ("model.block_size", str(seq)), ("train.seq_len", str(seq)), ("train.batch_size", str(rows))]
     config = config_lib.base_config()
     config_lib.apply_overrides(config, overrides)
-    (evaluation,) = aot.check(config, "v5e:2x2", programs=("eval",)).columns
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loss, "ACCELERATOR_LOGITS_CHUNK_BYTES", 64 * 2**20)
+        (evaluation,) = aot.check(config, "v5e:2x2", programs=("eval",)).columns
     logits_per_chip = rows * seq * vocab * 4 / 4
     assert evaluation.compiled.flops > 0 and evaluation.compiled.total < logits_per_chip / 4
 

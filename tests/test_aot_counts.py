@@ -26,7 +26,8 @@ from gptjax.chips import TPUS
 needs_libtpu = pytest.mark.skipif(not aot.libtpu_installed(), reason='libtpu is not installed (pip install -e ".[tpu]")')
 
 LAYERS, EMBD, HEADS, SEQ, BATCH, ACCUM = 2, 64, 4, 128, 16, 2
-CHUNK_BYTES = 512 * 1024  # the head's fp32 logits of a micro-batch (8 x 128 x 256) are 1 MiB: 2 chunks
+# A chip's fp32 logits of a micro-batch (8 rows over fsdp=4: 2 x 128 x 256) are 256 KiB: 2 chunks.
+CHUNK_BYTES = 128 * 1024
 
 
 def _check(**model: str) -> aot.Report:
@@ -37,7 +38,7 @@ def _check(**model: str) -> aot.Report:
     config = config_lib.base_config()
     config_lib.apply_overrides(config, overrides)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loss, "LOGITS_CHUNK_BYTES", CHUNK_BYTES)
+        mp.setattr(loss, "ACCELERATOR_LOGITS_CHUNK_BYTES", CHUNK_BYTES)  # compiled for a TPU
         return aot.check(config, "v5e:2x2", programs=("train",), search=False)
 
 

@@ -310,6 +310,8 @@ COVERED: dict[str, str] = {
     "python -m gptjax.train --config configs/gpt2_124m.py --config.eval.max_items=2000": _EVAL_TASKS,
     'python -m gptjax.eval --workdir runs/default --source "files:wiki.test.txt" --rolling':
         "tests/test_eval.py::test_rolling_scores_each_document_whole_from_end_of_text",
+    # docs/lm_eval.md
+    "python -m gptjax.eval --rolling": "tests/test_lm_eval.py::test_gptjax_eval_bits_per_byte_agrees_with_the_rolling_task",
     "python -m gptjax.plot runs/a runs/b -o curves.png":
         "tests/test_eval_plot.py::test_plot_writes_a_png_of_every_run_and_metric",
 }
