@@ -191,6 +191,17 @@ def run_bench_sample(command: str, scratch: Scratch) -> None:
         scratch.done.add(shortened)
 
 
+def run_bench_kv_heads(command: str, scratch: Scratch) -> None:
+    """The sampling benchmark with fewer key/value heads, on the default shape (4 heads), batch 1,
+    once: a row per KV-head count, whose KV cache bytes per step fall with the heads."""
+    shortened = re.sub(r"--shapes \S+", "--shapes default", command)
+    shortened = re.sub(r"--batches \S+", "--batches 1", shortened) + " --repeats 1"
+    r = ok(shell(shortened, ROOT), shortened)
+    kv_mb = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(default\S*) +1 +16 +64 \|.*\| +([\d.]+) *$", r.out, re.M)}
+    assert {"default", "default/kv1"} <= set(kv_mb), r.out[-2000:]
+    assert kv_mb["default/kv1"] == pytest.approx(kv_mb["default"] / 4, abs=0.006), kv_mb  # printed to 0.01 MB
+
+
 def run_guard_ab(command: str, scratch: Scratch) -> None:
     """The divergence guard's A/B on the benchmark's smoke-test shape."""
     r = ok(shell(command + " --quick", ROOT), command)
@@ -213,6 +224,7 @@ RUN: dict[str, Callable[[str, Scratch], None]] = {
     "python tools/bench_sample.py --shapes default,124m --batches 1,8": run_bench_sample,
     "python tools/bench_sample.py --shapes 124m --batches 1,8": run_bench_sample,
     "python tools/bench_train.py --shapes default --guard_ab": run_guard_ab,
+    "python tools/bench_sample.py --shapes 124m --batches 1,8 --kv_heads 0,4,1 --no_hf": run_bench_kv_heads,
 }
 
 _SAMPLE_CLI = "tests/test_sample_cli.py::test_cli_prints_samples_and_speed"
