@@ -25,6 +25,7 @@ import numpy as np
 
 from gptjax import storage
 from gptjax.errors import UserError
+from gptjax.model.config import GPTConfig
 from gptjax.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -192,12 +193,6 @@ def _set(tree: dict, path: tuple[str, ...], value: Array) -> None:
 EMBEDDING = ("wte", "embedding")
 
 
-def padded_vocab(fields: Mapping[str, Any]) -> int:
-    """The embedding's rows for model fields `fields` (`model.vocab_multiple` padding)."""
-    multiple = int(fields.get("vocab_multiple", 1))
-    return -(-int(fields["vocab_size"]) // multiple) * multiple
-
-
 def pad_vocab(params: dict, padded: int) -> dict:
     """Imported parameters for a model whose embedding has `padded` rows (`model.vocab_multiple`):
     zero rows appended (never in the loss, never sampled); an embedding that already has them is
@@ -225,7 +220,7 @@ def params_to_tensors(params: Mapping[str, Any], layout: Layout, fields: Mapping
             if value.ndim <= axis or value.shape[axis] <= index:
                 raise UserError(f"parameter {where} has shape {shape_str(value.shape)}: no index {index} on axis {axis}")
             value, where = np.take(value, index, axis=axis), f"{where}[axis {axis}, {index}]"
-        if entry.path == EMBEDDING and value.shape == (padded_vocab(fields), *entry.shape[1:]):
+        if entry.path == EMBEDDING and value.shape == (GPTConfig.from_config(fields).padded_vocab, *entry.shape[1:]):
             value = value[: entry.shape[0]]  # padded rows (model.vocab_multiple) stay behind
         if value.shape != entry.shape:
             raise UserError(
