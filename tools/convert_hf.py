@@ -105,4 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from gptjax import runtime
+
+    runtime.cpu_unless_accelerated()  # no TPU backend start-up where no TPU exists (as the CLIs do)
     main()
