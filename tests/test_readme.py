@@ -193,9 +193,11 @@ def run_bench_sample(command: str, scratch: Scratch) -> None:
 
 def run_bench_kv_heads(command: str, scratch: Scratch) -> None:
     """The sampling benchmark with fewer key/value heads, on the default shape (4 heads), batch 1,
-    once: a row per KV-head count, whose KV cache bytes per step fall with the heads."""
+    once, for the full and the fewest heads of the command's list: a row per KV-head count, whose
+    KV cache bytes per step fall with the heads."""
     shortened = re.sub(r"--shapes \S+", "--shapes default", command)
     shortened = re.sub(r"--batches \S+", "--batches 1", shortened) + " --repeats 1"
+    shortened = re.sub(r"--kv_heads \S+", "--kv_heads 0,1", shortened)
     r = ok(shell(shortened, ROOT), shortened)
     kv_mb = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(default\S*) +1 +16 +64 \|.*\| +([\d.]+) *$", r.out, re.M)}
     assert {"default", "default/kv1"} <= set(kv_mb), r.out[-2000:]
@@ -253,7 +255,7 @@ COVERED: dict[str, str] = {
     "python tools/convert_hf.py export --workdir runs/gpt2_finetune_news --out news-gpt2": _CONVERT,
     "python tools/convert_hf.py import --hf_dir gpt2 --out runs/gpt2": _CONVERT,
     "python -m gptjax.aot --config configs/gpt2_124m.py --topology v5e:4x4 --config.train.grad_accum=4":
-        "tests/test_aot.py::test_124m_on_v5e_2x2_train_holds_12_bytes_per_parameter_per_fsdp_chip_and_eval_no_logits",
+        "tests/test_aot.py::test_the_124m_recipe_on_v5e_2x2_holds_12_bytes_per_parameter_per_fsdp_chip_and_eval_no_more",
     # docs/benchmarks.md
     "python tools/bench_train.py --shapes nanogpt --check 5":
         "tests/test_bench_tools.py::test_the_nanogpt_reference_computes_what_gptjax_computes",
