@@ -104,7 +104,10 @@ def encode_share(source: Source, tokenizer: Any, parts: str, hosts: Hosts, worke
     initargs = (pickle.dumps(tokenizer), _picklable(source))
     with _Forking() as forking, cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=_context(),
                                                        initializer=_init_worker, initargs=initargs) as pool:
-        futures = {pool.submit(_encode, i, units[i], parts): i for i in todo}
+        # Largest units first, so the last ones to finish are the smallest and no worker waits
+        # long for another at the end; the parts are merged in unit order whatever the order here.
+        largest_first = sorted(todo, key=lambda i: -_size(units[i]))
+        futures = {pool.submit(_encode, i, units[i], parts): i for i in largest_first}
         forking.done()
         try:
             for future in cf.as_completed(futures):
