@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -34,7 +34,8 @@ from gptjax.preemption import StopRequested, any_host
 from gptjax.run import Run
 from gptjax.runtime import log
 from gptjax.schema import TrainConfig
-from gptjax.step import TrainState
+from gptjax.state import TrainState
+from gptjax.step import Steps
 
 
 def train_loop(
@@ -54,7 +55,7 @@ def train_loop(
     rate = Throughput(t.batch_size * t.seq_len, r.model.flops_per_token(t.seq_len), peak_flops(t.peak_tflops, r.mesh))
     log(_model_line(r, rate.tokens_per_step))
     bad = BadSteps(t.max_bad_steps, skipped_total)
-    saves = Saves(checkpointer, r.trainer, start)
+    saves = Saves(checkpointer, r.steps, start)
     progress = StepProgress(t.steps, start, rate.tokens_per_step)
     sink = Sink(writer, progress, r.run_dir.metrics)
     actions: list[Action] = [LogMetrics(cadence, rate, bad, sink), Evaluate(cadence, r, sink, rate), Benchmark(cadence, r, sink, rate),
@@ -63,7 +64,7 @@ def train_loop(
     pending: tuple[int, dict[str, jax.Array]] | None = None  # a step whose skip flag is unread
     stop.arm()
     for step in range(start, t.steps):
-        state, metrics = r.trainer.train_step(state, _batch(r, step))
+        state, metrics = r.steps.train_step(state, _batch(r, step))
         done = step + 1
         if pending is not None:  # read one step late, so the host never waits on the device here
             bad.check(*pending, saves.last_good())
@@ -157,14 +158,14 @@ class Evaluate:
 
     def __init__(self, cadence: "Cadence", r: Run, sink: Sink, rate: "Throughput"):
         t = r.train
-        self.cadence, self.trainer, self.sink, self.rate = cadence, r.trainer, sink, rate
+        self.cadence, self.steps, self.sink, self.rate = cadence, r.steps, sink, rate
         self.val = ValidationSet(r.dataset, t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count())
 
     def due(self, done: int, stopping: bool) -> bool:
         return self.cadence.evaluate(done)
 
     def __call__(self, done: int, state: TrainState, metrics: dict[str, jax.Array]) -> dict[str, float]:
-        ev = self.val.metrics(self.trainer, state.params)
+        ev = self.val.metrics(self.steps, state.params)
         self.sink.write(done, ev)
         self.sink.progress.write(eval_line(done, ev))
         self.rate.restart()
@@ -281,8 +282,8 @@ class Saves:
     """The run's checkpoints as the loop writes them: a state with non-finite values or a save
     the disk cannot hold is refused, and a failed write is one line naming the last good one."""
 
-    def __init__(self, checkpointer: ckpt.Checkpointer, trainer: Any, start: int):
-        self.checkpointer, self.trainer, self.last_saved = checkpointer, trainer, start
+    def __init__(self, checkpointer: ckpt.Checkpointer, steps: Steps, start: int):
+        self.checkpointer, self.steps, self.last_saved = checkpointer, steps, start
 
     def last_good(self) -> str:
         if not self.last_saved:
@@ -291,7 +292,7 @@ class Saves:
 
     def save(self, step: int, state: TrainState, skipped_total: int) -> None:
         directory = self.checkpointer.directory
-        if not self.trainer.all_finite(state):
+        if not self.steps.all_finite(state):
             raise RunFailed(f"step {step}: the parameters or optimizer state hold non-finite values; "
                             f"not saved; {self.last_good()}")
         try:

@@ -108,8 +108,8 @@ class ValidationSet:
         every_row = self.batches if process_count == 1 else dataset.eval_batches(batch_size, seq_len, max_batches)
         self.coverage = scored_text(every_row, dataset.tokenizer, len(self.sources))
 
-    def metrics(self, trainer: Any, params: Any) -> dict[str, float]:
+    def metrics(self, steps: Any, params: Any) -> dict[str, float]:
         """val_loss, val_ppl, val_bpb (each per source too, for a mixture) of `params`."""
-        ev = eval_metrics(*trainer.evaluate_sources(params, self.batches), self.sources)
+        ev = eval_metrics(*steps.evaluate_sources(params, self.batches), self.sources)
         ev.update(bpb_metrics(ev, self.coverage, self.sources))
         return ev

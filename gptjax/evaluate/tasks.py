@@ -61,7 +61,7 @@ class Benchmarks:
                 dataset.check(t.seq_len)
                 val = ValidationSet(dataset, t.micro_batch, t.seq_len, e.bpb_batches or t.eval_batches,
                                     jax.process_index(), jax.process_count())
-                self.tasks.append(Task(label, lambda params, val=val: _bpb(val.metrics(r.trainer, params))))
+                self.tasks.append(Task(label, lambda params, val=val: _bpb(val.metrics(r.steps, params))))
 
     def __call__(self, params: Any) -> dict[str, float]:
         out = {}
