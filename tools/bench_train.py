@@ -666,14 +666,14 @@ def gptjax_losses(spec: dict[str, Any], steps: int) -> tuple[list[float], Any, d
     if run.optimizer.lr_at(0) != run.optimizer.lr_at(max(steps - 1, 0)):
         raise ValueError("comparing with the nanoGPT reference needs a constant learning rate "
                          "(optim schedule='constant', warmup_steps=0)")
-    steps = run.steps
-    state = steps.init_state()
+    jitted = run.steps
+    state = jitted.init_state()
     params = jax.device_get(state.params)
     losses = []
     for s in range(steps):
         host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"], seed=s)
-        with steps.layout.context():
-            state, metrics = steps.train_jit(state, steps.layout.to_global(host, accum=True))
+        with jitted.layout.context():
+            state, metrics = jitted.train_jit(state, jitted.layout.to_global(host, accum=True))
         losses.append(float(metrics["loss"]))
     return losses, params, dataclasses.asdict(run.model)
 

@@ -85,7 +85,7 @@ class GptjaxRun:
     examples: list[int]  # examples in each step's batch
     val: dict[int, float]  # validation completion loss after the step
     batches: list[dict[str, np.ndarray]]  # the batches, for the Trainer
-    steps: Any = None  # gptjax's jitted steps (gptjax.step.Steps) and its final state
+    jitted: Any = None  # gptjax's jitted steps (gptjax.step.Steps) and its final state
     state: Any = None
 
 
@@ -114,7 +114,7 @@ def run_gptjax(config: config_lib.ConfigDict, workdir: str, eval_every: int = 0,
             out.val[done] = steps.evaluate(state.params, val_batches)
             if stop_below is not None and out.val[done] <= stop_below:
                 break
-    out.steps, out.state = steps, state
+    out.jitted, out.state = steps, state
     return out
 
 
@@ -126,7 +126,7 @@ def time_steps(run: GptjaxRun, batch_sets: list[list[dict[str, np.ndarray]]], re
     for i in range(repeats + 1):
         for k, batches in enumerate(batch_sets):
             start = time.perf_counter()
-            state, metrics = run.steps.train_step(state, batches[i % len(batches)])
+            state, metrics = run.jitted.train_step(state, batches[i % len(batches)])
             jax.block_until_ready(metrics)
             if i:
                 times[k].append(time.perf_counter() - start)
