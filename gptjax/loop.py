@@ -8,8 +8,9 @@
 
 and beside them: `Cadence` (which steps log, evaluate, save), `Throughput` (tokens/s and MFU),
 `BadSteps` (the non-finite guard's count), `Saves` (checkpoints refused for a non-finite state
-or a full disk; the last good one), `StepProgress` (a bar on a terminal, lines in a log). A new
-periodic action is one more class with `due` and `__call__`.
+or a full disk; the last good one), `StepProgress` (a bar on a terminal, lines in a log).
+`build_loop` makes them all once, before the first step. A new periodic action is one more
+class with `due` and `__call__`.
 
 The device runs ahead of the host: a step's skip flag is read one step late, and metrics are
 fetched only at log steps.
@@ -20,21 +21,21 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
-import numpy as np
 
 from gptjax import checkpoint as ckpt
 from gptjax.failures import RunFailed, check_space, io_failure
-from gptjax.evaluate.bpb import ValidationSet
-from gptjax.evaluate.tasks import Benchmarks, benchmark_line
-from gptjax.metrics import MetricsWriter, eval_line, peak_flops
+from gptjax.evaluate.bpb import ValidationSet, eval_line
+from gptjax.evaluate.tasks import Benchmarks, benchmark_line, prepare_evaluation
+from gptjax.metrics import MetricsWriter, peak_flops
 from gptjax.preemption import StopRequested, any_host
 from gptjax.run import Run
 from gptjax.runtime import log
 from gptjax.schema import TrainConfig
-from gptjax.step import TrainState
+from gptjax.state import TrainState
+from gptjax.step import Steps
 
 
 def train_loop(
@@ -48,31 +49,26 @@ def train_loop(
 ) -> dict[str, float]:
     """The training steps from `state.step` to the end, a stop request or `stop_at`; the last
     logged and evaluated metrics, with the step reached."""
-    assert r.run_dir is not None and r.dataset is not None
+    assert r.dataset is not None
     t, start = r.train, int(state.step)
-    cadence = Cadence(t)
-    rate = Throughput(t.batch_size * t.seq_len, r.model.flops_per_token(t.seq_len), peak_flops(t.peak_tflops, r.mesh))
-    log(_model_line(r, rate.tokens_per_step))
-    bad = BadSteps(t.max_bad_steps, skipped_total)
-    saves = Saves(checkpointer, r.trainer, start)
-    progress = StepProgress(t.steps, start, rate.tokens_per_step)
-    sink = Sink(writer, progress, r.run_dir.metrics)
-    actions: list[Action] = [LogMetrics(cadence, rate, bad, sink), Evaluate(cadence, r, sink, rate), Benchmark(cadence, r, sink, rate),
-                             Save(cadence, saves, bad)]
+    loop = build_loop(r, start, skipped_total, checkpointer, writer)
+    bad, rate, progress = loop.bad, loop.rate, loop.progress
     final: dict[str, float] = {}
     pending: tuple[int, dict[str, jax.Array]] | None = None  # a step whose skip flag is unread
     stop.arm()
     for step in range(start, t.steps):
-        state, metrics = r.trainer.train_step(state, _batch(r, step))
+        # This host's rows of the batch for `step`: a function of (seed, step) alone.
+        batch = r.dataset.get_batch(step, t.batch_size, t.seq_len, r.seed, jax.process_index(), jax.process_count())
+        state, metrics = r.steps.train_step(state, batch)
         done = step + 1
         if pending is not None:  # read one step late, so the host never waits on the device here
-            bad.check(*pending, saves.last_good())
+            bad.check(*pending, loop.saves.last_good())
         pending = (done, metrics)
         rate.count()
-        stopping = _stopping(done, stop_at, cadence.log(done), stop)
-        due = [a for a in actions if a.due(done, stopping)]
+        stopping = _stopping(done, stop_at, loop.cadence.log(done), stop)
+        due = [a for a in loop.actions if a.due(done, stopping)]
         if due:
-            bad.check(*pending, saves.last_good())
+            bad.check(*pending, loop.saves.last_good())
             pending = None
         for action in due:
             final.update(action(done, state, metrics))
@@ -84,19 +80,36 @@ def train_loop(
     return final
 
 
-def _model_line(r: Run, tokens_per_step: int) -> str:
-    gpt, mesh = r.model, r.mesh
-    return (
-        f"model: {gpt.num_params() / 1e6:.2f}M params, {gpt.n_layer} layers, width {gpt.n_embd}; "
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """The loop's pieces, built once (`build_loop`) before the first step."""
+
+    cadence: "Cadence"
+    rate: "Throughput"
+    bad: "BadSteps"
+    saves: "Saves"
+    progress: "StepProgress"
+    actions: tuple["Action", ...]  # run in this order after the steps they are due at
+
+
+def build_loop(r: Run, start: int, skipped_total: int, checkpointer: ckpt.Checkpointer, writer: MetricsWriter) -> Loop:
+    """The pieces of the loop of `r` from step `start`: the evaluation prepared (validation set,
+    benchmark tasks), the throughput's peak, the progress display, and the actions in order."""
+    assert r.run_dir is not None
+    t, gpt, mesh = r.train, r.model, r.mesh
+    tokens_per_step = t.batch_size * t.seq_len
+    log(f"model: {gpt.num_params() / 1e6:.2f}M params, {gpt.n_layer} layers, width {gpt.n_embd}; "
         f"mesh {dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} device(s); "
-        f"vocab {gpt.vocab_size}; {tokens_per_step} tokens/step"
-    )
-
-
-def _batch(r: Run, step: int) -> dict[str, np.ndarray]:
-    """This host's rows of the batch for `step`: a function of (seed, step) alone."""
-    t = r.train
-    return r.dataset.get_batch(step, t.batch_size, t.seq_len, r.seed, jax.process_index(), jax.process_count())
+        f"vocab {gpt.vocab_size}; {tokens_per_step} tokens/step")
+    cadence, bad = Cadence(t), BadSteps(t.max_bad_steps, skipped_total)
+    saves = Saves(checkpointer, r.steps, start)
+    progress = StepProgress(t.steps, start, tokens_per_step)
+    sink = Sink(writer, progress, r.run_dir.metrics)
+    evaluation = prepare_evaluation(r)
+    rate = Throughput(tokens_per_step, gpt.flops_per_token(t.seq_len) * tokens_per_step, peak_flops(t.peak_tflops, mesh))
+    actions = (LogMetrics(cadence, rate, bad, sink), Evaluate(cadence, evaluation.validation, r.steps, sink, rate),
+               Benchmark(cadence, evaluation.benchmarks, sink, rate), Save(cadence, saves, bad))
+    return Loop(cadence, rate, bad, saves, progress, actions)
 
 
 def _stopping(done: int, stop_at: int | None, is_log: bool, stop: StopRequested) -> bool:
@@ -151,33 +164,37 @@ class LogMetrics:
         return m
 
 
+@dataclasses.dataclass(frozen=True)
 class Evaluate:
     """Validation loss, perplexity and bits per byte per source, on the same held-out batches
     every time (`gptjax.evaluate.bpb.ValidationSet`); the time it takes is left out of tokens/s."""
 
-    def __init__(self, cadence: "Cadence", r: Run, sink: Sink, rate: "Throughput"):
-        t = r.train
-        self.cadence, self.trainer, self.sink, self.rate = cadence, r.trainer, sink, rate
-        self.val = ValidationSet(r.dataset, t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(), jax.process_count())
+    cadence: "Cadence"
+    val: ValidationSet
+    steps: Steps
+    sink: Sink
+    rate: "Throughput"
 
     def due(self, done: int, stopping: bool) -> bool:
         return self.cadence.evaluate(done)
 
     def __call__(self, done: int, state: TrainState, metrics: dict[str, jax.Array]) -> dict[str, float]:
-        ev = self.val.metrics(self.trainer, state.params)
+        ev = self.val.metrics(self.steps, state.params)
         self.sink.write(done, ev)
         self.sink.progress.write(eval_line(done, ev))
         self.rate.restart()
         return ev
 
 
+@dataclasses.dataclass(frozen=True)
 class Benchmark:
     """The eval section's tasks (`gptjax.evaluate.tasks`), at the evaluation steps; prepared
     once, and left out of tokens/s like the validation loss."""
 
-    def __init__(self, cadence: "Cadence", r: Run, sink: Sink, rate: "Throughput"):
-        self.cadence, self.sink, self.rate = cadence, sink, rate
-        self.tasks = Benchmarks(r) if r.sections.eval.task_list() else None
+    cadence: "Cadence"
+    tasks: Benchmarks | None
+    sink: Sink
+    rate: "Throughput"
 
     def due(self, done: int, stopping: bool) -> bool:
         return self.tasks is not None and self.cadence.benchmark(done)
@@ -228,15 +245,16 @@ class Cadence:
         return done % self.train.checkpoint_every == 0 or done == self.train.steps
 
 
+@dataclasses.dataclass
 class Throughput:
     """Tokens/s and MFU over the steps since the last log line (`take`); time spent evaluating
     is left out (`restart`)."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
-        self.tokens_per_step = tokens_per_step
-        self.flops_per_step = flops_per_token * tokens_per_step
-        self.peak = peak
-        self.start, self.steps = time.perf_counter(), 0
+    tokens_per_step: int
+    flops_per_step: float
+    peak: float  # the mesh's peak FLOP/s
+    start: float = dataclasses.field(default_factory=time.perf_counter)  # the window's start
+    steps: int = 0  # steps in the window
 
     def count(self) -> None:
         self.steps += 1
@@ -281,8 +299,8 @@ class Saves:
     """The run's checkpoints as the loop writes them: a state with non-finite values or a save
     the disk cannot hold is refused, and a failed write is one line naming the last good one."""
 
-    def __init__(self, checkpointer: ckpt.Checkpointer, trainer: Any, start: int):
-        self.checkpointer, self.trainer, self.last_saved = checkpointer, trainer, start
+    def __init__(self, checkpointer: ckpt.Checkpointer, steps: Steps, start: int):
+        self.checkpointer, self.steps, self.last_saved = checkpointer, steps, start
 
     def last_good(self) -> str:
         if not self.last_saved:
@@ -291,7 +309,7 @@ class Saves:
 
     def save(self, step: int, state: TrainState, skipped_total: int) -> None:
         directory = self.checkpointer.directory
-        if not self.trainer.all_finite(state):
+        if not self.steps.all_finite(state):
             raise RunFailed(f"step {step}: the parameters or optimizer state hold non-finite values; "
                             f"not saved; {self.last_good()}")
         try:

@@ -1,5 +1,5 @@
-"""Training metrics: the metrics.jsonl + TensorBoard writer, the evaluation's metrics and log
-line (each source of a mixture too), and model FLOPs utilization (MFU).
+"""Training metrics: the metrics.jsonl + TensorBoard writer, and model FLOPs utilization (MFU).
+The validation metrics and their log line are `gptjax.evaluate.bpb`'s.
 
 MFU is the model's training FLOPs per second (`GPTConfig.flops_per_token`) over the peak of
 the mesh: configured (`train.peak_tflops`), looked up by device kind in `KNOWN_PEAK_TFLOPS`,
@@ -9,7 +9,6 @@ or, on a CPU, measured with a large matmul (`measure_matmul_flops`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -61,40 +60,6 @@ def peak_flops(configured_tflops: float, mesh: Mesh) -> float:
             return tflops * 1e12 * mesh.size
     # CPU (simulated devices share the same cores): one measurement stands for the machine.
     return measure_matmul_flops()
-
-
-def source_labels(sources: list[str]) -> list[str]:
-    """Short names of a mixture's sources for metrics ('pairs:qa.jsonl' for 'pairs:data/qa.jsonl'),
-    the full names where the short ones would collide."""
-    short = [s.split(":", 1)[0] + ":" + os.path.basename(s.split(":", 1)[1].rstrip("/")) if ":" in s else s
-             for s in sources]
-    return short if len(set(short)) == len(short) else list(sources)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
-
-
-def eval_metrics(val_loss: float, source_losses: list[float | None] | None, sources: list[str]) -> dict[str, float]:
-    """val_loss and val_ppl, and for each source of a mixture `val_loss/<source>` and `val_ppl/<source>`
-    (a source's loss counts what it trains on: a pairs: source's completions)."""
-    out = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
-    if source_losses is not None and len(sources) > 1:
-        for label, loss in zip(source_labels(sources), source_losses):
-            if loss is not None:
-                out[f"val_loss/{label}"], out[f"val_ppl/{label}"] = loss, perplexity(loss)
-    return out
-
-
-def eval_line(step: int, metrics: dict[str, float]) -> str:
-    """'step 200: val_loss 2.1234  val_ppl 8.37  val_bpb 1.0512 | files:news.jsonl 2.5012 (ppl 12.20), ...'
-    (val_bpb where the metrics have it)."""
-    line = f"step {step}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}"
-    if "val_bpb" in metrics:
-        line += f"  val_bpb {metrics['val_bpb']:.4f}"
-    per_source = [f"{k[len('val_loss/'):]} {v:.4f} (ppl {metrics['val_ppl/' + k[len('val_loss/'):]]:.2f})"
-                  for k, v in metrics.items() if k.startswith("val_loss/")]
-    return line + (" | " + ", ".join(per_source) if per_source else "")
 
 
 def summary_writer_class() -> Any:

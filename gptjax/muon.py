@@ -48,7 +48,7 @@ def dimension_numbers(path: str, shape: tuple[int, ...], names: tuple[str | None
         if rank != 2:
             raise ValueError(
                 f"Muon needs the logical axis names of the rank-{rank} kernel {path!r}: build the optimizer "
-                "from boxed parameter shapes (gptjax.step.param_shapes(gpt, boxed=True))"
+                "from boxed parameter shapes (gptjax.state.param_shapes(gpt, boxed=True))"
             )
         return MuonDimensionNumbers(reduction_axis=0, output_axis=1)
     batch = {i for i, n in enumerate(names) if n in STACK_AXES}

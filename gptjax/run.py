@@ -5,7 +5,7 @@ works a setting out again. Resolving happens in two stages:
 
 - `resolve(config, workdir, devices)` checks every section against its schema, builds the
   mesh, the model config (`model_config`: an imported checkpoint's shape, and vocab_size 0
-  meaning the tokenizer's), the optimizer and the trainer (abstract train state, shardings,
+  meaning the tokenizer's), the optimizer and the jitted steps (abstract train state, shardings,
   jitted steps). It writes nothing and reads only small files: the workdir's config.json and
   tokenizer, and an `init_from` directory's config.json. Without a workdir it reads no run
   directory at all, so it serves ahead-of-time compilation for devices this host lacks.
@@ -38,7 +38,8 @@ from gptjax.checkpoint_read import read_run_config
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.model import GPTConfig
-from gptjax.step import Trainer, param_shapes
+from gptjax.state import param_shapes
+from gptjax.step import Steps, build_steps
 from gptjax.tokenizer import Tokenizer, describe, given_exists, load_given, load_tokenizer, tokenizer_saved
 
 
@@ -51,7 +52,7 @@ class Run:
     model: GPTConfig  # config.model with its vocabulary size (and an import's shape) resolved
     optimizer: optim_lib.Optimizer  # built once; `optimizer.config` is the OptimConfig
     mesh: Mesh
-    trainer: Trainer  # abstract train state, its shardings, and the jitted steps
+    steps: Steps  # the jitted steps, and the train state's abstract shapes and shardings (steps.layout)
     resuming: bool  # the workdir holds a checkpoint: weights come from it, not init_from
     tokenizer: Tokenizer | None = None  # None until prepared when the workdir has none yet
     dataset: data_lib.Dataset | None = None  # set by prepare()
@@ -192,14 +193,14 @@ def resolve(
     optimizer = optim_lib.make_optimizer(s.optim, params, train.steps)
     if saved is not None:
         _check_same_optimizer_state(run_dir, saved, params, optimizer)
-    trainer = Trainer(gpt, optimizer, mesh, s.top.seed, train.grad_accum)
+    steps = build_steps(gpt, optimizer, mesh, s.top.seed, train.grad_accum)
     return Run(
         sections=s,
         run_dir=run_dir,
         model=gpt,
         optimizer=optimizer,
         mesh=mesh,
-        trainer=trainer,
+        steps=steps,
         resuming=resuming,
         tokenizer=tokenizer,
         devices_note=devices_note,

@@ -40,7 +40,7 @@ from gptjax.metrics import MetricsWriter
 from gptjax.preemption import StopBeforeTraining, StopRequested
 from gptjax.run import Run, resolve
 from gptjax.runtime import log
-from gptjax.step import TrainState
+from gptjax.state import TrainState
 
 
 def run(
@@ -75,7 +75,7 @@ def dry_run(config: config_lib.ConfigDict | config_lib.Sections, workdir: str) -
     r = resolve(config, workdir)
     if r.devices_note:
         log(r.devices_note)
-    print(optim_lib.format_param_table(r.trainer.abstract_params, r.optimizer))
+    print(optim_lib.format_param_table(r.steps.layout.abstract_params, r.optimizer))
     print(r.tokenizer_note)
     if r.resuming:
         _report_resume_point(r)
@@ -131,14 +131,14 @@ def _prepare(r: Run) -> Run:
 def _initial_state(r: Run, checkpointer: ckpt.Checkpointer) -> tuple[TrainState, int]:
     """(state, steps skipped so far): the newest readable checkpoint's, else init_from's
     parameters, else fresh ones."""
-    target = r.trainer.abstract_state()
+    target = r.steps.layout.abstract_state()
     restored = checkpointer.restore_latest(target.params, target.opt_state)
     if restored is not None:
         params, opt_state, data = restored
         return TrainState(step=jnp.asarray(data["step"], jnp.int32), params=params, opt_state=opt_state), data["skipped_steps"]
     if r.pretrained is not None:
-        return r.trainer.state_from_params(r.pretrained), 0
-    return r.trainer.init_state(), 0
+        return r.steps.state_from_params(r.pretrained), 0
+    return r.steps.init_state(), 0
 
 
 def _report_resume_point(r: Run) -> None:
@@ -147,7 +147,7 @@ def _report_resume_point(r: Run) -> None:
     assert r.run_dir is not None
     checkpointer = ckpt.Checkpointer(r.run_dir, keep=r.train.keep_checkpoints)
     try:
-        target = r.trainer.abstract_state()
+        target = r.steps.layout.abstract_state()
         restored = checkpointer.restore_latest(target.params, target.opt_state, set_aside=False)
     finally:
         checkpointer.close()

@@ -24,6 +24,7 @@ from gptjax import checkpoint_read  # noqa: E402
 from gptjax import config as config_lib  # noqa: E402
 from gptjax import data as data_lib  # noqa: E402
 from gptjax import hf, optim, sharding, step, train  # noqa: E402
+from gptjax.state import param_shapes  # noqa: E402
 from gptjax.layout import RunDir  # noqa: E402
 from gptjax.loss import cross_entropy  # noqa: E402
 from gptjax.model import GPT, GPTConfig  # noqa: E402
@@ -178,7 +179,7 @@ def test_train_last_blocks_freezes_the_rest_in_the_checkpoint(hf_dir: str, news:
     before, after = _flat(before), _flat(after)
     assert sorted(before) == sorted(after)
     saved = checkpoint_read.read_run_config(RunDir.at(workdir))  # the model shape is the import's
-    rows = optim.make_optimizer(c.optim, step.param_shapes(GPTConfig.from_config(saved.model)), 3).describe()
+    rows = optim.make_optimizer(c.optim, param_shapes(GPTConfig.from_config(saved.model)), 3).describe()
     trainable = {r.path for r in rows if r.trainable}
     assert trainable == {p for p in before if p.startswith(("h_1/", "ln_f/"))}  # the top block and the final LayerNorm
     for path in before:
@@ -230,10 +231,10 @@ def test_prompt_tokens_contribute_no_gradient(hf_dir: str, pairs: str, tmp_path)
 
     # The same through the trainer's jitted step: loss, gradient norm and the updated weights.
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-    trainer = step.Trainer(gpt, optim.make_optimizer(c.optim, params, 1), mesh, seed=0)
+    steps = step.build_steps(gpt, optim.make_optimizer(c.optim, params, 1), mesh, seed=0)
     results = []
     for b in (batch, prompt_changed, completion_changed):
-        state, metrics = trainer.train_step(trainer.state_from_params(params), b)
+        state, metrics = steps.train_step(steps.state_from_params(params), b)
         results.append((float(metrics["loss"]), float(metrics["grad_norm"]), _flat(state.params)))
     (l0, g0, p0), (l1, g1, p1), (l2, g2, _) = results
     assert (l1, g1) == (l0, g0) and l2 != l0 and g2 != g0

@@ -56,7 +56,7 @@ def test_eval_step_equals_the_full_logits_loss(monkeypatch, chunk_bytes):
     loss of full logits, per source and overall, on packed rows with segment ids, and on plain rows."""
     monkeypatch.setattr(loss_lib, "LOGITS_CHUNK_BYTES", chunk_bytes)
     run = _tiny_run()
-    params = run.trainer.init_state().params
+    params = run.steps.init_state().params
     batch = _packed_batch(np.random.default_rng(0), 8, 16, run.model.vocab_size, n_sources=3)
     plain = {k: batch[k] for k in ("inputs", "targets", "weights")}
     model, host = GPT(run.model), jax.tree_util.tree_map(np.asarray, params)
@@ -71,12 +71,12 @@ def test_eval_step_equals_the_full_logits_loss(monkeypatch, chunk_bytes):
         s, n = cross_entropy(logits, jnp.asarray(b["targets"][rows]), jnp.asarray(b["weights"][rows]))
         return float(s / n)
 
-    overall, per_source = run.trainer.evaluate_sources(params, [batch])
+    overall, per_source = run.steps.evaluate_sources(params, [batch])
     assert overall == pytest.approx(reference(batch, np.flatnonzero(batch["sources"].sum(1))), rel=1e-5)
     assert len(per_source) == 3
     for s, got in enumerate(per_source):
         assert got == pytest.approx(reference(batch, np.flatnonzero(batch["sources"][:, s])), rel=1e-5)
-    assert run.trainer.evaluate_sources(params, [plain]) == (pytest.approx(reference(plain, np.arange(8)), rel=1e-5), None)
+    assert run.steps.evaluate_sources(params, [plain]) == (pytest.approx(reference(plain, np.arange(8)), rel=1e-5), None)
 
 
 def test_every_attention_option_names_an_implementation():
@@ -127,17 +127,17 @@ def test_attention_option_is_checked():
 def _splash_loss_and_grads(run, batch: dict[str, np.ndarray]) -> tuple[jax.Array, dict, str]:
     """Loss and gradients of `run`'s model on the sharded batch, under the run's mesh and rules
     (as its train step runs), and the jaxpr of that computation."""
-    trainer = run.trainer
-    params = trainer.init_state().params
-    global_batch = trainer.to_global(batch, accum=False)
+    steps = run.steps
+    params = steps.init_state().params
+    global_batch = steps.layout.to_global(batch, accum=False)
 
     def loss(p: dict, b: dict) -> jax.Array:
-        logits = trainer.model.apply({"params": p}, b["inputs"], b["positions"], segment_ids=b["segment_ids"])
+        logits = GPT(run.model).apply({"params": p}, b["inputs"], b["positions"], segment_ids=b["segment_ids"])
         s, n = cross_entropy(logits, b["targets"], b["weights"])
         return s / n
 
     fn = jax.jit(jax.value_and_grad(loss))
-    with trainer.context():
+    with steps.layout.context():
         value, grads = fn(params, global_batch)
         jaxpr = str(jax.make_jaxpr(fn)(params, global_batch))
     return value, grads, jaxpr

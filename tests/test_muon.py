@@ -21,7 +21,8 @@ from gptjax import optim, sharding
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.model import GPTConfig
-from gptjax.step import Trainer, TrainState, init_boxed_params, param_shapes
+from gptjax.state import TrainState, init_boxed_params, param_shapes
+from gptjax.step import build_steps
 
 CFG = GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16)
 MUON = dict(hidden="muon", lr=1e-2, muon_lr=0.05, muon_momentum=0.9, muon_weight_decay=0.1, schedule="constant",
@@ -145,22 +146,22 @@ def test_muon_state_checkpoints_and_resumes_bit_for_bit(tmp_path) -> None:
     """Two steps, a checkpoint, two more; against the same two steps from the restored checkpoint,
     on a two-device fsdp mesh (Muon's momentum is sharded like its parameter)."""
     opt = optim.make_optimizer({**MUON, "schedule": "cosine", "warmup_steps": 1}, param_shapes(CFG, boxed=True), 4)
-    trainer = Trainer(CFG, opt, sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2]), seed=0)
+    steps = build_steps(CFG, opt, sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2]), seed=0)
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(4):
         ids = rng.integers(0, CFG.vocab_size, size=(4, 17))
         batches.append({"inputs": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((4, 16), np.float32)})
-    state = trainer.init_state()
+    state = steps.init_state()
     for b in batches[:2]:
-        state, _ = trainer.train_step(state, b)
+        state, _ = steps.train_step(state, b)
     checkpointer = ckpt.Checkpointer(RunDir.at(str(tmp_path / "run")), keep=2, async_save=False)
     checkpointer.save(2, state.params, state.opt_state)
     for b in batches[2:]:
-        state, _ = trainer.train_step(state, b)
+        state, _ = steps.train_step(state, b)
     straight = [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
 
-    target = trainer.abstract_state()
+    target = steps.layout.abstract_state()
     params, opt_state, data = checkpointer.restore_latest(target.params, target.opt_state)
     checkpointer.close()
     assert data["step"] == 2
@@ -168,7 +169,7 @@ def test_muon_state_checkpoints_and_resumes_bit_for_bit(tmp_path) -> None:
     assert np.any(np.asarray(momentum["h_0"]["mlp"]["c_fc"]["kernel"]))
     state = TrainState(step=jnp.asarray(2, jnp.int32), params=params, opt_state=opt_state)
     for b in batches[2:]:
-        state, _ = trainer.train_step(state, b)
+        state, _ = steps.train_step(state, b)
     resumed = [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
     assert len(straight) == len(resumed)
     for a, b in zip(straight, resumed):

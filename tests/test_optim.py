@@ -17,7 +17,7 @@ import pytest
 from gptjax import optim
 from gptjax.errors import UserError
 from gptjax.model import GPTConfig
-from gptjax.step import init_boxed_params
+from gptjax.state import init_boxed_params
 
 CFG = GPTConfig(vocab_size=96, n_layer=3, n_head=2, n_embd=16, block_size=16)
 # Plain updates: constant lr from step 0, no clipping, no weight decay unless a test sets it.

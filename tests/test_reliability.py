@@ -21,17 +21,18 @@ from gptjax.layout import RunDir
 from gptjax.metrics import MetricsWriter, truncate_metrics
 from gptjax.model import GPTConfig
 from gptjax.preemption import StopBeforeTraining, StopRequested
-from gptjax.step import Trainer, param_shapes
+from gptjax.state import param_shapes
+from gptjax.step import build_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def trainer():
+def steps():
     gpt = GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16)
     optim = optim_lib.make_optimizer(C.sections(C.base_config()).optim, param_shapes(gpt), 100)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    return Trainer(gpt, optim, mesh, seed=0)
+    return build_steps(gpt, optim, mesh, seed=0)
 
 
 def _batch(weight=1.0):
@@ -44,27 +45,27 @@ def _host(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def test_a_non_finite_step_leaves_params_and_optimizer_state_and_advances_the_step(trainer):
-    state = trainer.init_state()
+def test_a_non_finite_step_leaves_params_and_optimizer_state_and_advances_the_step(steps):
+    state = steps.init_state()
     before = _host((state.params, state.opt_state))
-    state, m = trainer.train_step(state, _batch(weight=np.nan))
+    state, m = steps.train_step(state, _batch(weight=np.nan))
     assert int(state.step) == 1 and int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
     for a, b in zip(before, _host((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, b)
-    assert trainer.all_finite(state)
-    state, m = trainer.train_step(state, _batch())
+    assert steps.all_finite(state)
+    state, m = steps.train_step(state, _batch())
     assert int(state.step) == 2 and int(m["skipped"]) == 0
     assert any(not np.array_equal(a, b) for a, b in zip(before, _host(state.params)))
 
 
-def test_all_finite_sees_a_nan_anywhere_in_the_state(trainer):
-    state = trainer.init_state()
+def test_all_finite_sees_a_nan_anywhere_in_the_state(steps):
+    state = steps.init_state()
     poisoned = jax.tree_util.tree_map(lambda x: x, state)
     leaves, treedef = jax.tree_util.tree_flatten(poisoned.opt_state)
     i = next(i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating) and x.size)
     leaves[i] = leaves[i].at[(0,) * leaves[i].ndim].set(jnp.nan)
     poisoned = poisoned.replace(opt_state=jax.tree_util.tree_unflatten(treedef, leaves))
-    assert trainer.all_finite(state) and not trainer.all_finite(poisoned)
+    assert steps.all_finite(state) and not steps.all_finite(poisoned)
 
 
 def test_bad_steps_stop_only_after_the_limit_in_a_row():

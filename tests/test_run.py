@@ -71,11 +71,11 @@ def test_abstract_train_and_eval_steps_lower_for_a_mesh_without_data():
     config.mesh.update(data=2, fsdp=2, tensor=2)
     run = resolve(config, None, devices=jax.devices()[:8])
     assert run.model.vocab_size == 300
-    state = run.trainer.abstract_state()
-    assert state.params["wte"]["embedding"].sharding.spec == run.trainer.param_shardings["wte"]["embedding"].spec
-    compiled = run.trainer.lower_train_step(8, 16).compile()
+    state = run.steps.layout.abstract_state()
+    assert state.params["wte"]["embedding"].sharding.spec == run.steps.layout.params["wte"]["embedding"].spec
+    compiled = run.steps.lower_train_step(8, 16).compile()
     assert compiled.memory_analysis() is not None
-    run.trainer.lower_eval_step(8, 16).compile()
+    run.steps.lower_eval_step(8, 16).compile()
 
 
 def _write_config(path, corpus: str, steps: int) -> str:

@@ -19,7 +19,7 @@ from gptjax import data, train
 from gptjax.data.batches import find_examples
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
-from gptjax.metrics import eval_line, eval_metrics, source_labels
+from gptjax.evaluate.bpb import eval_line, eval_metrics, source_labels
 from gptjax.model import GPT, GPTConfig, init_params
 from test_data import ByteTokenizer, typed_sections
 
@@ -269,7 +269,7 @@ def test_per_source_validation_loss_is_the_completion_loss(hf_dir, qa, tmp_path)
     c.data.source = f"files:{news}@1 + pairs:{qa}@1"
     r = resolve(c, str(tmp_path / "run"), devices=jax.devices()[:1]).prepare()
     batches = r.dataset.eval_batches(4, 64, max_batches=100)
-    overall, (text_loss, pairs_loss) = r.trainer.evaluate_sources(r.trainer.state_from_params(r.pretrained).params,
+    overall, (text_loss, pairs_loss) = r.steps.evaluate_sources(r.steps.state_from_params(r.pretrained).params,
                                                                   batches)
     model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     val = find_examples(r.dataset.val[1], r.dataset.tokenizer.eot_id, 64, "truncate")

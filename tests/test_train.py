@@ -18,6 +18,7 @@ from gptjax import checkpoint_read
 from gptjax import config as C
 from gptjax import optim as optim_lib
 from gptjax import sharding, step, train
+from gptjax.state import param_shapes
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.model import GPTConfig
@@ -180,9 +181,9 @@ def test_the_cpu_train_step_compiles_with_the_memory_optimized_scheduler():
     # the shape of the remat test's step without remat (below): the persistent compilation cache
     # compiles that program once for both tests
     gpt = GPTConfig(vocab_size=256, n_layer=6, n_head=4, n_embd=64, block_size=128)
-    trainer = step.Trainer(gpt, optim_lib.make_optimizer(C.base_config().optim, step.param_shapes(gpt), 100), mesh, seed=0)
-    with trainer.context():
-        lowered = trainer.train_step_fn.lower(trainer.abstract_state(), batch)
+    steps = step.build_steps(gpt, optim_lib.make_optimizer(C.base_config().optim, param_shapes(gpt), 100), mesh, seed=0)
+    with steps.layout.context():
+        lowered = steps.train_jit.lower(steps.layout.abstract_state(), batch)
         ours = lowered.compile().memory_analysis().temp_size_in_bytes
         default = lowered.compile({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"}).memory_analysis().temp_size_in_bytes
     assert ours < 0.9 * default, (ours, default)
@@ -197,9 +198,9 @@ def test_remat_on_cpu_compiles_a_smaller_train_step():
     temp = {}
     for remat in (False, True):
         gpt = GPTConfig(vocab_size=256, n_layer=6, n_head=4, n_embd=64, block_size=128, remat=remat)
-        optimizer = optim_lib.make_optimizer(C.base_config().optim, step.param_shapes(gpt), 100)
-        trainer = step.Trainer(gpt, optimizer, mesh, seed=0)
-        with trainer.context():
-            compiled = trainer.train_step_fn.lower(trainer.abstract_state(), batch).compile()
+        optimizer = optim_lib.make_optimizer(C.base_config().optim, param_shapes(gpt), 100)
+        steps = step.build_steps(gpt, optimizer, mesh, seed=0)
+        with steps.layout.context():
+            compiled = steps.train_jit.lower(steps.layout.abstract_state(), batch).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
     assert temp[True] < 0.8 * temp[False], temp

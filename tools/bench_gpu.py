@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     config_lib.apply_overrides(config, config_lib.parse_overrides(overrides))
     device = jax.devices()[0]
     run = run_lib.resolve(config, None, [device])
-    gpt, trainer = run.model, run.trainer
+    gpt, steps = run.model, run.steps
     kind, peak, bw = card(device, args.peak_tflops, args.hbm_gbps)
     print(f"{kind} ({device.platform}); model {gpt.num_params() / 1e6:.1f}M params, attention {gpt.attention}, "
           f"dtype {gpt.dtype}; {args.batch} x {args.seq} tokens per step")
@@ -104,15 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, gpt.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((args.batch, args.seq), np.float32)}
-    state = trainer.init_state()
+    state = steps.init_state()
     start = time.perf_counter()
-    state, metrics = trainer.train_step(state, batch)
+    state, metrics = steps.train_step(state, batch)
     jax.block_until_ready(metrics)
     print(f"train step compiled and ran once in {time.perf_counter() - start:.1f} s")
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = steps.train_step(state, batch)
         jax.block_until_ready(metrics)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)

@@ -5,7 +5,7 @@
     python tools/bench_train.py --config configs/tiny_shakespeare.py --batch 8 --seq 128
     python tools/bench_train.py --shapes nanogpt --check 5   # same losses as the nanoGPT reference?
 
-For each shape it reports, for gptjax's jitted train step (`gptjax.step.Trainer.train_step_fn`: forward,
+For each shape it reports, for gptjax's jitted train step (`gptjax.step.train_step`: forward,
 backward, global-norm clip and AdamW, state donated), for transformers' `GPT2LMHeadModel`
 (forward with labels, backward, `clip_grad_norm_`, `torch.optim.AdamW`) and for a minimal GPT
 written as nanoGPT writes it (`nanogpt_model`: one fused qkv `Linear`,
@@ -209,13 +209,13 @@ def gptjax_step(spec: dict[str, Any], devices: list[Any]) -> tuple[Callable[[], 
     from gptjax.run import resolve
 
     run = resolve(spec_config(spec), None, devices=devices)
-    trainer = run.trainer
-    state = trainer.init_state()
+    steps = run.steps
+    state = steps.init_state()
     host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"])
-    with trainer.context():
-        batch = trainer.to_global(host, accum=True)
+    with steps.layout.context():
+        batch = steps.layout.to_global(host, accum=True)
         t0 = time.perf_counter()
-        compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=spec.get("xla_options") or None)
+        compiled = steps.train_jit.lower(state, batch).compile(compiler_options=spec.get("xla_options") or None)
         compile_s = time.perf_counter() - t0
     holder = {"state": state}
 
@@ -271,7 +271,7 @@ def worker_ab(spec: dict[str, Any]) -> dict[str, Any]:
 
     sys.path.insert(0, REPO)
     from gptjax.run import resolve
-    from gptjax.step import Trainer
+    from gptjax.step import build_steps
 
     run = resolve(spec_config(spec), None, devices=_worker_devices(spec))
     host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"])
@@ -279,11 +279,12 @@ def worker_ab(spec: dict[str, Any]) -> dict[str, Any]:
     variants = {}
     for name in ("with", "without"):
         with_it = name == "with"
-        trainer = run.trainer if with_it or option else Trainer(run.model, run.optimizer, run.mesh, run.seed, 1, nonfinite_guard=False)
-        state = trainer.init_state()
-        with trainer.context():
-            batch = trainer.to_global(host, accum=True)
-            compiled = trainer.train_step_fn.lower(state, batch).compile(compiler_options=option if with_it else None)
+        steps = run.steps if with_it or option else build_steps(run.model, run.optimizer, run.mesh, run.seed, 1,
+                                                                nonfinite_guard=False)
+        state = steps.init_state()
+        with steps.layout.context():
+            batch = steps.layout.to_global(host, accum=True)
+            compiled = steps.train_jit.lower(state, batch).compile(compiler_options=option if with_it else None)
         temp = compiled.memory_analysis().temp_size_in_bytes
         variants[name] = {"compiled": compiled, "state": state, "batch": batch, "times": [], "cpu": [], "temp": temp}
 
@@ -572,7 +573,7 @@ def torch_optim_settings(spec: dict[str, Any]) -> dict[str, Any]:
     from gptjax.hf import params_to_hf
     from gptjax.model import GPTConfig
     from gptjax.optim import make_optimizer
-    from gptjax.step import param_shapes
+    from gptjax.state import param_shapes
 
     c = spec_config(spec)
     gpt = GPTConfig.from_config(c.model.to_dict())
@@ -665,14 +666,14 @@ def gptjax_losses(spec: dict[str, Any], steps: int) -> tuple[list[float], Any, d
     if run.optimizer.lr_at(0) != run.optimizer.lr_at(max(steps - 1, 0)):
         raise ValueError("comparing with the nanoGPT reference needs a constant learning rate "
                          "(optim schedule='constant', warmup_steps=0)")
-    trainer = run.trainer
-    state = trainer.init_state()
+    jitted = run.steps
+    state = jitted.init_state()
     params = jax.device_get(state.params)
     losses = []
     for s in range(steps):
         host = random_batch(run.model.vocab_size, spec["batch"], spec["seq"], seed=s)
-        with trainer.context():
-            state, metrics = trainer.train_step_fn(state, trainer.to_global(host, accum=True))
+        with jitted.layout.context():
+            state, metrics = jitted.train_jit(state, jitted.layout.to_global(host, accum=True))
         losses.append(float(metrics["loss"]))
     return losses, params, dataclasses.asdict(run.model)
 

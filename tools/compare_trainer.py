@@ -85,7 +85,7 @@ class GptjaxRun:
     examples: list[int]  # examples in each step's batch
     val: dict[int, float]  # validation completion loss after the step
     batches: list[dict[str, np.ndarray]]  # the batches, for the Trainer
-    trainer: Any = None  # gptjax's Trainer and its final state
+    jitted: Any = None  # gptjax's jitted steps (gptjax.step.Steps) and its final state
     state: Any = None
 
 
@@ -94,8 +94,8 @@ def run_gptjax(config: config_lib.ConfigDict, workdir: str, eval_every: int = 0,
     """Train with gptjax's trainer on one device; evaluate every `eval_every` steps (0: at the end
     only); with `stop_below`, stop at the first evaluation at or below it."""
     r = resolve(config, workdir, devices=jax.devices()[:1]).prepare()
-    t, trainer, dataset = r.train, r.trainer, r.dataset
-    state = trainer.state_from_params(r.pretrained)
+    t, steps, dataset = r.train, r.steps, r.dataset
+    state = steps.state_from_params(r.pretrained)
     val_batches = dataset.eval_batches(t.batch_size, t.seq_len, max_batches=10**6)
     out = GptjaxRun([], [], [], [], {}, [])
     for step in range(t.steps):
@@ -103,7 +103,7 @@ def run_gptjax(config: config_lib.ConfigDict, workdir: str, eval_every: int = 0,
         batch = dataset.get_batch(step, t.batch_size, t.seq_len, r.seed)
         out.batch_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = steps.train_step(state, batch)
         loss = float(metrics["loss"])  # waits for the step
         out.step_s.append(time.perf_counter() - start)
         out.losses.append(loss)
@@ -111,10 +111,10 @@ def run_gptjax(config: config_lib.ConfigDict, workdir: str, eval_every: int = 0,
         out.batches.append(batch)
         done = step + 1
         if (eval_every and done % eval_every == 0) or done == t.steps:
-            out.val[done] = trainer.evaluate(state.params, val_batches)
+            out.val[done] = steps.evaluate(state.params, val_batches)
             if stop_below is not None and out.val[done] <= stop_below:
                 break
-    out.trainer, out.state = trainer, state
+    out.jitted, out.state = steps, state
     return out
 
 
@@ -126,7 +126,7 @@ def time_steps(run: GptjaxRun, batch_sets: list[list[dict[str, np.ndarray]]], re
     for i in range(repeats + 1):
         for k, batches in enumerate(batch_sets):
             start = time.perf_counter()
-            state, metrics = run.trainer.train_step(state, batches[i % len(batches)])
+            state, metrics = run.jitted.train_step(state, batches[i % len(batches)])
             jax.block_until_ready(metrics)
             if i:
                 times[k].append(time.perf_counter() - start)

@@ -60,7 +60,7 @@ def import_hf(hf_dir: str, out: str) -> None:
     block_size = hf.read_hf_config(hf_dir)["block_size"]
     config.train.seq_len = min(config.train.seq_len, block_size)  # a run that trains as saved
     run = resolve(config, out, devices=jax.devices("cpu")[:1]).prepare(data=False)
-    state = run.trainer.state_from_params(run.pretrained)
+    state = run.steps.state_from_params(run.pretrained)
     ckpt.save_config(run.run_dir, run.config)
     run.tokenizer.save(run.run_dir.tokenizer)
     checkpointer = ckpt.Checkpointer(run.run_dir, keep=1, async_save=False)

@@ -1,5 +1,5 @@
-"""The run's programs, lowered for the slice's devices: the one place that knows the trainer's
-and the sampler's API.
+"""The run's programs, lowered for the slice's devices: the one place that knows the train
+steps' and the sampler's API.
 
 The train step at the configured batch, the eval step at one micro-batch (as training
 evaluates), and the sampler's prefill and decode loop with the parameters split by the
@@ -30,12 +30,12 @@ def unrolled(run: Run, n_layer: int, grad_accum: int) -> Run:
 
 def lower_train(run: Run) -> jax.stages.Lowered:
     """The train step at the configured batch (all its micro-batches)."""
-    return run.trainer.lower_train_step(run.train.batch_size, run.train.seq_len)
+    return run.steps.lower_train_step(run.train.batch_size, run.train.seq_len)
 
 
 def lower_eval(run: Run) -> jax.stages.Lowered:
     """The eval step at the batch training evaluates with: one micro-batch."""
-    return run.trainer.lower_eval_step(run.train.micro_batch, run.train.seq_len)
+    return run.steps.lower_eval_step(run.train.micro_batch, run.train.seq_len)
 
 
 def sampler_params(run: Run) -> Any:
@@ -43,9 +43,9 @@ def sampler_params(run: Run) -> Any:
     compiler gives them when `to_decode_layout` converts parameters sharded by the run's mesh
     rules, as `gptjax.load(path, mesh=...)` places them."""
     from gptjax.model import to_decode_layout
-    from gptjax.step import abstract
+    from gptjax.state import abstract
 
-    lowered = to_decode_layout.lower(run.model, abstract(run.trainer.abstract_params, run.trainer.param_shardings))
+    lowered = to_decode_layout.lower(run.model, abstract(run.steps.layout.abstract_params, run.steps.layout.params))
     return with_shardings(lowered.out_info, lowered.compile().output_shardings)
 
 
@@ -75,7 +75,7 @@ def lower_sampler(run: Run, rows: int, prompt_len: int) -> tuple[jax.stages.Lowe
 
 def state_bytes(run: Run) -> tuple[int, int]:
     """Per-chip bytes of (parameters, optimizer state), from their shardings (no padding)."""
-    state = run.trainer.abstract_state()
+    state = run.steps.layout.abstract_state()
     return per_chip_bytes(state.params), per_chip_bytes(state.opt_state)
 
 

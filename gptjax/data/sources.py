@@ -232,17 +232,17 @@ def resolve(spec: SourceSpec, cfg: DataConfig, download: bool = True) -> Source:
         if units is not None:
             read = lambda advance: source_docs(units, reader, advance)
         return Source(spec, identity, read, size, "doc", cfg.val_fraction, units=units, reader=reader,
-                      pod_shared=hf_source.parse(spec.arg)[2])  # a Hub dataset is downloaded by host 0 only
-    if spec.kind == "stdlib":
-        paths = stdlib_files()
+                      pod_shared=reader.hf[2])  # a local directory; a Hub dataset is downloaded by host 0 only
+    stdlib = spec.kind == "stdlib"
+    paths = stdlib_files() if stdlib else _expand_globs(spec.kind, spec.arg)
+    units = plan_files(paths, "files" if stdlib else spec.kind, cfg.text_field)
+    if stdlib:
         root = sysconfig.get_paths()["stdlib"]
         identity = {"kind": "stdlib", "python": sys.version, "files": _files_digest(paths)}
         units = [Unit("text", tuple(u.paths), tuple(os.path.relpath(p, root) for p in u.paths), size=u.size, file=i)
-                 for i, u in enumerate(plan_files(paths, "files", cfg.text_field))]
+                 for i, u in enumerate(units)]
         reader = Reader("files")
     else:
-        paths = _expand_globs(spec.kind, spec.arg)
-        units = plan_files(paths, spec.kind, cfg.text_field)
         reader = Reader(spec.kind, cfg.text_field, cfg.prompt_field, cfg.completion_field)
         identity = {"kind": spec.kind, "files": _files_digest(paths)}
         if spec.kind == "files":

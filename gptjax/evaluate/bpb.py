@@ -1,4 +1,6 @@
-"""Bits per byte: validation loss in units that do not depend on the tokenizer.
+"""Validation metrics: val_loss and val_ppl of held-out batches (each source of a mixture too),
+their log line, and bits per byte, the validation loss in units that do not depend on the
+tokenizer:
 
     bits per byte = total loss in nats / ln 2 / UTF-8 bytes of the text scored
 
@@ -20,12 +22,47 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from gptjax.metrics import eval_metrics, source_labels
 from gptjax.tokenizer import Tokenizer
+
+
+def source_labels(sources: list[str]) -> list[str]:
+    """Short names of a mixture's sources for metrics ('pairs:qa.jsonl' for 'pairs:data/qa.jsonl'),
+    the full names where the short ones would collide."""
+    short = [s.split(":", 1)[0] + ":" + os.path.basename(s.split(":", 1)[1].rstrip("/")) if ":" in s else s
+             for s in sources]
+    return short if len(set(short)) == len(short) else list(sources)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def eval_metrics(val_loss: float, source_losses: list[float | None] | None, sources: list[str]) -> dict[str, float]:
+    """val_loss and val_ppl, and for each source of a mixture `val_loss/<source>` and `val_ppl/<source>`
+    (a source's loss counts what it trains on: a pairs: source's completions)."""
+    out = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+    if source_losses is not None and len(sources) > 1:
+        for label, loss in zip(source_labels(sources), source_losses):
+            if loss is not None:
+                out[f"val_loss/{label}"], out[f"val_ppl/{label}"] = loss, perplexity(loss)
+    return out
+
+
+def eval_line(step: int, metrics: dict[str, float]) -> str:
+    """'step 200: val_loss 2.1234  val_ppl 8.37  val_bpb 1.0512 | files:news.jsonl 2.5012 (ppl 12.20), ...'
+    (val_bpb where the metrics have it)."""
+    line = f"step {step}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}"
+    if "val_bpb" in metrics:
+        line += f"  val_bpb {metrics['val_bpb']:.4f}"
+    per_source = [f"{k[len('val_loss/'):]} {v:.4f} (ppl {metrics['val_ppl/' + k[len('val_loss/'):]]:.2f})"
+                  for k, v in metrics.items() if k.startswith("val_loss/")]
+    return line + (" | " + ", ".join(per_source) if per_source else "")
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +145,13 @@ class ValidationSet:
         every_row = self.batches if process_count == 1 else dataset.eval_batches(batch_size, seq_len, max_batches)
         self.coverage = scored_text(every_row, dataset.tokenizer, len(self.sources))
 
-    def metrics(self, trainer: Any, params: Any) -> dict[str, float]:
+    def metrics(self, steps: Any, params: Any) -> dict[str, float]:
         """val_loss, val_ppl, val_bpb (each per source too, for a mixture) of `params`."""
-        ev = eval_metrics(*trainer.evaluate_sources(params, self.batches), self.sources)
+        ev = eval_metrics(*steps.evaluate_sources(params, self.batches), self.sources)
         ev.update(bpb_metrics(ev, self.coverage, self.sources))
         return ev
+
+    def loss_and_bpb(self, steps: Any, params: Any) -> dict[str, float]:
+        """loss and bpb (where the text has bytes) of `params` over all sources: a benchmark's metrics."""
+        ev = self.metrics(steps, params)
+        return {"loss": ev["val_loss"], **({"bpb": ev["val_bpb"]} if "val_bpb" in ev else {})}

@@ -93,7 +93,7 @@ def evaluate_run(path: str, source: str | None = None, hellaswag: str | None = N
     score_text = source is not None or hellaswag is None
     r = r.prepare(data=score_text and not rolling)
     _, params = load_for_inference(path, device=jax.devices("cpu")[0])
-    params = jax.device_put(params, r.trainer.param_shardings)
+    params = jax.device_put(params, r.steps.layout.params)
     out: dict[str, float] = {}
     scorer = Scorer(r.model, params, r.mesh, batch_size)
     if score_text and rolling:
@@ -106,7 +106,7 @@ def evaluate_run(path: str, source: str | None = None, hellaswag: str | None = N
         if batches == 0:  # every row the validation text fills: at most one per token
             batches = math.ceil(r.dataset.val_tokens / t.micro_batch) + 1
         val = ValidationSet(r.dataset, t.micro_batch, t.seq_len, batches, jax.process_index(), jax.process_count())
-        out.update(val.metrics(r.trainer, params))
+        out.update(val.metrics(r.steps, params))
         out.update(val_tokens=sum(val.coverage.tokens), val_bytes=float(sum(val.coverage.bytes)))
     if hellaswag is not None:
         assert r.tokenizer is not None

@@ -1,5 +1,6 @@
-"""Benchmarks during training: the `eval` config section's tasks, prepared once when the loop
-starts and evaluated for the train state's parameters on the run's mesh.
+"""Evaluation during training (`prepare_evaluation`): the run's validation set and the `eval`
+config section's tasks, prepared once when the loop starts and evaluated for the train state's
+parameters on the run's mesh. The tasks:
 
     hellaswag:PATH   multiple choice (`gptjax.evaluate.multiple_choice`):
                      eval/<file stem>/acc, eval/<file stem>/acc_norm
@@ -19,10 +20,9 @@ from typing import Any, Callable
 import jax
 
 from gptjax import data as data_lib
-from gptjax.evaluate.bpb import ValidationSet
+from gptjax.evaluate.bpb import ValidationSet, source_labels
 from gptjax.evaluate.multiple_choice import MultipleChoice, read_items
 from gptjax.evaluate.scoring import Scorer
-from gptjax.metrics import source_labels
 from gptjax.run import Run
 
 
@@ -45,10 +45,9 @@ class Benchmarks:
     """The run's eval tasks, prepared (files read and tokenized, sources cached): calling it
     with parameters gives every task's metrics, named `eval/<task label>/<metric>`."""
 
-    def __init__(self, r: Run):
+    def __init__(self, r: Run, specs: list[tuple[str, str]]):
         assert r.run_dir is not None and r.tokenizer is not None
         e, t = r.sections.eval, r.train
-        specs = e.task_list()
         self.scorer = Scorer(r.model, None, r.mesh, e.batch_size)
         self.tasks: list[Task] = []
         for (kind, arg), label in zip(specs, _labels(specs)):
@@ -61,7 +60,7 @@ class Benchmarks:
                 dataset.check(t.seq_len)
                 val = ValidationSet(dataset, t.micro_batch, t.seq_len, e.bpb_batches or t.eval_batches,
                                     jax.process_index(), jax.process_count())
-                self.tasks.append(Task(label, lambda params, val=val: _bpb(val.metrics(r.trainer, params))))
+                self.tasks.append(Task(label, lambda params, val=val: val.loss_and_bpb(r.steps, params)))
 
     def __call__(self, params: Any) -> dict[str, float]:
         out = {}
@@ -70,11 +69,24 @@ class Benchmarks:
         return out
 
 
-def _bpb(metrics: dict[str, float]) -> dict[str, float]:
-    out = {"loss": metrics["val_loss"]}
-    if "val_bpb" in metrics:
-        out["bpb"] = metrics["val_bpb"]
-    return out
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What the training loop evaluates, prepared once: the run's validation set, and the eval
+    section's tasks (None without any)."""
+
+    validation: ValidationSet
+    benchmarks: Benchmarks | None
+
+
+def prepare_evaluation(r: Run) -> Evaluation:
+    """The run's validation set (its data's held-out batches, one micro-batch each) and its
+    benchmark tasks, for the loop's evaluation steps."""
+    assert r.dataset is not None
+    t, specs = r.train, r.sections.eval.task_list()
+    benchmarks = Benchmarks(r, specs) if specs else None
+    validation = ValidationSet(r.dataset, t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(),
+                               jax.process_count())
+    return Evaluation(validation, benchmarks)
 
 
 def benchmark_line(step: int, metrics: dict[str, float]) -> str:

@@ -181,7 +181,7 @@ class GPT(nn.Module):
 
 
 def init_params(cfg: GPTConfig, rng: jax.Array) -> Any:
-    """Unboxed fp32 parameters (no sharding; `gptjax.step.init_boxed_params` keeps the logical axis names for sharding)."""
+    """Unboxed fp32 parameters (no sharding; `gptjax.state.init_boxed_params` keeps the logical axis names for sharding)."""
     variables = GPT(cfg).init(rng, jnp.zeros((1, min(8, cfg.block_size)), jnp.int32))
     return nn.meta.unbox(variables["params"])
 

@@ -117,7 +117,7 @@ def place_on_mesh(cfg: GPTConfig, params: Any, mesh: Mesh) -> Any:
     """The parameters split over `mesh` as training splits them (their logical axis names
     through `gptjax.sharding.RULES`); a width a mesh axis does not divide is a UserError."""
     from gptjax import sharding
-    from gptjax.step import param_shapes
+    from gptjax.state import param_shapes
 
     shardings = sharding.logical_shardings(mesh, param_shapes(cfg, boxed=True))
     for path, x, s in zip(*_flat(param_shapes(cfg)), jax.tree_util.tree_leaves(shardings)):
