@@ -1,5 +1,9 @@
 """The accelerator chips gptjax knows: published peak bf16 FLOP/s, HBM size, HBM and ICI bandwidth.
 
+`chip_of(device_kind)` finds a device's chip: a TPU by its exact device kind, a GPU by the
+card's name within it. Training's MFU, the AOT tool's roofline and `tools/bench_gpu.py` all
+read these figures from here.
+
 One table for everything that needs a chip's figures: the ahead-of-time fit check and its
 roofline (`gptjax.aot`) and the peak MFU is measured against. Figures are per chip as the
 vendor publishes them; on v4 and v5p a chip's two TensorCores are one JAX device (megacore),
@@ -16,6 +20,8 @@ ICI (inter-chip interconnect) bandwidth per chip, both directions of all its lin
   v5e 400 GB/s, v5p 1200 GB/s, v6e 800 GB/s: "Bidirectional inter-chip interconnect (ICI)
       bandwidth (per chip)" on the pages above (older versions give the one-way figure in
       Gbps: 1,600 for v5e, 4,800 for v5p)
+GPUs: dense bf16 TFLOP/s (without sparsity) and HBM bandwidth from NVIDIA's data sheets for
+the SXM parts (H200, H100, A100) and the PCIe cards (L40S, L4, A10G).
 The pages write "GB" for capacities that are binary (the chips hold 16, 95 and 32 GiB; the
 TPU compiler's own limit is a little under that); the table stores GiB.
 """
@@ -70,3 +76,23 @@ def chip_for_device_kind(device_kind: str) -> Chip | None:
         if chip.device_kind == device_kind:
             return chip
     return None
+
+
+GPUS: dict[str, Chip] = {  # matched by the card's name within the device kind, in this order
+    "H200": Chip("H200", "H200", 989.0, 141.0, 4800.0),
+    "H100": Chip("H100", "H100", 989.0, 80.0, 3350.0),
+    "A100-SXM4-80GB": Chip("A100-SXM4-80GB", "A100-SXM4-80GB", 312.0, 80.0, 2039.0),
+    "A100": Chip("A100", "A100", 312.0, 40.0, 1555.0),
+    "L40S": Chip("L40S", "L40S", 362.0, 48.0, 864.0),
+    "L4": Chip("L4", "L4", 121.0, 24.0, 300.0),
+    "A10G": Chip("A10G", "A10G", 70.0, 24.0, 600.0),
+}
+
+
+def chip_of(device_kind: str) -> Chip | None:
+    """The chip of a device: a TPU whose device kind is exactly `device_kind`, else the first
+    GPU whose name it contains ('NVIDIA H100 80GB HBM3' is the H100); None for a CPU."""
+    tpu = chip_for_device_kind(device_kind)
+    if tpu is not None:
+        return tpu
+    return next((chip for name, chip in GPUS.items() if name in device_kind), None)

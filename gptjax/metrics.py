@@ -2,7 +2,7 @@
 The validation metrics and their log line are `gptjax.evaluate.bpb`'s.
 
 MFU is the model's training FLOPs per second (`GPTConfig.flops_per_token`) over the peak of
-the mesh: configured (`train.peak_tflops`), looked up by device kind in `KNOWN_PEAK_TFLOPS`,
+the mesh: configured (`train.peak_tflops`), looked up by device kind (`gptjax.chips.chip_of`),
 or, on a CPU, measured with a large matmul (`measure_matmul_flops`).
 """
 
@@ -21,20 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from gptjax import storage
+from gptjax import chips, storage
 from gptjax.layout import RunDir
-
-KNOWN_PEAK_TFLOPS = {  # dense bf16 per device, from vendor datasheets
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v6 lite": 918.0,
-    "NVIDIA H100": 989.0,
-    "NVIDIA H200": 989.0,
-    "NVIDIA A100": 312.0,
-}
-
 
 def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     """FLOP/s of an n x n matmul in `dtype` with fp32 accumulation (as `gptjax.model.matmul`)
@@ -55,9 +43,9 @@ def peak_flops(configured_tflops: float, mesh: Mesh) -> float:
     device = mesh.devices.flat[0]
     if configured_tflops > 0:
         return configured_tflops * 1e12 * mesh.size
-    for name, tflops in KNOWN_PEAK_TFLOPS.items():
-        if name.lower() in device.device_kind.lower():
-            return tflops * 1e12 * mesh.size
+    chip = chips.chip_of(device.device_kind) if device.platform != "cpu" else None
+    if chip is not None:
+        return chip.peak_flops * mesh.size
     # CPU (simulated devices share the same cores): one measurement stands for the machine.
     return measure_matmul_flops()
 

@@ -14,7 +14,7 @@ a --prompt-token prompt; new tokens/s of a whole call (the median of --repeats a
 compiling call) against the HBM bandwidth bound: every weight read once per step, plus the
 keys and values of the context (`bench_sample.step_bytes`), over the card's HBM bandwidth.
 
-The card's peak and bandwidth come from `CARDS` by its device kind (--peak_tflops and
+The card's peak and bandwidth come from `gptjax.chips.GPUS` by its device kind (--peak_tflops and
 --hbm_gbps override them; an unknown card, or a CPU, prints n/a for the ratios).
 """
 
@@ -33,20 +33,11 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gptjax import chips  # noqa: E402
 from gptjax import config as config_lib  # noqa: E402
 from gptjax import run as run_lib  # noqa: E402
 from gptjax.sampling import Decoder  # noqa: E402
 
-# device-kind substring -> (dense bf16 TFLOP/s, HBM GB/s), from the vendors' data sheets (SXM parts)
-CARDS = {
-    "H200": (989.0, 4800.0),
-    "H100": (989.0, 3350.0),
-    "A100-SXM4-80GB": (312.0, 2039.0),
-    "A100": (312.0, 1555.0),
-    "L40S": (362.0, 864.0),
-    "L4": (121.0, 300.0),
-    "A10G": (70.0, 600.0),
-}
 TINY = ["--config.model.n_layer=2", "--config.model.n_head=2", "--config.model.n_embd=64",
         "--config.model.block_size=32", "--config.tokenizer.vocab_size=256"]
 
@@ -60,11 +51,12 @@ def _bench_sample():
 
 
 def card(device: jax.Device, peak_tflops: float, hbm_gbps: float) -> tuple[str, float | None, float | None]:
-    """(device kind, bf16 FLOP/s, HBM bytes/s): the flags', else `CARDS`' figures (None: unknown)."""
+    """(device kind, bf16 FLOP/s, HBM bytes/s): the flags', else the card's in `gptjax.chips.GPUS`
+    (None: unknown)."""
     kind = device.device_kind
-    known = next((v for k, v in CARDS.items() if k in kind), (None, None)) if device.platform == "gpu" else (None, None)
-    peak = peak_tflops or known[0]
-    bw = hbm_gbps or known[1]
+    known = chips.chip_of(kind) if device.platform == "gpu" else None
+    peak = peak_tflops or (known and known.bf16_tflops)
+    bw = hbm_gbps or (known and known.hbm_gbps)
     return kind, peak and peak * 1e12, bw and bw * 1e9
 
 
