@@ -45,7 +45,8 @@ import math
 import re
 
 from gptjax.aot.collectives import collective_kind, ici_bytes
-from gptjax.aot.hlo import Array, Computation, Instruction, Module, operand_arrays, operand_bytes, parse_module, shape_bytes
+from gptjax.aot.hlo import (Computation, Instruction, Module, in_hbm, operand_arrays, operand_bytes, parse_module,
+                            shape_bytes)
 from gptjax.aot.kernels import kernel_cost
 
 # Instructions that move no data of their own (aliases, tuples, control).
@@ -295,15 +296,10 @@ def _sliced_read(module: Module, fused: Computation, param: Instruction) -> floa
     return total
 
 
-def _in_hbm(arrays: list[Array]) -> bool:
-    return any(a.memory_space == 0 for a in arrays)
-
-
 def _async_start_bytes(comp: Computation, inst: Instruction) -> float:
-    """HBM bytes of an asynchronous start (copy-start, slice-start, a collective's start): its
-    tuple holds its operands (aliased: not moved again), its results and context scalars.
-    What moves: each operand in HBM read once (a slice-start reads only its slice) and each
-    result in HBM written once; its done moves nothing more."""
+    """HBM bytes of an asynchronous start (copy-start, slice-start, a collective's start),
+    whose tuple holds its operands' aliases, its results and context scalars: each operand in
+    HBM read once (a slice-start's: only its slice), each result in HBM written once."""
     results = list(inst.arrays)
     operands = [a for i in range(len(inst.operands)) for a in operand_arrays(comp, inst, i)]
     for a in operands:  # the operands' aliases in the tuple
@@ -312,24 +308,19 @@ def _async_start_bytes(comp: Computation, inst: Instruction) -> float:
             results.remove(same)
     written = sum(r.hbm_bytes for r in results)
     if inst.opcode == "slice-start":
-        return written + (sum(r.padded_bytes for r in results if r.dims) if _in_hbm(operands) else 0.0)
+        return written + (sum(r.padded_bytes for r in results if r.dims) if in_hbm(operands) else 0.0)
     return written + sum(a.hbm_bytes for a in operands)
 
 
 def instruction_bytes(module: Module, comp: Computation, inst: Instruction, physical: bool = True) -> float:
     """Bytes one top-level instruction reads and writes: its operands and outputs at their
-    padded sizes.
-
-    `physical`: the HBM traffic the chip has for it: only arrays that live in HBM (memory
-    space 0, `gptjax.aot.hlo`): an operand or output the compiler keeps in VMEM moves no HBM
-    bytes, and an asynchronous copy between memory spaces (copy-start/copy-done: a prefetch
-    into VMEM or an eviction to HBM) moves its HBM side once; a bitcast nothing; a fusion's
-    operand that it only slices the slices it reads, an in-place dynamic-update-slice the
-    update it writes.
-
-    Else as the TPU compiler's own cost analysis charges it, whatever the memory space: a
-    bitcast its operand and output, a fusion its whole operands and outputs (in a loop that
-    walks a stacked array, that overcounts by the stack's depth)."""
+    padded sizes. `physical`: its HBM traffic: only arrays in HBM (memory space 0; what the
+    compiler keeps in VMEM moves no HBM bytes), an asynchronous copy or slice its HBM side
+    once, a bitcast nothing, a fusion's operand that it only slices the slices it reads, an
+    in-place dynamic-update-slice the update it writes. Else as the TPU compiler's own cost
+    analysis charges it, whatever the memory space: a bitcast its operand and output, a fusion
+    its whole operands and outputs (in a loop that walks a stacked array, that overcounts by
+    the stack's depth)."""
     op = inst.opcode
     if op in _FREE or op in _DONE or (op == "custom-call" and 'custom_call_target="AllocateBuffer"' in inst.attrs):
         return 0.0
@@ -351,7 +342,7 @@ def instruction_bytes(module: Module, comp: Computation, inst: Instruction, phys
     in_place = {u.operands[0] for u in outs if u.opcode == "dynamic-update-slice" and u.operands}
     total = 0.0
     for index in range(len(inst.operands)):
-        if not _in_hbm(operand_arrays(comp, inst, index)):
+        if not in_hbm(operand_arrays(comp, inst, index)):
             continue  # kept on chip: read from VMEM
         p = params.get(index)
         if p is not None and p.name in in_place and len(users.get(p.name, [])) == 1:

@@ -81,6 +81,11 @@ def parse_shape(text: str) -> list[Array]:
     return arrays
 
 
+def in_hbm(arrays: list[Array]) -> bool:
+    """Whether any of `arrays` lives in HBM (memory space 0)."""
+    return any(a.memory_space == 0 for a in arrays)
+
+
 def shape_bytes(text: str, hbm_only: bool = False) -> float:
     """Bytes of a shape (all arrays of a tuple); `hbm_only`: of its arrays in HBM only."""
     return sum(a.hbm_bytes if hbm_only else a.padded_bytes for a in parse_shape(text))
