@@ -156,7 +156,7 @@ class Trainer:
         )
         return head_cross_entropy(
             hidden_BxTxC, head_table(self.gpt, params), batch["targets"], batch["weights"], self.gpt.vocab_size,
-            self.gpt.logit_softcap,
+            self.gpt.logit_softcap, self.gpt.logits_chunk_mib * 2**20,
         )
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -222,7 +222,7 @@ class Trainer:
         )
         return head_eval_sums(
             hidden_BxTxC, head_table(self.gpt, params), batch["targets"], batch["weights"], batch.get("sources"),
-            self.gpt.vocab_size, self.gpt.logit_softcap,
+            self.gpt.vocab_size, self.gpt.logit_softcap, self.gpt.logits_chunk_mib * 2**20,
         )
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict[str, jax.Array]]:
