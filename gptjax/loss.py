@@ -22,7 +22,7 @@ LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes
 # writes its fp32 gradient accumulator once: about 230 MB per chip for GPT-2's 50,304 x 768
 # over fsdp=4, which a chunk of 256 tokens (64 MiB at 16 rows per chip) pays at 0.9 MB of HBM
 # traffic per token and one of 4,096 tokens (1 GiB) at 0.06 MB.
-ACCELERATOR_LOGITS_CHUNK_BYTES = 2**30
+ACCELERATOR_LOGITS_CHUNK_BYTES = 2**30  # both: the defaults of model.logits_chunk_mib=0
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
