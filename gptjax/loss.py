@@ -22,7 +22,7 @@ LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes
 # writes its fp32 gradient accumulator once: about 230 MB per chip for GPT-2's 50,304 x 768
 # over fsdp=4, which a chunk of 256 tokens (64 MiB at 16 rows per chip) pays at 0.9 MB of HBM
 # traffic per token and one of 4,096 tokens (1 GiB) at 0.06 MB.
-ACCELERATOR_LOGITS_CHUNK_BYTES = 2**30
+ACCELERATOR_LOGITS_CHUNK_BYTES = 2**30  # both: the defaults of model.logits_chunk_mib=0
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -33,10 +33,10 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: 
     return ((logz_BxT - target_logit_BxT) * weights_BxT).sum(), weights_BxT.sum()
 
 
-def _seq_chunks(b: int, t: int, vocab: int) -> int:
-    """The fewest sequence chunks (a divisor of t) whose fp32 logits fit the platform's budget
-    (LOGITS_CHUNK_BYTES on a CPU, ACCELERATOR_LOGITS_CHUNK_BYTES on a TPU or GPU)."""
-    budget = LOGITS_CHUNK_BYTES if trace_platform() == "cpu" else ACCELERATOR_LOGITS_CHUNK_BYTES
+def _seq_chunks(b: int, t: int, vocab: int, budget: int = 0) -> int:
+    """The fewest sequence chunks (a divisor of t) whose fp32 logits fit `budget` bytes per chip
+    (0: the platform's, LOGITS_CHUNK_BYTES on a CPU, ACCELERATOR_LOGITS_CHUNK_BYTES on a TPU or GPU)."""
+    budget = budget or (LOGITS_CHUNK_BYTES if trace_platform() == "cpu" else ACCELERATOR_LOGITS_CHUNK_BYTES)
     rows = -(-b // _batch_shards())  # the rows of one chip: inside a sharded step b is the global batch
     for n in range(1, t + 1):
         if t % n == 0 and rows * (t // n) * vocab * 4 <= budget:
@@ -53,13 +53,14 @@ def _batch_shards() -> int:
 
 def head_cross_entropy(
     hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
-    vocab_size: int | None = None, softcap: float = 0.0,
+    vocab_size: int | None = None, softcap: float = 0.0, chunk_bytes: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """`cross_entropy` of the head's logits `hidden @ embedding.T`, never holding them whole.
 
     `embedding` is the head's [vocab, embed] table (the tied `wte`, or an untied head).
     `vocab_size`: the real vocabulary when the table has padded rows past it (default: all rows).
     `softcap` > 0: the logits are `softcap * tanh(logits / softcap)` (`model.logit_softcap`).
+    `chunk_bytes`: the most fp32 logits per chip made at once (0: the platform's default).
 
     The logits are made a sequence chunk at a time. Under differentiation the forward pass
     also computes each chunk's gradients with respect to `hidden` and `embedding` while the
@@ -67,28 +68,29 @@ def head_cross_entropy(
     [batch, seq, vocab] array, nor its gradient or transposed copy, is ever made.
     """
     valid = embedding_VxC.shape[0] if vocab_size is None else int(vocab_size)
-    return _head_ce_vjp(valid, float(softcap), hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT)
+    return _head_ce_vjp(valid, float(softcap), int(chunk_bytes), hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _head_ce_vjp(
-    valid: int, softcap: float, hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array,
-    weights_BxT: jax.Array,
+    valid: int, softcap: float, chunk_bytes: int, hidden_BxTxC: jax.Array, embedding_VxC: jax.Array,
+    targets_BxT: jax.Array, weights_BxT: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     sums, _, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, valid=valid,
-                             softcap=softcap)
+                             softcap=softcap, chunk_bytes=chunk_bytes)
     return sums
 
 
 def _head_ce(
     hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, grads: bool,
-    valid: int | None = None, softcap: float = 0.0,
+    valid: int | None = None, softcap: float = 0.0, chunk_bytes: int = 0,
 ) -> Any:
     """(sums, token losses [B, T], d hidden [B, T, C] or None, d embedding [V, C] or None);
-    rows of the table from `valid` on are padding (masked out); `softcap` as in `head_cross_entropy`."""
+    rows of the table from `valid` on are padding (masked out); `softcap` and `chunk_bytes` as
+    in `head_cross_entropy`."""
     b, t, _ = hidden_BxTxC.shape
     vocab = embedding_VxC.shape[0]
-    n = _seq_chunks(b, t, vocab)
+    n = _seq_chunks(b, t, vocab, chunk_bytes)
     w_VxC = embedding_VxC.astype(hidden_BxTxC.dtype)
     on_cpu = trace_platform() == "cpu"
     real_1x1xV = None if valid is None or valid >= vocab else (jnp.arange(vocab) < valid)[None, None]
@@ -149,13 +151,14 @@ def _head_ce(
     return ((losses_BxT * weights_BxT).sum(), weights_BxT.sum()), losses_BxT, dh_BxTxC, dw_VxC
 
 
-def _head_ce_fwd(valid: int, softcap: float, hidden: jax.Array, embedding: jax.Array, targets: jax.Array,
-                 weights: jax.Array) -> Any:
-    sums, losses, dh, dw = _head_ce(hidden, embedding, targets, weights, grads=True, valid=valid, softcap=softcap)
+def _head_ce_fwd(valid: int, softcap: float, chunk_bytes: int, hidden: jax.Array, embedding: jax.Array,
+                 targets: jax.Array, weights: jax.Array) -> Any:
+    sums, losses, dh, dw = _head_ce(hidden, embedding, targets, weights, grads=True, valid=valid, softcap=softcap,
+                                    chunk_bytes=chunk_bytes)
     return sums, (losses, dh.astype(hidden.dtype), dw.astype(embedding.dtype))
 
 
-def _head_ce_bwd(valid: int, softcap: float, res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
+def _head_ce_bwd(valid: int, softcap: float, chunk_bytes: int, res: Any, g: tuple[jax.Array, jax.Array]) -> Any:
     losses, dh, dw = res
     g_loss, g_weight = g
     return (g_loss * dh).astype(dh.dtype), g_loss * dw, None, g_loss * losses + g_weight
@@ -172,16 +175,18 @@ def head_eval_sums(
     sources_BxS: jax.Array | None = None,
     vocab_size: int | None = None,
     softcap: float = 0.0,
+    chunk_bytes: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """`head_cross_entropy` for evaluation (not differentiable), optionally split by source.
 
     Without `sources_BxS`: (loss sum, weight sum), scalars. With a one-hot `sources_BxS`:
     (loss sums [S], weight sums [S]), each row counted for the source it names (a row of zeros
-    counts nowhere). `vocab_size` and `softcap` as in `head_cross_entropy`. The logits are made a
-    sequence chunk at a time, as in training, so an eval batch never holds [batch, seq, vocab] of them.
+    counts nowhere). `vocab_size`, `softcap` and `chunk_bytes` as in `head_cross_entropy`. The
+    logits are made a sequence chunk at a time, as in training, so an eval batch never holds
+    [batch, seq, vocab] of them.
     """
     sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, valid=vocab_size,
-                                    softcap=softcap)
+                                    softcap=softcap, chunk_bytes=chunk_bytes)
     if sources_BxS is None:
         return sums
     return (losses_BxT * weights_BxT).sum(axis=1) @ sources_BxS, weights_BxT.sum(axis=1) @ sources_BxS

@@ -59,7 +59,8 @@ def unrolled() -> aot.Report:
 def test_counts_equal_the_unrolled_compile(looped, unrolled):
     """Micro-batch loop x2, scanned layers x2 (forward and backward), head chunks x2: the
     counted FLOPs are the unrolled step's (XLA's own count of the looped step is far below);
-    HBM bytes are at least the unrolled step's (the scan adds stacking copies of its own)."""
+    bytes counted in every memory space are at least the unrolled step's (the scan adds
+    stacking copies of its own), and HBM bytes about the same."""
     (step,), (reference,) = looped.columns, unrolled.columns
     counts, ref = step.compiled.counts, reference.compiled.counts
     # Nothing loops: XLA's count, plus the FLOPs of the compiler's own online-softmax kernel where it made one.
@@ -70,8 +71,12 @@ def test_counts_equal_the_unrolled_compile(looped, unrolled):
     assert step.compiled.flops < 0.6 * reference.compiled.flops  # XLA counts each loop body once
     assert step.hlo_flops == pytest.approx(reference.hlo_flops, rel=0.02)
     assert step.hlo_flops >= step.model_flops and reference.hlo_flops >= reference.model_flops
-    assert reference.compiled.bytes_accessed * 0.95 <= step.hbm_bytes <= 2 * reference.compiled.bytes_accessed
-    assert step.compiled.bytes_accessed < step.hbm_bytes
+    # Bytes as XLA counts them (every memory space): the loops' iterations are all there.
+    everywhere = counts_lib.count(re.sub(r"S\(\d+\)", "", step.compiled.executable.as_text()), 0.0, 0.0)
+    assert reference.compiled.bytes_accessed * 0.95 <= everywhere.hbm_bytes <= 2 * reference.compiled.bytes_accessed
+    assert step.compiled.bytes_accessed < everywhere.hbm_bytes
+    # HBM only (a tiny model lives mostly in VMEM): the looped step's about the unrolled one's.
+    assert 0.8 * ref.hbm_bytes <= step.hbm_bytes <= 2 * ref.hbm_bytes < reference.compiled.bytes_accessed
 
 
 @needs_libtpu

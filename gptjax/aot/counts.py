@@ -15,17 +15,22 @@ more compiles:
    and `Counts.unknown_loops` says how many there were.
 2. Each top-level instruction's cost: FLOPs as XLA counts them (its dots, convolutions,
    elementwise ops and reductions: within 1% of XLA's total on the steps tested); HBM bytes as
-   the chip moves them: its operands and outputs at their padded TPU sizes, a bitcast nothing,
-   a fusion only the slices it reads of an operand it slices and the update it writes in
-   place. (The compiler's own count charges a fusion whole buffers, which in a loop walking a
-   stacked array would multiply the stack by its depth; `instruction_bytes(physical=False)`
-   is that rule, within 3% of XLA's total where nothing loops.) A kernel the cost analysis
-   cannot see into is counted from its shapes (`gptjax.aot.kernels`: splash attention from
-   its block sizes, the compiler's online-softmax).
-3. The totals: XLA's own counts, plus every instruction's cost times (multiplicity - 1), plus
-   each kernel's own work in place of what XLA charged it. So where nothing loops and no
-   kernel runs they are exactly XLA's, and the per-instruction model only fills in the
-   iterations XLA leaves out.
+   the chip moves them: its operands and outputs at their padded TPU sizes that live in HBM
+   (memory space 0 in their layouts: what the compiler keeps in VMEM, `S(1)`, moves no HBM
+   bytes), an asynchronous copy or slice between memory spaces its HBM side once, a bitcast
+   nothing, a fusion only the slices it reads of an operand it slices and the update it
+   writes in place. (The compiler's own count charges every operand and result wherever it
+   lives, and a fusion whole buffers, which in a loop walking a stacked array would multiply
+   the stack by its depth; `instruction_bytes(physical=False)` is that rule, within 3% of
+   XLA's total where nothing loops.) A kernel the cost analysis cannot see into is counted
+   from its shapes (`gptjax.aot.kernels`: splash attention from its block sizes, the
+   compiler's online-softmax).
+3. The totals: FLOPs are XLA's own count, plus every instruction's FLOPs times (multiplicity
+   - 1), plus each kernel's own work (so where nothing loops and no kernel runs they are
+   exactly XLA's); HBM bytes are every instruction's HBM bytes times its multiplicity (XLA's
+   byte count mixes memory spaces, so it is kept only as `Counts.xla_bytes`). What the
+   compiler does inside a fusion (a matmul re-reading an operand tile by tile) is not in its
+   HLO and not counted.
 
 The collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, also
 as async starts) give the ICI bytes each chip sends, as a ring over a replica group of n
@@ -40,7 +45,8 @@ import math
 import re
 
 from gptjax.aot.collectives import collective_kind, ici_bytes
-from gptjax.aot.hlo import Computation, Instruction, Module, operand_arrays, operand_bytes, parse_module
+from gptjax.aot.hlo import (Computation, Instruction, Module, in_hbm, operand_arrays, operand_bytes, parse_module,
+                            shape_bytes)
 from gptjax.aot.kernels import kernel_cost
 
 # Instructions that move no data of their own (aliases, tuples, control).
@@ -50,6 +56,7 @@ _FREE = {
 }
 _DONE = {"all-gather-done", "all-reduce-done", "collective-permute-done", "async-done", "async-update", "send-done",
          "recv-done"}
+_ASYNC_DONE = {"copy-done", "slice-done"}  # physically: an asynchronous copy or slice's data moves in its start
 _ELEMENTWISE = {
     "add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs", "compare", "select", "clamp",
     "and", "or", "xor", "not", "sign", "floor", "ceil", "round-nearest-even", "round-nearest-afz", "remainder",
@@ -289,21 +296,41 @@ def _sliced_read(module: Module, fused: Computation, param: Instruction) -> floa
     return total
 
 
+def _async_start_bytes(comp: Computation, inst: Instruction) -> float:
+    """HBM bytes of an asynchronous start (copy-start, slice-start, a collective's start),
+    whose tuple holds its operands' aliases, its results and context scalars: each operand in
+    HBM read once (a slice-start's: only its slice), each result in HBM written once."""
+    results = list(inst.arrays)
+    operands = [a for i in range(len(inst.operands)) for a in operand_arrays(comp, inst, i)]
+    for a in operands:  # the operands' aliases in the tuple
+        same = next((r for r in results if (r.dtype, r.dims, r.memory_space) == (a.dtype, a.dims, a.memory_space)), None)
+        if same is not None:
+            results.remove(same)
+    written = sum(r.hbm_bytes for r in results)
+    if inst.opcode == "slice-start":
+        return written + (sum(r.padded_bytes for r in results if r.dims) if in_hbm(operands) else 0.0)
+    return written + sum(a.hbm_bytes for a in operands)
+
+
 def instruction_bytes(module: Module, comp: Computation, inst: Instruction, physical: bool = True) -> float:
-    """HBM bytes one top-level instruction reads and writes: its operands and outputs at their
-    padded sizes. `physical`: what the chip moves: a bitcast nothing, a fusion's operand that
-    it only slices the slices it reads, an in-place dynamic-update-slice the update it writes.
-    Else as the TPU compiler's own count charges it: a bitcast its operand and output, a fusion
+    """Bytes one top-level instruction reads and writes: its operands and outputs at their
+    padded sizes. `physical`: its HBM traffic: only arrays in HBM (memory space 0; what the
+    compiler keeps in VMEM moves no HBM bytes), an asynchronous copy or slice its HBM side
+    once, a bitcast nothing, a fusion's operand that it only slices the slices it reads, an
+    in-place dynamic-update-slice the update it writes. Else as the TPU compiler's own cost
+    analysis charges it, whatever the memory space: a bitcast its operand and output, a fusion
     its whole operands and outputs (in a loop that walks a stacked array, that overcounts by
     the stack's depth)."""
     op = inst.opcode
     if op in _FREE or op in _DONE or (op == "custom-call" and 'custom_call_target="AllocateBuffer"' in inst.attrs):
         return 0.0
-    if op == "bitcast" and physical:
+    if physical and (op == "bitcast" or op in _ASYNC_DONE):
         return 0.0
     if op == "copy-done":  # the copy's destination, read and written (its operand is the start's tuple)
         return 2 * inst.bytes
-    whole = sum(operand_bytes(comp, inst, i) for i in range(len(inst.operands))) + inst.bytes
+    if physical and op.endswith("-start"):
+        return _async_start_bytes(comp, inst)
+    whole = sum(operand_bytes(comp, inst, i, physical) for i in range(len(inst.operands))) + shape_bytes(inst.shape, physical)
     fused = module.computations.get(inst.attr("calls") or "") if op == "fusion" else None
     if not physical or fused is None:
         return whole
@@ -311,15 +338,20 @@ def instruction_bytes(module: Module, comp: Computation, inst: Instruction, phys
     users = _users(fused)
     root = fused.root
     outs = [fused.instructions[o] for o in root.operands if o in fused.instructions] if root.opcode == "tuple" else [root]
+    out_arrays = inst.arrays
     in_place = {u.operands[0] for u in outs if u.opcode == "dynamic-update-slice" and u.operands}
     total = 0.0
     for index in range(len(inst.operands)):
+        if not in_hbm(operand_arrays(comp, inst, index)):
+            continue  # kept on chip: read from VMEM
         p = params.get(index)
         if p is not None and p.name in in_place and len(users.get(p.name, [])) == 1:
             continue  # the buffer updated in place: only the update moves (counted below)
         read = _sliced_read(module, fused, p) if p is not None else None
-        total += operand_bytes(comp, inst, index) if read is None else read
-    for out in outs:
+        total += operand_bytes(comp, inst, index, True) if read is None else read
+    for k, out in enumerate(outs):
+        if k < len(out_arrays) and out_arrays[k].memory_space != 0:
+            continue  # written to VMEM
         update = fused.instructions.get(out.operands[1]) if out.opcode == "dynamic-update-slice" else None
         if update is not None and len(users.get(out.operands[0], [])) == 1 and out.operands[0] in {p.name for p in params.values()}:
             total += update.bytes
@@ -348,7 +380,7 @@ def count(text: str, xla_flops: float, xla_bytes: float, n_devices: int = 0) -> 
         partitions = re.search(r"num_partitions=(\d+)", text[:20000])
         n_devices = int(partitions.group(1)) if partitions else 1
     times, loops, unknown = multiplicities(module)
-    flops, hbm = xla_flops, xla_bytes
+    flops, hbm = xla_flops, 0.0
     ops: list[Op] = []
     for name, m in times.items():
         comp = module.computations[name]
@@ -357,11 +389,10 @@ def count(text: str, xla_flops: float, xla_bytes: float, n_devices: int = 0) -> 
             kernel = kernel_cost(comp, inst)
             if kernel is not None:  # its own work in place of XLA's (no FLOPs, its operands and outputs once)
                 flops += m * kernel[0]
-                hbm += m * kernel[1] - instruction_bytes(module, comp, inst, physical=False)
                 f, b = kernel
             else:  # the iterations XLA did not count
                 flops += (m - 1) * f
-                hbm += (m - 1) * b
+            hbm += m * b
             ici = ici_bytes(module, comp, inst, n_devices)
             if f or b or ici:
                 kind = "kernel" if inst.opcode == "custom-call" else "collective" if collective_kind(module, inst) else inst.opcode

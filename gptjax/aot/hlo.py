@@ -5,11 +5,17 @@ custom-call kernels, collectives and while loops, each shape with its TPU layout
 reads that text into plain records; `gptjax.aot.counts` costs them. Only what the counts need
 is parsed: an instruction's name, shape, opcode, operand names and the text of its attributes.
 
-Sizes are the bytes a shape takes in HBM: each array's two most minor dimensions (in its
+Sizes are the bytes a shape takes in memory: each array's two most minor dimensions (in its
 layout's minor-to-major order) padded to the layout's first tile (`T(8,128)`: the second most
 minor to a multiple of 8, the most minor to one of 128), as the TPU stores them. The compiler's
 own cost analysis counts padded sizes too, which is why a tiny model's bytes exceed its
 unpadded arrays.
+
+Each array also says where it lives: the layout's memory space `S(n)` (none: 0). The TPU
+compiler colours memory as Pallas's `tpu_custom_call.MemorySpace` does: 0 HBM, 1 VMEM (the
+on-chip vector memory, 128 MiB on v5e, where the compiler's memory-space assignment keeps
+operands and results between ops and prefetches into), 2 DMA semaphores, 4 SMEM; the compiled
+modules also carry scalars in space 6. Only space 0 is HBM: `hbm_bytes` counts those arrays.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Array:
     dims: tuple[int, ...]
     minor_to_major: tuple[int, ...]
     tile: tuple[int, ...]
+    memory_space: int = 0  # the layout's S(n): 0 is HBM; 1 VMEM and the others are on chip
 
     @property
     def elements(self) -> int:
@@ -51,6 +58,11 @@ class Array:
             dims[axis] = -(-dims[axis] // tile) * tile
         return math.prod(dims) * self.itemsize
 
+    @property
+    def hbm_bytes(self) -> float:
+        """`padded_bytes` when the array lives in HBM (memory space 0), else 0."""
+        return self.padded_bytes if self.memory_space == 0 else 0.0
+
 
 def parse_shape(text: str) -> list[Array]:
     """The arrays of a shape's text (a tuple's, flattened, in order)."""
@@ -64,13 +76,19 @@ def parse_shape(text: str) -> list[Array]:
         order = tuple(int(d) for d in order_text.split(",") if d.strip().isdigit())
         tile_m = re.search(r"T\(([\d,]+)\)", tiles)
         tile = tuple(int(t) for t in tile_m.group(1).split(",")) if tile_m else ()
-        arrays.append(Array(dtype, dims, order if len(order) == len(dims) else (), tile))
+        space_m = re.search(r"S\((\d+)\)", tiles)
+        arrays.append(Array(dtype, dims, order if len(order) == len(dims) else (), tile, int(space_m.group(1)) if space_m else 0))
     return arrays
 
 
-def shape_bytes(text: str) -> float:
-    """HBM bytes of a shape (all arrays of a tuple)."""
-    return sum(a.padded_bytes for a in parse_shape(text))
+def in_hbm(arrays: list[Array]) -> bool:
+    """Whether any of `arrays` lives in HBM (memory space 0)."""
+    return any(a.memory_space == 0 for a in arrays)
+
+
+def shape_bytes(text: str, hbm_only: bool = False) -> float:
+    """Bytes of a shape (all arrays of a tuple); `hbm_only`: of its arrays in HBM only."""
+    return sum(a.hbm_bytes if hbm_only else a.padded_bytes for a in parse_shape(text))
 
 
 @dataclasses.dataclass
@@ -97,6 +115,11 @@ class Instruction:
     @property
     def bytes(self) -> float:
         return shape_bytes(self.shape)
+
+    @property
+    def hbm_bytes(self) -> float:
+        """The bytes of its result that live in HBM."""
+        return shape_bytes(self.shape, hbm_only=True)
 
 
 @dataclasses.dataclass
@@ -125,10 +148,10 @@ def operand_arrays(comp: Computation, inst: Instruction, i: int) -> list[Array]:
     return parse_shape(src.shape) if src is not None else []
 
 
-def operand_bytes(comp: Computation, inst: Instruction, i: int) -> float:
-    """HBM bytes of an instruction's i-th operand."""
+def operand_bytes(comp: Computation, inst: Instruction, i: int, hbm_only: bool = False) -> float:
+    """Bytes of an instruction's i-th operand; `hbm_only`: of its arrays in HBM only."""
     src = comp.instructions.get(inst.operands[i]) if i < len(inst.operands) else None
-    return shape_bytes(src.shape) if src is not None else 0.0
+    return shape_bytes(src.shape, hbm_only) if src is not None else 0.0
 
 
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$")

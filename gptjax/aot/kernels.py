@@ -49,7 +49,9 @@ def splash_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | N
         moved = rows * size * (2 * seq_kv * d + pairs * 2 * bq * d)
     else:  # q (and d(out)) once per query block; k and v per pair
         moved = rows * size * ((1 if "fwd" in name else 2) * seq_q * d + pairs * 2 * bkv * d)
-    return float(flops), float(moved + inst.bytes)
+    if q.memory_space or k.memory_space:  # operands the compiler placed in VMEM: their blocks move no HBM bytes
+        moved = 0
+    return float(flops), float(moved + inst.hbm_bytes)
 
 
 def online_softmax_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
@@ -63,7 +65,8 @@ def online_softmax_cost(comp: Computation, inst: Instruction) -> tuple[float, fl
     if len(scores) != 1 or len(v) != 1 or len(scores[0].dims) < 2:
         return None
     s = scores[0]
-    return float(s.elements * (2 * v[0].dims[-1] + 4)), sum(operand_bytes(comp, inst, i) for i in range(len(inst.operands))) + inst.bytes
+    moved = sum(operand_bytes(comp, inst, i, hbm_only=True) for i in range(len(inst.operands))) + inst.hbm_bytes
+    return float(s.elements * (2 * v[0].dims[-1] + 4)), moved
 
 
 def kernel_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:

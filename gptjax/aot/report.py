@@ -135,7 +135,8 @@ def format_report(report: Report) -> str:
         lines.append(label.ljust(width) + "  " + "  ".join(v.rjust(w) for v, w in zip(cells, cols)))
     if any(c.compiled.counts is not None and not c.unrolled for c in report.columns):
         lines.append("HLO figures count every loop iteration (micro-batches, head chunks, scanned layers) and the splash "
-                     "kernel's work from its block sizes; ICI: the bytes each chip sends in collectives")
+                     "kernel's work from its block sizes; HBM: only arrays in HBM (not those the compiler keeps in VMEM); ICI: the "
+                     "bytes each chip sends in collectives")
     unknown = sum(c.compiled.counts.unknown_loops for c in report.columns if c.compiled.counts is not None)
     if unknown:
         lines.append(f"{unknown} loop(s) without a static trip count counted once (the decode loop runs until its "

@@ -128,6 +128,27 @@ def _splash_attention(q_BxHxTxD: jax.Array, k_BxHxTxD: jax.Array, v_BxHxTxD: jax
     return splash_attention(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids)
 
 
+def _splash_prescaled(q_BxHxTxD: jax.Array, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.Array, token_mask: jax.Array | None,
+                      segment_ids: jax.Array | None) -> jax.Array:
+    """`_splash_attention` of queries already scaled by 1 / sqrt(head_dim) (`folded_q_scale`)."""
+    from gptjax.model.splash import splash_attention
+
+    return splash_attention(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, token_mask, segment_ids, q_scaled=True)
+
+
+def folded_q_scale(cfg: GPTConfig, implementation: str | None, decode_layout: bool) -> float:
+    """The splash kernel's query scale 1 / sqrt(head_dim), for the fused projection to apply in
+    fp32 before its rounding to the compute dtype (so XLA fuses it into the projection rather
+    than making another pass over q), when that is exact: 1 / sqrt(head_dim) a power of two
+    (head_dim 4, 16, 64, 256: GPT-2's 64), so scaling commutes with rounding and q is bit for
+    bit the kernel's own scaling's; with the fused c_attn, no QK-norm and no RoPE between the
+    two. Else 1.0 (the kernel scales q itself)."""
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    exact = math.log2(scale).is_integer()
+    fused = cfg.kv_heads == cfg.n_head and not cfg.qk_norm and cfg.position == "learned" and not decode_layout
+    return scale if implementation == "splash" and exact and fused else 1.0
+
+
 def _without_dropout(attend: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     """An implementation that has no attention dropout, in the table's signature."""
     return lambda q, k, v, token_mask, segment_ids, dropout: attend(q, k, v, token_mask, segment_ids)
@@ -158,7 +179,9 @@ class CausalSelfAttention(nn.Module):
                  segment_ids: jax.Array | None, deterministic: bool, decode: bool) -> jax.Array:
         cfg = self.cfg
         projection, _ = dense_layers(self.decode_layout)
-        q_BxHxTxD, k_BxKxTxD, v_BxKxTxD = self._project(x_BxTxC)
+        implementation = None if decode else resolve_attention(cfg)
+        q_scale = folded_q_scale(cfg, implementation, self.decode_layout)
+        q_BxHxTxD, k_BxKxTxD, v_BxKxTxD = self._project(x_BxTxC, q_scale)
         if cfg.qk_norm:  # per head, over head_dim, shared by all heads
             q_BxHxTxD, k_BxKxTxD = (
                 RMSNorm(cfg.ln_eps, "head_dim", name=name)(x).astype(x.dtype)
@@ -172,7 +195,7 @@ class CausalSelfAttention(nn.Module):
             k_NxSxD, v_NxSxD, mask_BxHxTxS = self._update_cache(k_BxKxTxD, v_BxKxTxD, token_mask)
             y_BxHxTxD = cached_attention(q_BxHxTxD, k_NxSxD, v_NxSxD, mask_BxHxTxS, dropout)
         else:
-            attend = IMPLEMENTATIONS[resolve_attention(cfg)]
+            attend = _without_dropout(_splash_prescaled) if q_scale != 1.0 else IMPLEMENTATIONS[implementation]
             y_BxHxTxD = saved(attend(q_BxHxTxD, k_BxKxTxD, v_BxKxTxD, token_mask, segment_ids, dropout))
         y_BxTxC = projection(
             "bhtd,hdc->btc",
@@ -185,13 +208,14 @@ class CausalSelfAttention(nn.Module):
         )(y_BxHxTxD)
         return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
 
-    def _project(self, x_BxTxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def _project(self, x_BxTxC: jax.Array, q_scale: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B, H, T, D] and k, v [B, K, T, D] in the compute dtype: GPT-2's fused `c_attn`
-        when K = H, else `q_proj` [C, H, D] and `kv_proj` [C, 2, K, D]."""
+        when K = H (q times `q_scale`, see `folded_q_scale`), else `q_proj` [C, H, D] and
+        `kv_proj` [C, 2, K, D]."""
         cfg = self.cfg
         projection, qkv_projection = dense_layers(self.decode_layout)
         if cfg.kv_heads == cfg.n_head:
-            return qkv_projection(cfg, name="c_attn")(x_BxTxC)
+            return qkv_projection(cfg, q_scale=q_scale, name="c_attn")(x_BxTxC)
         c, h, kv, d, dtype = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.compute_dtype
         q_BxTxHxD = projection("btc,chd->bthd", kernel_shape=(c, h, d), kernel_axes=("embed", "heads", "head_dim"),
                                std=0.02, dtype=dtype, use_bias=cfg.bias, name="q_proj")(x_BxTxC)

@@ -65,6 +65,15 @@ class GPTConfig:
     # of this (e.g. 128: 50,257 -> 50,304, tiles an accelerator's matmul units evenly). The
     # padded rows are never in the loss, never sampled, and not exported to Hugging Face.
     vocab_multiple: int = 1
+    # The dtype the MLP's hidden pre-activation (c_fc's output; SwiGLU's gate and up) is kept in,
+    # and so saved for the backward pass; the activation itself is computed in fp32 from it.
+    # "bfloat16" halves the HBM bytes of the block's largest activation (a numerics change:
+    # the pre-activation is rounded to bf16; opt-in for the accelerator recipes).
+    activation_dtype: str = "float32"
+    # The most fp32 logits per chip the tied head's chunked cross entropy makes at once, in MiB
+    # (`gptjax.loss.head_cross_entropy`); 0: the platform's default (64 on a CPU, 1024 on a TPU
+    # or GPU). Larger chunks re-read the head's table and gradient accumulator fewer times.
+    logits_chunk_mib: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -81,6 +90,10 @@ class GPTConfig:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in DTYPES:
             raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.activation_dtype not in DTYPES:
+            raise UserError(f"model.activation_dtype must be one of {sorted(DTYPES)}, got {self.activation_dtype!r}")
+        if not isinstance(self.logits_chunk_mib, int) or isinstance(self.logits_chunk_mib, bool) or self.logits_chunk_mib < 0:
+            raise UserError(f"model.logits_chunk_mib must be an integer >= 0 (0: the platform's default), got {self.logits_chunk_mib!r}")
         if self.attention not in (*ATTENTION, ATTENTION_AUTO):
             raise UserError(f"model.attention must be one of {[*ATTENTION, ATTENTION_AUTO]}, got {self.attention!r}")
         if not isinstance(self.vocab_multiple, int) or isinstance(self.vocab_multiple, bool) or self.vocab_multiple < 1:

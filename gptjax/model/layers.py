@@ -218,6 +218,7 @@ class QKVProjection(nn.Module):
     backward than one wide matmul followed by a transpose)."""
 
     cfg: GPTConfig
+    q_scale: float = 1.0  # q is multiplied by it in fp32, before the rounding to the compute dtype
 
     @nn.compact
     def __call__(self, x_BxTxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -226,10 +227,14 @@ class QKVProjection(nn.Module):
         kernel_Cx3xHxD = self.param("kernel", normal(0.02, QKV_AXES), (cfg.n_embd, 3, h, d), jnp.float32)
         bias_3xHxD = qkv_bias(self, cfg)
         x_BxTxC, kernel_Cx3xHxD = x_BxTxC.astype(dtype), kernel_Cx3xHxD.astype(dtype)
-        return tuple(
-            saved((matmul("btc,chd->bhtd", x_BxTxC, kernel_Cx3xHxD[:, j]) + bias_3xHxD[j][:, None, :]).astype(dtype))
-            for j in range(3)
-        )
+
+        def out(j: int) -> jax.Array:
+            y = matmul("btc,chd->bhtd", x_BxTxC, kernel_Cx3xHxD[:, j]) + bias_3xHxD[j][:, None, :]
+            if j == 0 and self.q_scale != 1.0:
+                y = y * self.q_scale
+            return saved(y.astype(dtype))
+
+        return out(0), out(1), out(2)
 
 
 

@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax.model.config import GPTConfig
+from gptjax.model.config import DTYPES, GPTConfig
 from gptjax.model.decode_layout import dense_layers
-from gptjax.model.layers import residual_std
+from gptjax.model.layers import residual_std, saved
 
 
 def _relu2(x: jax.Array) -> jax.Array:
@@ -44,6 +44,14 @@ class _MLPBase(nn.Module):
                           use_bias=cfg.bias, name=name)
 
 
+def hidden(cfg: GPTConfig, h: jax.Array) -> jax.Array:
+    """A hidden pre-activation as `model.activation_dtype` keeps it (tagged for the "dots"
+    remat policy in that dtype), back in fp32 for the activation; as it is in fp32."""
+    if cfg.activation_dtype == "float32":
+        return h
+    return saved(h.astype(DTYPES[cfg.activation_dtype])).astype(jnp.float32)
+
+
 class MLP(_MLPBase):
     """c_fc to the hidden width (`model.n_mlp`), the activation of `model.mlp`, c_proj back, dropout."""
 
@@ -51,7 +59,7 @@ class MLP(_MLPBase):
     def __call__(self, x_BxTxC: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.cfg
         c, m = cfg.n_embd, cfg.mlp_dim
-        h_BxTxM = self.dense("btc,cm->btm", (c, m), ("embed", "mlp"), 0.02, "c_fc")(x_BxTxC)
+        h_BxTxM = hidden(cfg, self.dense("btc,cm->btm", (c, m), ("embed", "mlp"), 0.02, "c_fc")(x_BxTxC))
         h_BxTxM = ACTIVATIONS[cfg.mlp](h_BxTxM)
         y_BxTxC = self.dense("btm,mc->btc", (m, c), ("mlp", "embed"), residual_std(cfg), "c_proj")(h_BxTxM)
         return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
@@ -64,8 +72,8 @@ class SwiGLU(_MLPBase):
     def __call__(self, x_BxTxC: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.cfg
         c, m = cfg.n_embd, cfg.mlp_dim
-        gate_BxTxM = self.dense("btc,cm->btm", (c, m), ("embed", "mlp"), 0.02, "gate_proj")(x_BxTxC)
-        up_BxTxM = self.dense("btc,cm->btm", (c, m), ("embed", "mlp"), 0.02, "up_proj")(x_BxTxC)
+        gate_BxTxM = hidden(cfg, self.dense("btc,cm->btm", (c, m), ("embed", "mlp"), 0.02, "gate_proj")(x_BxTxC))
+        up_BxTxM = hidden(cfg, self.dense("btc,cm->btm", (c, m), ("embed", "mlp"), 0.02, "up_proj")(x_BxTxC))
         h_BxTxM = nn.silu(gate_BxTxM) * up_BxTxM
         y_BxTxC = self.dense("btm,mc->btc", (m, c), ("mlp", "embed"), residual_std(cfg), "down_proj")(h_BxTxM)
         return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)

@@ -31,7 +31,7 @@ PAD_SEGMENT = -1  # the segment id of padding tokens (token_mask False, or the s
 
 
 def splash_attention(q_BxHxTxD: jax.Array, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.Array, token_mask: jax.Array | None,
-                     segment_ids: jax.Array | None) -> jax.Array:
+                     segment_ids: jax.Array | None, q_scaled: bool = False) -> jax.Array:
     """Causal attention by the splash kernel: [B, H, T, D] in (the compute dtype), [B, H, T, D] out.
 
     A query sees the keys at or before it; with segment_ids [B, T] only those of its own
@@ -54,7 +54,9 @@ def splash_attention(q_BxHxTxD: jax.Array, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.
             ids_BxT = jnp.where(token_mask, ids_BxT, PAD_SEGMENT)
         ids_BxT = jnp.pad(ids_BxT, ((0, 0), (0, seq - t)), constant_values=PAD_SEGMENT)
     # The kernel does not scale its scores: scale q (in fp32, then back to its dtype).
-    q_BxHxTxD = (q_BxHxTxD.astype(jnp.float32) * (1.0 / math.sqrt(d))).astype(q_BxHxTxD.dtype)
+    # (`q_scaled`: the caller has, `gptjax.model.attention.folded_q_scale`.)
+    if not q_scaled:
+        q_BxHxTxD = (q_BxHxTxD.astype(jnp.float32) * (1.0 / math.sqrt(d))).astype(q_BxHxTxD.dtype)
     q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, seq - t), (0, 0))) for x in (q_BxHxTxD, k_BxHxTxD, v_BxHxTxD))
     interpret = platform != "tpu"
 
