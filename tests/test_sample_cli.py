@@ -22,10 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def workdir(trained_run, tmp_path_factory):
-    """The shared run's config (`trained_run`: 20 steps, checkpoints 10 and 20) trained again
-    from its tokenizer on a mesh of 8 CPU devices (the tests load it on one)."""
+    """The shared run's config (`trained_run`: 20 steps, checkpoints 10 and 20; no evaluation)
+    trained again from its tokenizer on a mesh of 8 CPU devices (the tests load it on one)."""
     path = trained_run.tokenizer_only(tmp_path_factory.mktemp("sample_run") / "run")
-    train.run(trained_run.config(), path, devices=jax.devices())
+    train.run(trained_run.config(eval_batches=0), path, devices=jax.devices())
     return path
 
 
