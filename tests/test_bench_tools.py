@@ -37,12 +37,27 @@ def _bench(argv, monkeypatch, capsys, in_process: bool = False) -> str:
     monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
     module = _bench_module()
     if in_process:
-        workers = {"ab": module.worker_ab, "paired": module.worker_paired}
+        workers = {"ab": module.worker_ab, "paired": _keeping_torch_threads(module.worker_paired)}
         monkeypatch.setattr(module, "run_worker",
                             lambda kind, spec: json.loads(json.dumps(workers[kind](json.loads(json.dumps(spec))))))
     capsys.readouterr()
     module.main(argv)
     return capsys.readouterr().out
+
+
+def _keeping_torch_threads(worker):
+    """The worker, leaving torch's thread count (which the paired worker sets) as it found it."""
+
+    def run(spec):
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return worker(spec)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
 
 
 def test_option_ab_times_the_step_with_and_without_an_xla_option(monkeypatch, capsys):
