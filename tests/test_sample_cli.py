@@ -22,10 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def workdir(trained_run, tmp_path_factory):
-    """The shared run's config (`trained_run`: 20 steps, checkpoints 10 and 20; no evaluation)
-    trained again from its tokenizer on a mesh of 8 CPU devices (the tests load it on one)."""
+    """The shared run's config (`trained_run`: 20 steps, checkpoints 10 and 20; no evaluation,
+    a log line every 10 steps) trained again from its tokenizer on a mesh of 8 CPU devices (the
+    tests load it on one)."""
     path = trained_run.tokenizer_only(tmp_path_factory.mktemp("sample_run") / "run")
-    train.run(trained_run.config(eval_batches=0), path, devices=jax.devices())
+    train.run(trained_run.config(eval_batches=0, log_every=10), path, devices=jax.devices())
     return path
 
 
