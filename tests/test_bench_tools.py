@@ -2,6 +2,7 @@
 columns), and the check that its nanoGPT reference computes what gptjax computes."""
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -24,15 +25,39 @@ def _bench_module():
     return module
 
 
-def _bench(argv, monkeypatch, capsys) -> str:
+def _bench(argv, monkeypatch, capsys, in_process: bool = False) -> str:
     """`tools/bench_train.py ARGV`'s stdout, its main run in this process (it only starts the
     workers and prints their table) and its workers as subprocesses. They get one device per
     core, as a user's run does (no device count in XLA_FLAGS), and the suite's fast compiles
-    (XLA's HLO passes all run; the tests check the tool's output and logic, not its timings)."""
+    (XLA's HLO passes all run; the tests check the tool's output and logic, not its timings).
+
+    `in_process`: the workers run in this process instead (their spec and result still pass
+    through JSON), for the modes whose output does not depend on the worker's devices: the
+    A/B and the paired timings, whose worker is one process either way."""
     monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
+    module = _bench_module()
+    if in_process:
+        workers = {"ab": module.worker_ab, "paired": _keeping_torch_threads(module.worker_paired)}
+        monkeypatch.setattr(module, "run_worker",
+                            lambda kind, spec: json.loads(json.dumps(workers[kind](json.loads(json.dumps(spec))))))
     capsys.readouterr()
-    _bench_module().main(argv)
+    module.main(argv)
     return capsys.readouterr().out
+
+
+def _keeping_torch_threads(worker):
+    """The worker, leaving torch's thread count (which the paired worker sets) as it found it."""
+
+    def run(spec):
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return worker(spec)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
 
 
 def test_option_ab_times_the_step_with_and_without_an_xla_option(monkeypatch, capsys):
@@ -40,7 +65,7 @@ def test_option_ab_times_the_step_with_and_without_an_xla_option(monkeypatch, ca
     if the two reach different parameters) and prints both step times and XLA temporaries."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     option = "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
-    stdout = _bench(["--quick", "--option_ab", option], monkeypatch, capsys)
+    stdout = _bench(["--quick", "--option_ab", option], monkeypatch, capsys, in_process=True)
     lines = [l for l in stdout.splitlines() if l.startswith("|")]
     assert f"step ms, with {option}" in lines[0] and f"XLA temp MiB, with {option}" in lines[0]
     row = [c.strip() for c in lines[2].strip("|").split("|")]
@@ -68,10 +93,14 @@ def test_paired_ratios_are_taken_round_by_round():
     assert out["ratio"]["torch"] == pytest.approx(1.4)
 
 
+# the worker runs here: transformers' step converts its loss to a float (in its subprocess too)
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 def test_paired_prints_each_references_ratio_from_one_process(monkeypatch, capsys):
+    """In bfloat16 with gptjax's remat (the table test below runs float32): each framework's
+    step in that dtype, timed in turns."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    stdout = _bench(["--quick", "--paired", "3"], monkeypatch, capsys)
+    stdout = _bench(["--quick", "--paired", "3", "--dtype", "bfloat16", "--remat"], monkeypatch, capsys, in_process=True)
     lines = [l for l in stdout.splitlines() if l.startswith("|")]
     assert "vs nanoGPT tokens/s" in lines[0] and "vs HF tokens/s" in lines[0]
     row = [c.strip() for c in lines[2].strip("|").split("|")]
@@ -83,12 +112,15 @@ def test_paired_prints_each_references_ratio_from_one_process(monkeypatch, capsy
     for cell in (row[5], row[7]):  # "1.06x (0.85-1.38; 17 of 20)"
         ratio, lo, hi, faster, rounds = re.match(r"([\d.]+)x \(([\d.]+)-([\d.]+); (\d+) of (\d+)\)", cell).groups()
         assert float(lo) <= float(ratio) <= float(hi) and int(rounds) == 3 and 0 <= int(faster) <= 3
+    assert stdout.strip().splitlines()[-1].endswith("; bfloat16")
 
 
-@pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16", "--remat"]], ids=["fp32", "bf16-remat"])
-def test_bench_quick_prints_the_table(tmp_path, extra, monkeypatch, capsys):
+def test_bench_quick_prints_the_table(tmp_path, monkeypatch, capsys):
+    """The three workers (subprocesses, one device per core for gptjax) in float32; the
+    bfloat16-with-remat steps are timed by the paired test and the footer below."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    extra = []
     stdout = _bench(["--quick", "--json", str(tmp_path / "rows.json"), *extra], monkeypatch, capsys)
     lines = [l for l in stdout.splitlines() if l.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -113,6 +145,21 @@ def test_bench_quick_prints_the_table(tmp_path, extra, monkeypatch, capsys):
     assert (tmp_path / "rows.json").exists()
     footer = stdout.strip().splitlines()[-1]
     assert ("; bfloat16, gptjax remat." in footer) == bool(extra) and ("; float32." in footer) != bool(extra)
+
+
+def test_bench_table_footer_names_bfloat16_and_remat(monkeypatch, capsys):
+    """The table's footer with --dtype bfloat16 --remat (rows stubbed: the workers' rows are the
+    table test's), and the bfloat16 matmul that the gptjax worker measures its peak with."""
+    from gptjax.metrics import measure_matmul_flops
+
+    module = _bench_module()
+    fake = lambda name, shape, args: [dict({c: "1" for c in module.COLUMNS}, shape=name, _matmul_gflops=1.0)]
+    monkeypatch.setattr(module, "bench_shape", fake)
+    capsys.readouterr()
+    module.main(["--quick", "--dtype", "bfloat16", "--remat"])
+    footer = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "; bfloat16, gptjax remat." in footer and "; float32." not in footer
+    assert measure_matmul_flops(64, 1, "bfloat16") > 0
 
 
 def test_bench_refuses_an_unknown_dtype_in_one_line():

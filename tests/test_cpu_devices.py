@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from gptjax import checkpoint_read
 from gptjax import config as C
@@ -17,28 +18,6 @@ from gptjax import sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MESH = C.MeshConfig()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma"]
-    for d in range(30):
-        lines = [f"def f{d}_{i}({rng.choice(words)}):\n    return {rng.choice(words)} + {i}\n" for i in range(20)]
-        (path / f"doc{d:02d}.txt").write_text("".join(lines))
-    return str(path / "*.txt")
-
-
-def tiny_config(corpus, **train_overrides):
-    c = C.base_config()
-    c.data.source = f"files:{corpus}"
-    c.tokenizer.vocab_size = 300
-    c.model.update(n_layer=2, n_head=4, n_embd=32, block_size=32)
-    c.train.update(steps=8, batch_size=8, seq_len=32, eval_batches=0, log_every=1, checkpoint_every=4)
-    c.train.update(**train_overrides)
-    c.optim.update(lr=3e-3, warmup_steps=2)
-    return c
 
 
 def losses(workdir):
@@ -82,10 +61,13 @@ def test_arranging_leaves_a_chosen_count_a_mesh_and_a_started_backend_alone(monk
 # -- the CLI ----------------------------------------------------------------------------------
 
 
-def _cli(tmp_path, corpus, *args, **env_extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's shell
+def _cli(trained_run, tmp_path, *args, **env_extra):
+    """`python -m gptjax.train` on the shared run's corpus, from its tokenizer, as from a user's
+    shell: no device count in XLA_FLAGS (only the suite's fast compiles: XLA's HLO passes all run)."""
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     env.update(env_extra)
-    cmd = [sys.executable, "-m", "gptjax.train", "--workdir", str(tmp_path / "run"), f"--config.data.source=files:{corpus}",
+    workdir = trained_run.tokenizer_only(tmp_path / "run")
+    cmd = [sys.executable, "-m", "gptjax.train", "--workdir", workdir, f"--config.data.source=files:{trained_run.corpus}",
            "--config.tokenizer.vocab_size=300", "--config.model.n_layer=1", "--config.model.n_embd=32",
            "--config.model.block_size=32", "--config.train.seq_len=32", "--config.train.eval_batches=0",
            "--config.optim.warmup_steps=0", *args]
@@ -98,19 +80,19 @@ needs_cores = pytest.mark.skipif(sharding.cpu_cores() < 2, reason="one core: one
 
 
 @needs_cores
-def test_cli_trains_data_parallel_over_one_device_per_core(corpus, tmp_path):
+def test_cli_trains_data_parallel_over_one_device_per_core(trained_run, tmp_path):
     n = sharding.cpu_cores()
-    err = _cli(tmp_path, corpus, "--config.train.steps=2", f"--config.train.batch_size={2 * n}")
+    err = _cli(trained_run, tmp_path, "--config.train.steps=1", f"--config.train.batch_size={2 * n}")
     assert err[0] == f"CPU: {n} devices, one per core, data parallel"
     model_line = next(line for line in err if line.startswith("model:"))
     assert f"mesh {{'data': {n}, 'fsdp': 1, 'tensor': 1}} on {n} cpu device(s)" in model_line
 
 
 @needs_cores
-def test_cli_falls_back_to_fewer_devices_that_divide_the_batch(corpus, tmp_path):
+def test_cli_falls_back_to_fewer_devices_that_divide_the_batch(trained_run, tmp_path):
     n = sharding.cpu_cores()
     prime = next(p for p in range(n + 1, 4 * n + 4) if all(p % d for d in range(2, p)))  # no count in 2..n divides it
-    err = _cli(tmp_path, corpus, "--dry_run", f"--config.train.batch_size={prime}")
+    err = _cli(trained_run, tmp_path, "--dry_run", f"--config.train.batch_size={prime}")
     assert err[0] == (f"CPU: {n} cores; data parallel over 1 device (the micro-batch of {prime} sequences "
                       f"does not divide by {n})")
 
@@ -119,13 +101,13 @@ def test_cli_falls_back_to_fewer_devices_that_divide_the_batch(corpus, tmp_path)
     "args, env",
     [
         (["--config.mesh.data=1"], {}),  # an explicit mesh: one device, as before
-        ([], {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}),
+        ([], {"XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}),
         ([], {"JAX_NUM_CPU_DEVICES": "1"}),
     ],
     ids=["mesh", "xla_flags", "jax_num_cpu_devices"],
 )
-def test_cli_leaves_a_chosen_mesh_or_device_count_alone(corpus, tmp_path, args, env):
-    err = _cli(tmp_path, corpus, "--config.train.steps=1", *args, **env)
+def test_cli_leaves_a_chosen_mesh_or_device_count_alone(trained_run, tmp_path, args, env):
+    err = _cli(trained_run, tmp_path, "--config.train.steps=1", *args, **env)
     assert not any(line.startswith("CPU:") for line in err), err
     model_line = next(line for line in err if line.startswith("model:"))
     assert "on 1 cpu device(s)" in model_line
@@ -134,30 +116,29 @@ def test_cli_leaves_a_chosen_mesh_or_device_count_alone(corpus, tmp_path, args, 
 # -- resume across a change of device count ---------------------------------------------------
 
 
-def test_a_one_device_run_resumes_on_two_devices(corpus, tmp_path):
-    """Steps 1-4 on one device, 5-8 data parallel on two, against uninterrupted runs on one and
-    on two devices. Steps 1-4 are the one-device run's bit for bit; the later ones agree with
-    both runs to fp32 rounding: two devices sum each half-batch's gradient and then add the
-    halves, one device sums the whole batch in another order. On two devices throughout, a
-    resumed run is the uninterrupted one bit for bit."""
-    one, two, resumed, two_resumed = (str(tmp_path / n) for n in ("one", "two", "resumed", "two_resumed"))
+def test_a_one_device_run_resumes_on_two_devices(trained_run, tmp_path):
+    """The shared one-device run (`trained_run`: 20 steps) resumed from its checkpoint 10 on two
+    devices, data parallel, against it and against uninterrupted runs on two devices. Steps
+    11-20 agree with both runs to fp32 rounding: two devices sum each half-batch's gradient and
+    then add the halves, one device sums the whole batch in another order. On two devices
+    throughout, a run resumed from the uninterrupted one's checkpoint 10 is that run bit for bit."""
+    one = trained_run.workdir
+    resumed = trained_run.copy(tmp_path / "resumed")
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "20"))  # as if stopped after checkpoint 10
+    two = trained_run.tokenizer_only(tmp_path / "two")
     devices = jax.devices()
-    train.run(tiny_config(corpus), one, devices=devices[:1])
-    for workdir in (two, resumed, two_resumed):
-        os.makedirs(workdir)
-        shutil.copytree(os.path.join(one, "tokenizer"), os.path.join(workdir, "tokenizer"))
-    train.run(tiny_config(corpus), two, devices=devices[:2])
-    assert train.run(tiny_config(corpus), resumed, devices=devices[:1], stop_at=4)["step"] == 4
-    assert train.run(tiny_config(corpus), resumed, devices=devices[:2])["step"] == 8
-    train.run(tiny_config(corpus), two_resumed, devices=devices[:2], stop_at=4)
-    train.run(tiny_config(corpus), two_resumed, devices=devices[:2])
+    assert train.run(trained_run.config(), resumed, devices=devices[:2])["step"] == 20
+    train.run(trained_run.config(), two, devices=devices[:2])
+    two_resumed = shutil.copytree(two, tmp_path / "two_resumed")
+    shutil.rmtree(os.path.join(two_resumed, "checkpoints", "20"))
+    assert train.run(trained_run.config(), two_resumed, devices=devices[:2])["step"] == 20
 
     a, b, r = losses(one), losses(two), losses(resumed)
-    assert sorted(a) == sorted(b) == sorted(r) == list(range(1, 9))
+    assert sorted(a) == sorted(b) == sorted(r) == list(range(1, 21))
     assert losses(two_resumed) == b
-    assert [r[s] for s in range(1, 5)] == [a[s] for s in range(1, 5)]  # the same program on one device
-    np.testing.assert_allclose([r[s] for s in range(5, 9)], [a[s] for s in range(5, 9)], rtol=0, atol=2e-5)
-    np.testing.assert_allclose([r[s] for s in range(5, 9)], [b[s] for s in range(5, 9)], rtol=0, atol=2e-5)
+    assert [r[s] for s in range(1, 11)] == [a[s] for s in range(1, 11)]  # kept from before the resume
+    np.testing.assert_allclose([r[s] for s in range(11, 21)], [a[s] for s in range(11, 21)], rtol=0, atol=2e-5)
+    np.testing.assert_allclose([r[s] for s in range(11, 21)], [b[s] for s in range(11, 21)], rtol=0, atol=2e-5)
     _, final_one = checkpoint_read.load_for_inference(one)
     _, final_resumed = checkpoint_read.load_for_inference(resumed)
     for x, y in zip(jax.tree_util.tree_leaves(final_one), jax.tree_util.tree_leaves(final_resumed)):

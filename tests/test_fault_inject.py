@@ -35,14 +35,16 @@ def harness(tmp_path_factory):
     h.close()
 
 
-# The evaluation killed is the first (step EVAL_EVERY), which also compiles the eval step: later
-# ones take a few milliseconds here, and a loaded machine can finish one between two polls.
-PLANS = [["prepare", "save"], [f"eval@{EVAL_EVERY}"]]
+# One trial, three kills (each restart is a process start, the cost here). The evaluation killed
+# is the first (step EVAL_EVERY), which also compiles the eval step: later ones take a few
+# milliseconds here, and a loaded machine can finish one between two polls.
+PLANS = [["prepare", f"eval@{EVAL_EVERY}", "save"]]
 
 
 @pytest.fixture(scope="module")
 def killed(harness):
-    """Two kill trials: during data preparation then an asynchronous save; during the first evaluation."""
+    """A kill trial: during data preparation, then during the first evaluation, then during an
+    asynchronous save."""
     return [fi.kill_trial(harness, i, plan) for i, plan in enumerate(PLANS)]
 
 

@@ -169,17 +169,32 @@ def test_news_recipe_end_to_end(hf_dir: str, news: str, tmp_path, capsys: pytest
     assert 0 < len(ids) <= 8 and all(0 <= i < tok.vocab_size for i in ids)
 
 
-def test_train_last_blocks_freezes_the_rest_in_the_checkpoint(hf_dir: str, news: str, tmp_path) -> None:
-    workdir = str(tmp_path / "frozen")
-    c = _recipe(hf_dir, f"files:{news}", "--config.optim.train_last_blocks=1",
-                "--config.train.steps=3", "--config.train.batch_size=4")
-    assert train.run(c, workdir, devices=jax.devices()[:1])["step"] == 3
+# One fine-tune serves three tests: the top block trained on a 3:1 mixture of news and pairs,
+# four steps, checkpoints at 2 and 4 (the resume test stops a second run at 2).
+TUNED = ("--config.optim.train_last_blocks=1", "--config.train.steps=4", "--config.train.batch_size=4",
+         "--config.train.grad_accum=1", "--config.train.checkpoint_every=2")
+
+
+def _tuned_config(hf_dir: str, news: str, pairs: str) -> config_lib.ConfigDict:
+    return _recipe(hf_dir, f"files:{news}@3 + pairs:{pairs}@1", *TUNED)
+
+
+@pytest.fixture(scope="module")
+def tuned(hf_dir: str, news: str, pairs: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The workdir of a straight run of `_tuned_config`, on one device."""
+    workdir = str(tmp_path_factory.mktemp("tuned") / "run")
+    assert train.run(_tuned_config(hf_dir, news, pairs), workdir, devices=jax.devices()[:1])["step"] == 4
+    return workdir
+
+
+def test_train_last_blocks_freezes_the_rest_in_the_checkpoint(hf_dir: str, tuned: str) -> None:
+    workdir = tuned
     _, before, _ = hf.load_hf_dir(hf_dir)
     _, after = checkpoint_read.load_for_inference(workdir)
     before, after = _flat(before), _flat(after)
     assert sorted(before) == sorted(after)
     saved = checkpoint_read.read_run_config(RunDir.at(workdir))  # the model shape is the import's
-    rows = optim.make_optimizer(c.optim, param_shapes(GPTConfig.from_config(saved.model)), 3).describe()
+    rows = optim.make_optimizer(saved.optim, param_shapes(GPTConfig.from_config(saved.model)), 4).describe()
     trainable = {r.path for r in rows if r.trainable}
     assert trainable == {p for p in before if p.startswith(("h_1/", "ln_f/"))}  # the top block and the final LayerNorm
     for path in before:
@@ -243,12 +258,10 @@ def test_prompt_tokens_contribute_no_gradient(hf_dir: str, pairs: str, tmp_path)
         np.testing.assert_array_equal(p1[path], p0[path], err_msg=path)
 
 
-def test_mixture_of_text_and_pairs_trains(hf_dir: str, news: str, pairs: str, tmp_path) -> None:
-    workdir = str(tmp_path / "mix")
-    c = _recipe(hf_dir, f"files:{news}@3 + pairs:{pairs}@1", "--config.train.steps=3", "--config.train.batch_size=4")
-    final = train.run(c, workdir, devices=jax.devices()[:1])
+def test_mixture_of_text_and_pairs_trains(news: str, pairs: str, tuned: str) -> None:
+    workdir = tuned
     losses = _losses(workdir)
-    assert final["step"] == 3 and sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
 
     # The rows of the run's batches come from the sources in proportion 3:1. A pairs row always
     # holds prompt targets (weight 0), as every record is shorter than a window; a news row has none.
@@ -293,15 +306,13 @@ def test_bad_finetune_input_is_one_line_exit_2(bad_inputs, overrides, message, t
     assert not workdir.exists()
 
 
-def test_resumed_fine_tune_continues_from_its_checkpoint_not_the_import(hf_dir: str, news: str, tmp_path) -> None:
+def test_resumed_fine_tune_continues_from_its_checkpoint_not_the_import(hf_dir: str, news: str, pairs: str, tuned: str,
+                                                                      tmp_path) -> None:
     """A fine-tune stopped and rerun resumes its own checkpoint: the same losses as a straight run."""
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    extra = ("--config.train.steps=4", "--config.train.batch_size=4", "--config.train.grad_accum=1",
-             "--config.train.checkpoint_every=2")
+    resumed = str(tmp_path / "resumed")
     one = jax.devices()[:1]
-    train.run(_recipe(hf_dir, f"files:{news}", *extra), straight, devices=one)
-    assert train.run(_recipe(hf_dir, f"files:{news}", *extra), resumed, devices=one, stop_at=2)["step"] == 2
-    assert train.run(_recipe(hf_dir, f"files:{news}", *extra), resumed, devices=one)["step"] == 4
-    a, b = _losses(straight), _losses(resumed)
+    assert train.run(_tuned_config(hf_dir, news, pairs), resumed, devices=one, stop_at=2)["step"] == 2
+    assert train.run(_tuned_config(hf_dir, news, pairs), resumed, devices=one)["step"] == 4
+    a, b = _losses(tuned), _losses(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_array_equal([a[s] for s in a], [b[s] for s in a])

@@ -19,7 +19,7 @@ from gptjax.model import ATTENTION, GPT, GPTConfig, init_params
 from gptjax.run import resolve
 
 
-def _tiny_run(n_layer: int = 2, **model):
+def _tiny_run(n_layer: int = 1, **model):
     config = C.base_config()
     config.model.update(n_layer=n_layer, n_head=2, n_embd=32, block_size=16, **model)
     config.tokenizer.vocab_size = 300
@@ -55,7 +55,7 @@ def test_eval_step_equals_the_full_logits_loss(monkeypatch, chunk_bytes):
     """The sharded eval step (chunked tied head: one chunk, then four sequence chunks) gives the
     loss of full logits, per source and overall, on packed rows with segment ids, and on plain rows."""
     monkeypatch.setattr(loss_lib, "LOGITS_CHUNK_BYTES", chunk_bytes)
-    run = _tiny_run()
+    run = _tiny_run()  # one block: the head's chunking does not depend on depth
     params = run.steps.init_state().params
     batch = _packed_batch(np.random.default_rng(0), 8, 16, run.model.vocab_size, n_sources=3)
     plain = {k: batch[k] for k in ("inputs", "targets", "weights")}
@@ -218,8 +218,8 @@ def test_splash_train_step_compiles_for_v5e_2x2_with_the_kernel():
 
     if not aot.libtpu_installed():
         pytest.skip('libtpu is not installed (pip install -e ".[tpu]")')
-    overrides = [("model.n_layer", "1"), ("model.n_embd", "128"), ("model.n_head", "2"), ("model.block_size", "256"),
-                 ("model.dtype", "bfloat16"), ("model.attention", "splash"), ("train.seq_len", "256"),
+    overrides = [("model.n_layer", "1"), ("model.n_embd", "128"), ("model.n_head", "2"), ("model.block_size", "128"),
+                 ("model.dtype", "bfloat16"), ("model.attention", "splash"), ("train.seq_len", "128"),
                  ("train.batch_size", "8"), ("mesh.data", "1"), ("mesh.fsdp", "2"), ("mesh.tensor", "2")]
     config = config_lib.base_config()
     config_lib.apply_overrides(config, overrides)
@@ -229,4 +229,4 @@ def test_splash_train_step_compiles_for_v5e_2x2_with_the_kernel():
              if 'custom_call_target="tpu_custom_call"' in line]
     kernels = sorted(m.group(1) for m in (re.match(r"\s*%splash_mha_(fwd|dq|dkv)_", line) for line in calls) if m)
     assert len(calls) == 3 and kernels == ["dkv", "dq", "fwd"]
-    assert all("bf16[4,1,256,64]" in line for line in calls)
+    assert all("bf16[4,1,128,64]" in line for line in calls)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import gptjax
-from gptjax import config as C
 from gptjax import checkpoint, checkpoint_read, sample, sampling, train
 from gptjax.layout import find_run
 
@@ -22,25 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A run trained for a few steps on a mesh of 8 CPU devices (the tests load it on one)."""
-    root = tmp_path_factory.mktemp("sample_run")
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma"]
-    (root / "corpus").mkdir()
-    for d in range(30):
-        text = "".join(f"def f{d}_{i}({rng.choice(words)}):\n    return {rng.choice(words)} + {i}\n" for i in range(20))
-        (root / "corpus" / f"doc{d:02d}.txt").write_text(text)
-    c = C.base_config()
-    c.data.source = f"files:{root}/corpus/*.txt"
-    c.data.val_fraction = 0.1
-    c.tokenizer.vocab_size = 300
-    c.model.update(n_layer=2, n_head=4, n_embd=32, block_size=64)
-    c.train.update(steps=20, batch_size=8, seq_len=64, eval_every=20, eval_batches=1, log_every=10, checkpoint_every=10)
-    c.optim.update(lr=3e-3, warmup_steps=2)
-    c.mesh.update(data=-1, fsdp=1, tensor=1)
-    path = str(root / "run")
-    train.run(c, path, devices=jax.devices())
+def workdir(trained_run, tmp_path_factory):
+    """The shared run's config (`trained_run`: 20 steps, checkpoints 10 and 20; no evaluation,
+    a log line every 10 steps) trained again from its tokenizer on a mesh of 8 CPU devices (the
+    tests load it on one)."""
+    path = trained_run.tokenizer_only(tmp_path_factory.mktemp("sample_run") / "run")
+    train.run(trained_run.config(eval_batches=0, log_every=10), path, devices=jax.devices())
     return path
 
 
@@ -122,7 +108,7 @@ def test_cli_refuses_a_path_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_cli_default_max_new_tokens_runs_past_the_window(workdir, capsys):
-    """The CLI's default --max_new_tokens (200) on a 64-token model: the context is cropped."""
+    """The CLI's default --max_new_tokens (200) on a 32-token model: the context is cropped."""
     sample.main(["--workdir", workdir, "--prompt", "def ", "--temperature", "0", "--stop_tokens", ""])
     out = capsys.readouterr()
     assert out.err.startswith("200 new tokens in ")
@@ -208,34 +194,12 @@ def _sample_cli(workdir, cache, extra_env=None, imports=None):
 
 
 def test_a_second_cli_run_loads_the_sampler_without_compiling(workdir, tmp_path):
-    """The first run compiles the sampler's programs and stores them; the second traces and
-    compiles nothing, imports neither Flax nor orbax (nor what only training a tokenizer or
-    reading a GPT-2 one needs), and prints the same text; a damaged stored program is
-    compiled again."""
-    cache = tmp_path / "xla"
-    first_imports: set = set()
-    first, compiled = _sample_cli(workdir, cache, imports=first_imports)
-    assert any("jit(prefill)" in line for line in compiled) and any("jit(advance)" in line for line in compiled)
-    assert {"jax", "flax"} <= first_imports  # the model was traced
-    stored = sorted(os.listdir(cache / "gptjax-sampler"))
-    for program in ("prefill-", "advance-", "decode_layout-", "row_keys-"):
-        assert any(name.startswith(program) for name in stored), (program, stored)
-    second_imports: set = set()
-    second, compiled = _sample_cli(workdir, cache, imports=second_imports)
-    assert compiled == [] and second == first
-    assert "jax" in second_imports and "tensorstore" in second_imports
-    assert not {"flax", "orbax", "optax", "tokenizers", "sentencepiece.sentencepiece_model_pb2"} & second_imports, sorted(
-        second_imports)
-    prefill = next(name for name in stored if name.startswith("prefill-"))
-    (cache / "gptjax-sampler" / prefill).write_bytes(b"not an executable")
-    third, compiled = _sample_cli(workdir, cache)
-    assert third == first and len(compiled) == 1 and "jit(prefill)" in compiled[0]
-
-
-def test_programs_found_in_jaxs_own_cache_are_compiled_afresh_before_storing(workdir, tmp_path):
-    """An executable JAX loaded from its persistent cache serializes without some kernels (a
-    later process fails with "Function ... not found"); the sampler stores only programs it
-    compiled itself, so a run after one that filled JAX's cache still loads working programs."""
+    """The sampler stores only programs it compiled itself: an executable JAX loaded from its
+    persistent cache serializes without some kernels (a later process fails with "Function ...
+    not found"). So after a run that filled JAX's cache with the sampler's programs, the first
+    CLI run compiles them afresh and stores them; the second traces and compiles nothing,
+    imports neither Flax nor orbax (nor what only training a tokenizer or reading a GPT-2 one
+    needs), and prints the same text; a damaged stored program is compiled again."""
     cache = tmp_path / "xla"
     script = (
         "import sys, jax; from gptjax import sample; from gptjax.sampling import programs;"
@@ -248,9 +212,24 @@ def test_programs_found_in_jaxs_own_cache_are_compiled_afresh_before_storing(wor
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert any(name.startswith("jit_prefill") for name in os.listdir(cache))  # JAX's cache holds the programs
-    first, _ = _sample_cli(workdir, cache)  # compiles its own and stores them
-    second, compiled = _sample_cli(workdir, cache)  # loads them
+
+    first_imports: set = set()
+    first, compiled = _sample_cli(workdir, cache, imports=first_imports)
+    assert any("jit(prefill)" in line for line in compiled) and any("jit(advance)" in line for line in compiled)
+    assert {"jax", "flax"} <= first_imports  # the model was traced
+    stored = sorted(os.listdir(cache / "gptjax-sampler"))
+    for program in ("prefill-", "advance-", "decode_layout-", "row_keys-"):
+        assert any(name.startswith(program) for name in stored), (program, stored)
+    second_imports: set = set()
+    second, compiled = _sample_cli(workdir, cache, imports=second_imports)
     assert compiled == [] and second == first == r.stdout
+    assert "jax" in second_imports and "tensorstore" in second_imports
+    assert not {"flax", "orbax", "optax", "tokenizers", "sentencepiece.sentencepiece_model_pb2"} & second_imports, sorted(
+        second_imports)
+    prefill = next(name for name in stored if name.startswith("prefill-"))
+    (cache / "gptjax-sampler" / prefill).write_bytes(b"not an executable")
+    third, compiled = _sample_cli(workdir, cache)
+    assert third == first and len(compiled) == 1 and "jit(prefill)" in compiled[0]
 
 
 def _leaves(tree):

@@ -113,7 +113,9 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("vocab", [10, 1000, 50257])
+# A vocabulary smaller than the candidates (every token one) and GPT-2's (the candidates, then
+# the exact fallback where the cut falls past them; a long tail for p near 1).
+@pytest.mark.parametrize("vocab", [10, 50257])
 @pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
 def test_filters_match_transformers_on_random_logits(vocab, temperature, top_k, top_p):
     top_k = min(top_k, vocab)
@@ -215,9 +217,8 @@ def test_row_in_a_mixed_batch_equals_the_row_alone(trained):
         key = jax.random.fold_in(jax.random.PRNGKey(3), i)  # row i's documented key
         alone = decoder.generate_tokens([prompt], row_keys=key[None], **controls).tokens[0]
         assert alone == batch[i]
-    greedy = decoder.generate_tokens(prompts, max_new_tokens=30, temperature=0).tokens
-    for i, prompt in enumerate(prompts):
-        assert decoder.generate_tokens([prompt], max_new_tokens=30, temperature=0).tokens[0] == greedy[i]
+    # Greedy rows in a batch equal each row alone by `test_cached_greedy_equals_full_recompute`
+    # (a batch of three lengths against each row's own full forward passes).
 
 
 def test_stop_token_ends_a_row_and_is_cut(trained):

@@ -8,8 +8,8 @@ its checkpoints load for sampling."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -22,7 +22,9 @@ from gptjax.loss import cross_entropy
 from gptjax.model import GPT, GPTConfig, init_params
 from gptjax.sampling import load
 
-REFERENCE = GPTConfig(vocab_size=97, n_layer=3, n_head=4, n_embd=32, block_size=16)
+# Two layers: the stacking and the order of the layers are there (a third only makes every
+# program bigger).
+REFERENCE = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=32, block_size=16)
 
 
 def _batch(packed: bool) -> dict[str, np.ndarray]:
@@ -61,8 +63,8 @@ def _has_scan(cfg: GPTConfig, params: dict, batch: dict[str, np.ndarray]) -> boo
     return any(eqn.primitive.name == "scan" for eqn in jaxpr.jaxpr.eqns)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-@pytest.mark.parametrize("packed", [False, True])
+# Packed rows and remat are independent of each other: each is on in one case and off in the other.
+@pytest.mark.parametrize("packed, remat", [(False, False), (True, True)], ids=["plain", "packed-remat"])
 def test_scan_gives_the_unrolled_loss_and_every_gradient(packed, remat):
     """Same loss and gradient of every parameter (each `h_{i}` its own) as the unrolled
     blocks. The layers are not interchangeable: the reference with two layers swapped gives
@@ -119,43 +121,29 @@ def test_scan_layers_is_checked():
         C.apply_overrides(config, [("model.scan_layers", "sometimes")])
 
 
-def _corpus(path) -> str:
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "theta"]
-    path.mkdir(parents=True, exist_ok=True)
-    for d in range(20):
-        lines = [f"def f{d}_{i}({rng.choice(words)}):\n    return {rng.choice(words)} + {i}\n" for i in range(20)]
-        (path / f"doc{d:02d}.txt").write_text("".join(lines))
-    return str(path / "*.txt")
+def _metrics(workdir: str) -> dict[tuple[int, str], float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {(r["step"], k): r[k] for r in records for k in ("loss", "val_loss") if k in r}
 
 
-def test_training_on_a_mesh_matches_the_unrolled_run_and_its_checkpoint_samples(tmp_path):
-    """Three steps on 8 devices (data, fsdp and tensor 2 each: the parameters' logical
-    shardings apply to the stacked ones) give the unrolled run's losses, with remat too;
-    the checkpoint keeps `h_{i}` and loads for sampling, and its full pass (scanned) gives the
-    reference run's logits. (Two layers: the stacking, its sharding and the order of the layers
-    are all there; a third layer only makes every program bigger.)"""
-    corpus = _corpus(tmp_path / "corpus")
-
-    def config(scan: bool):
-        c = C.base_config()
-        c.data.source = f"files:{corpus}"
-        c.data.val_fraction = 0.1
-        c.tokenizer.vocab_size = 300
-        c.model.update(n_layer=2, n_head=4, n_embd=32, block_size=32, scan_layers=scan, remat=scan)
-        c.train.update(steps=3, batch_size=8, seq_len=32, eval_every=3, eval_batches=1, log_every=1, checkpoint_every=3)
-        c.optim.update(lr=3e-3, warmup_steps=1)
-        c.mesh.update(data=2, fsdp=2, tensor=2)
-        return c
-
-    ref, scan = str(tmp_path / "ref"), str(tmp_path / "scan")
-    want = train.run(config(False), ref)
-    os.makedirs(scan)
-    shutil.copytree(os.path.join(ref, "tokenizer"), os.path.join(scan, "tokenizer"))
-    got = train.run(config(True), scan)
-    for key in ("loss", "val_loss"):
+def test_training_on_a_mesh_matches_the_unrolled_run_and_its_checkpoint_samples(trained_run, tmp_path):
+    """Ten steps on 8 devices (data, fsdp and tensor 2 each: the parameters' logical
+    shardings apply to the stacked ones), scanned and with remat, give the losses of the shared
+    unrolled run (`trained_run`, one device) at every step and its evaluation at step 10; the
+    checkpoint keeps `h_{i}` and loads for sampling, and its full pass (scanned) gives the
+    reference checkpoint's logits."""
+    c = trained_run.config()
+    c.model.update(scan_layers=True, remat=True)
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    scan = trained_run.tokenizer_only(tmp_path / "scan")
+    assert train.run(c, scan, stop_at=10)["step"] == 10
+    want, got = _metrics(trained_run.workdir), _metrics(scan)
+    assert sorted(got) == sorted(k for k in want if k[0] <= 10) and (10, "val_loss") in got
+    for key in sorted(got):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
 
+    ref = os.path.join(trained_run.workdir, "checkpoints", "10")
     loaded, reference = load(scan), load(ref)
     assert loaded.model_config.scan_layers and not reference.model_config.scan_layers
     assert sorted(k for k in loaded.params if k.startswith("h_")) == ["h_0", "h_1"]
