@@ -79,6 +79,7 @@ KINDS = ("startup", "prepare", "compile", "step", "eval", "save", "shutdown")
 # Trial i's first kill aims at TARGETS[i % len(TARGETS)] ("random": a uniform time), so any
 # run of len(TARGETS) trials covers every kind; later kills draw from LATER_TARGETS.
 TARGETS = ("prepare", "step", "save", "eval", "random", "compile")
+SEEN_AND_KILLED = ("prepare", "eval")  # short stretches: killed the moment they are seen
 LATER_TARGETS = ("random", "step", "save", "eval")
 SCENARIOS = ("sigterm", "sigterm-twice", "sigterm-prepare", "sigterm-compile", "truncated", "diverge", "disk")
 
@@ -656,8 +657,11 @@ def _kill_on(h: Harness, attempt: Attempt, target: str) -> str | None:
     if h.poll_until(attempt, watch, reached) is None:
         return None
     # Somewhere inside the stretch: a random delay up to half its typical length, cut short
-    # when the stretch ends first.
-    end = time.monotonic() + h.rng.uniform(0.0, min(ref.phase_s.get(target, 0.05) / 2, 2.0))
+    # when the stretch ends first. A preparation and an evaluation are killed as soon as they
+    # are seen: both can end between two polls on a loaded machine, and a kill after the end of
+    # its stretch lands in the next kind of moment instead.
+    spread = 0.0 if target in SEEN_AND_KILLED else min(ref.phase_s.get(target, 0.05) / 2, 2.0)
+    end = time.monotonic() + h.rng.uniform(0.0, spread)
     while attempt.proc.poll() is None and time.monotonic() < end and watch.moment() == target:
         time.sleep(POLL_S)
     return None if attempt.proc.poll() is not None else h.kill_now(attempt, watch)
