@@ -1,41 +1,38 @@
 """A compiled step's FLOPs, HBM bytes and ICI bytes per chip, counting every loop iteration.
 
 XLA's cost analysis (`compiled.cost_analysis()`) counts a while loop's body once and a
-custom-call kernel as its operands and outputs: the loop over micro-batches (train.grad_accum),
-the tied head's loop over sequence chunks and the scan over layers (model.scan_layers) are
-each counted as one iteration, and the splash attention kernel's matmuls not at all. `count`
-corrects that from the compiled module itself (`gptjax.aot.hlo`), in one pass and without
-more compiles:
+custom-call kernel as its operands and outputs: the micro-batch loop (train.grad_accum), the
+tied head's loop over sequence chunks and the layer scan (model.scan_layers) each count as one
+iteration, and splash attention's matmuls not at all. `count` corrects that from the compiled
+module itself (`gptjax.aot.hlo`), in one pass and without more compiles:
 
 1. Each computation's multiplicity: the entry runs once; a while loop's body runs its trip
-   count times per run of the computation holding it (nested loops multiply). The trip count
-   is read from the loop: its condition compares an induction variable with a constant, the
-   loop starts it at a constant and its body adds a constant (XLA's `known_trip_count`, when
-   the module carries it, wins). A loop whose count cannot be read counts once, as XLA's does,
-   and `Counts.unknown_loops` says how many there were.
+   count times per run of the computation holding it (nested loops multiply). The trip count is
+   read from the loop: its condition compares an induction variable with a constant, the loop
+   starts it at a constant and its body adds a constant (XLA's `known_trip_count`, when the
+   module carries it, wins). A loop whose count cannot be read counts once, as XLA's does, and
+   `Counts.unknown_loops` says how many there were.
 2. Each top-level instruction's cost: FLOPs as XLA counts them (its dots, convolutions,
    elementwise ops and reductions: within 1% of XLA's total on the steps tested); HBM bytes as
    the chip moves them: its operands and outputs at their padded TPU sizes that live in HBM
    (memory space 0 in their layouts: what the compiler keeps in VMEM, `S(1)`, moves no HBM
    bytes), an asynchronous copy or slice between memory spaces its HBM side once, a bitcast
-   nothing, a fusion only the slices it reads of an operand it slices and the update it
-   writes in place. (The compiler's own count charges every operand and result wherever it
-   lives, and a fusion whole buffers, which in a loop walking a stacked array would multiply
-   the stack by its depth; `instruction_bytes(physical=False)` is that rule, within 3% of
-   XLA's total where nothing loops.) A kernel the cost analysis cannot see into is counted
-   from its shapes (`gptjax.aot.kernels`: splash attention from its block sizes, the
-   compiler's online-softmax).
-3. The totals: FLOPs are XLA's own count, plus every instruction's FLOPs times (multiplicity
-   - 1), plus each kernel's own work (so where nothing loops and no kernel runs they are
-   exactly XLA's); HBM bytes are every instruction's HBM bytes times its multiplicity (XLA's
-   byte count mixes memory spaces, so it is kept only as `Counts.xla_bytes`). What the
-   compiler does inside a fusion (a matmul re-reading an operand tile by tile) is not in its
-   HLO and not counted.
+   nothing, a fusion only the slices it reads of an operand it slices and the update it writes
+   in place. (`instruction_bytes(physical=False)` is the compiler's own rule, every operand and
+   result wherever it lives and a fusion's whole buffers, which in a loop walking a stacked
+   array multiplies the stack by its depth: within 3% of XLA's total where nothing loops.) A
+   kernel the cost analysis cannot see into is counted from its shapes (`gptjax.aot.kernels`:
+   splash attention from its block sizes, the compiler's online-softmax).
+3. The totals: FLOPs are XLA's own count plus every instruction's FLOPs times (multiplicity -
+   1) plus each kernel's own work (exactly XLA's where nothing loops and no kernel runs); HBM
+   bytes are every instruction's HBM bytes times its multiplicity (XLA's byte count mixes
+   memory spaces: kept only as `Counts.xla_bytes`). Work inside a fusion (a matmul re-reading
+   an operand tile by tile) is not in the HLO and not counted.
 
 The collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, also
-as async starts) give the ICI bytes each chip sends, as a ring over a replica group of n
-chips does: an all-gather (n - 1) times its operand, a reduce-scatter (n - 1) / n of it, an
-all-reduce twice that; times the multiplicity of the computation that holds them.
+as async starts) give the ICI bytes a chip sends in a ring over a replica group of n chips:
+all-gather (n - 1) x its operand, reduce-scatter (n - 1) / n of it, all-reduce twice that;
+times the multiplicity of the computation holding it.
 """
 
 from __future__ import annotations
@@ -46,7 +43,7 @@ import re
 
 from gptjax.aot.collectives import collective_kind, ici_bytes
 from gptjax.aot.hlo import (Computation, Instruction, Module, in_hbm, operand_arrays, operand_bytes, parse_module,
-                            shape_bytes)
+                            shape_bytes, through_copies)
 from gptjax.aot.kernels import kernel_cost
 
 # Instructions that move no data of their own (aliases, tuples, control).
@@ -102,9 +99,7 @@ class Counts:
 
 
 def _const(comp: Computation, name: str) -> int | None:
-    inst = comp.instructions.get(name)
-    while inst is not None and inst.opcode in ("copy", "convert", "bitcast") and inst.operands:
-        inst = comp.instructions.get(inst.operands[0])
+    inst = through_copies(comp, name)
     if inst is None or inst.opcode != "constant":
         return None
     try:
@@ -115,9 +110,7 @@ def _const(comp: Computation, name: str) -> int | None:
 
 def _tuple_index(comp: Computation, name: str) -> int | None:
     """k when `name` is get-tuple-element(parameter, index=k)."""
-    inst = comp.instructions.get(name)
-    while inst is not None and inst.opcode in ("copy", "convert", "bitcast") and inst.operands:
-        inst = comp.instructions.get(inst.operands[0])
+    inst = through_copies(comp, name)
     if inst is None or inst.opcode != "get-tuple-element":
         return None
     src = comp.instructions.get(inst.operands[0]) if inst.operands else None

@@ -158,6 +158,14 @@ _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _START = re.compile(r"^\s+(ROOT )?%([\w.\-]+) = ")
 
 
+def through_copies(comp: Computation, name: str) -> Instruction | None:
+    """The instruction `name` stands for once copies, converts and bitcasts are looked through."""
+    inst = comp.instructions.get(name)
+    while inst is not None and inst.opcode in ("copy", "convert", "bitcast") and inst.operands:
+        inst = comp.instructions.get(inst.operands[0])
+    return inst
+
+
 def _balanced(text: str, start: int) -> int:
     """The index just past the bracket group opening at text[start]."""
     depth, pairs = 0, {"(": ")", "{": "}", "[": "]"}
