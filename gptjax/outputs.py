@@ -1,7 +1,7 @@
 """A training run's outputs in its run directory, opened together before the first step and
 closed together after the last (`open_outputs`):
 
-    config.json     the resolved config (`gptjax.checkpoint.save_config`), written first
+    config.json     the resolved config (`save_config`), written first
     checkpoints/    a `gptjax.checkpoint.Checkpointer`, and the state the run starts from:
                     the newest readable checkpoint's, else init_from's parameters, else
                     fresh ones, created already sharded
@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator
+import os
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 
 from gptjax import checkpoint as ckpt
-from gptjax import tracking
+from gptjax import storage, tracking
+from gptjax.config import to_json
 from gptjax.failures import close_quietly, io_failure
 from gptjax.metrics import MetricsWriter
+from gptjax.layout import RunDir
 from gptjax.run import Run
 from gptjax.state import TrainState
 
@@ -46,7 +49,7 @@ def open_outputs(r: Run) -> Iterator[Outputs]:
     assert run_dir is not None
     try:
         if jax.process_index() == 0:
-            ckpt.save_config(run_dir, r.config)
+            save_config(run_dir, r.config)
     except OSError as e:
         raise io_failure("preparing the run", e, run_dir.root) from e
     try:
@@ -75,3 +78,14 @@ def open_outputs(r: Run) -> Iterator[Outputs]:
             close_quietly(writer.close)
     finally:
         close_quietly(checkpointer.close)
+
+
+def save_config(run_dir: RunDir, config: Any) -> None:
+    """Write config.json atomically (a bucket's object is replaced whole by one write)."""
+    if run_dir.is_url:
+        storage.write_text(run_dir.config, to_json(config))
+        return
+    tmp = run_dir.config + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_json(config))
+    os.replace(tmp, run_dir.config)

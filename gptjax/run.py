@@ -10,8 +10,10 @@ works a setting out again. Resolving happens in two stages:
   tokenizer, and an `init_from` directory's config.json. Without a workdir it reads no run
   directory at all, so it serves ahead-of-time compilation for devices this host lacks.
 - `Run.prepare()` then does the work on disk: it creates the workdir, reads the `init_from`
-  weights and tokenizer for a new run, and tokenizes the data (training the tokenizer if the
-  workdir has none). The model does not change: its vocabulary size was known before.
+  weights and tokenizer for a new run and the eval tasks' multiple-choice files, and tokenizes
+  the data, the run's own source and the eval tasks' bpb sources in one pass (training the
+  tokenizer if the workdir has none). The model does not change: its vocabulary size was
+  known before.
 
 The input config is read, never written; `Run.config` is the resolved config (the model
 section as the run builds it), which is what the run saves as config.json.
@@ -121,8 +123,9 @@ class Run:
                 from gptjax.hf import pad_vocab
 
                 pretrained = pad_vocab(pretrained, self.model)
-            # A bad multiple-choice file is refused before any data is tokenized.
-            items = [read_items(arg, self.sections.eval.max_items) for kind, arg in tasks if kind == "hellaswag"]
+            # Multiple-choice files are read here: a bad one is refused before any data is tokenized.
+            items = [read_items(arg, self.sections.eval.max_items) if kind == "hellaswag" else None
+                     for kind, arg in tasks]
             tokenizer, datasets = given or self.tokenizer, []
             if data:
                 sources = [self.data.source] + [arg for kind, arg in tasks if kind == "bpb"]
@@ -131,6 +134,7 @@ class Run:
                 for dataset in datasets:
                     dataset.check(self.train.seq_len)
                 tokenizer = datasets[0].tokenizer
+            # The tokenizer the data pass used fits the model that was resolved before it.
             if tokenizer is not None and tokenizer.vocab_size > self.model.vocab_size:
                 raise UserError(f"the run's tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                                 f"{self.model.vocab_size}; use a new workdir")
@@ -138,8 +142,8 @@ class Run:
             if created:
                 root.rmtree(missing_ok=True)
             raise
-        inputs, bpb = iter(items), iter(datasets[1:])
-        eval_inputs = tuple(next(inputs) if kind == "hellaswag" else next(bpb) for kind, _ in tasks)
+        bpb = iter(datasets[1:])
+        eval_inputs = tuple(next(bpb) if read is None else read for read in items)
         return dataclasses.replace(self, tokenizer=tokenizer, dataset=datasets[0] if datasets else None,
                                    eval_inputs=eval_inputs, pretrained=pretrained)
 
