@@ -39,6 +39,7 @@ from gptjax import sharding
 from gptjax.checkpoint_read import read_run_config
 from gptjax.errors import UserError
 from gptjax.evaluate.multiple_choice import Item, read_items
+from gptjax.failures import io_failure
 from gptjax.layout import RunDir
 from gptjax.model import GPTConfig
 from gptjax.state import param_shapes
@@ -104,7 +105,8 @@ class Run:
     def prepare(self, data: bool = True) -> "Run":
         """The run with its workdir created, init_from's weights and tokenizer read (a new run),
         and (`data`) the eval tasks' files read and the data tokenized: the run's own source and
-        each bpb task's, in one pass. A UserError leaves no new workdir behind.
+        each bpb task's, in one pass. A UserError leaves no new workdir behind; a failed read or
+        write is a one-line `RunFailed`.
 
         Process 0 creates the workdir (a URL needs nothing: objects make their prefixes) and
         removes it after a UserError if it created it."""
@@ -142,6 +144,8 @@ class Run:
             if created:
                 root.rmtree(missing_ok=True)
             raise
+        except OSError as e:  # a workdir that cannot be made, a full disk: one line
+            raise io_failure("preparing the run", e, self.run_dir.root) from e
         bpb = iter(datasets[1:])
         eval_inputs = tuple(next(bpb) if read is None else read for read in items)
         return dataclasses.replace(self, tokenizer=tokenizer, dataset=datasets[0] if datasets else None,

@@ -34,7 +34,7 @@ from gptjax import layout
 from gptjax import optim as optim_lib
 from gptjax import runtime, sharding, tracking
 from gptjax.errors import run_cli
-from gptjax.failures import RunFailed, io_failure
+from gptjax.failures import RunFailed
 from gptjax.loop import train_loop
 from gptjax.outputs import open_outputs
 from gptjax.preemption import StopBeforeTraining, StopRequested
@@ -57,16 +57,12 @@ def run(
     saving and the result is empty. Divergence and failed writes raise `RunFailed`.
     """
     r = resolve(config, workdir, devices)
-    assert r.run_dir is not None
     tracking.require_package(r.sections.wandb)  # before any data work, not at the first step
     if r.devices_note:
         log(r.devices_note)
     with StopRequested() as stop:
         try:
-            try:
-                r = r.prepare()
-            except OSError as e:
-                raise io_failure("preparing the run", e, r.run_dir.root) from e
+            r = r.prepare()
             with open_outputs(r) as out:
                 if jax.process_index() == 0:  # stdout, like the summary at the end; stderr is for progress and errors
                     start = f"resuming from step {int(out.state.step)}" if r.resuming else "a new run"
