@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import posixpath
 from typing import Any, Callable, Iterator
 
