@@ -129,8 +129,9 @@ def stdlib_files() -> list[str]:
     return sorted(paths)
 
 
-
 def _expand_globs(kind: str, arg: str) -> list[str]:
+    """The files a files:/pairs: argument names (comma-separated paths or globs), sorted; a
+    pattern that matches none is a UserError."""
     paths: set[str] = set()
     for pattern in (p.strip() for p in arg.split(",")):
         if storage.is_url(pattern) and "**" in pattern:
@@ -192,7 +193,7 @@ def plan_files(kind: str, arg: str, text_field: str, unit_bytes: int = 0) -> tup
     close_group()
     if kind == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
-        return paths, [Unit("text", tuple(u.paths), tuple(os.path.relpath(p, root) for p in u.paths), size=u.size, file=i)
+        return paths, [Unit("text", u.paths, tuple(os.path.relpath(p, root) for p in u.paths), size=u.size, file=i)
                        for i, u in enumerate(units)]
     first: dict[str, int] = {}  # a file's units share one index: its first unit's position
     return paths, [dataclasses.replace(u, file=first.setdefault(u.paths[0], i)) for i, u in enumerate(units)]
