@@ -57,6 +57,8 @@ def open_outputs(r: Run) -> Iterator[Outputs]:
     except OSError as e:
         raise io_failure("creating the checkpoint directory", e, run_dir.checkpoints) from e
     try:
+        # The state the run starts from: the newest readable checkpoint's, else init_from's
+        # parameters, else fresh ones.
         target = r.steps.layout.abstract_state()
         restored = checkpointer.restore_latest(target.params, target.opt_state)
         if restored is not None:
