@@ -19,15 +19,14 @@ Parameters and optimizer state are separate items so that sampling restores the 
 alone, onto whatever devices it has, without knowing the optimizer (`restore_params`; from a
 local checkpoint, without orbax: `gptjax.checkpoint_read`, which calls into this module only
 where orbax must read, and which this module does not import). The run's config.json, written
-here (`save_config`) and read by `gptjax.checkpoint_read.read_run_config`, is the resolved
-config of the run (see `gptjax.run`).
+by `gptjax.outputs.save_config` and read by `gptjax.checkpoint_read.read_run_config`, is the
+resolved config of the run (see `gptjax.run`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import posixpath
 from typing import Any, Callable, Iterator
 
@@ -35,7 +34,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from gptjax import storage
-from gptjax.config import to_json
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
 from gptjax.model.config import GPTConfig
@@ -155,17 +153,6 @@ def describe_error(e: BaseException, limit: int = 160) -> str:
     text = " ".join(str(e).split())
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def save_config(run_dir: RunDir, config: Any) -> None:
-    """Write config.json atomically (a bucket's object is replaced whole by one write)."""
-    if run_dir.is_url:
-        storage.write_text(run_dir.config, to_json(config))
-        return
-    tmp = run_dir.config + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(to_json(config))
-    os.replace(tmp, run_dir.config)
 
 
 def restore_params(run_dir: RunDir, step: int | None, device: jax.Device | None = None) -> Any:

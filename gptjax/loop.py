@@ -30,7 +30,8 @@ from gptjax.failures import RunFailed, check_space, io_failure
 from gptjax.evaluate.bpb import ValidationSet, eval_line
 from gptjax.evaluate.tasks import Benchmarks, benchmark_line, prepare_evaluation
 from gptjax.metrics import MetricsWriter, peak_flops
-from gptjax.preemption import StopRequested, any_host
+from gptjax.outputs import Outputs
+from gptjax.preemption import StopRequested
 from gptjax.run import Run
 from gptjax.runtime import log
 from gptjax.schema import TrainConfig
@@ -38,20 +39,12 @@ from gptjax.state import TrainState
 from gptjax.step import Steps
 
 
-def train_loop(
-    r: Run,
-    state: TrainState,
-    skipped_total: int,
-    checkpointer: ckpt.Checkpointer,
-    writer: MetricsWriter,
-    stop: StopRequested,
-    stop_at: int | None,
-) -> dict[str, float]:
-    """The training steps from `state.step` to the end, a stop request or `stop_at`; the last
-    logged and evaluated metrics, with the step reached."""
+def train_loop(r: Run, out: Outputs, stop: StopRequested, stop_at: int | None) -> dict[str, float]:
+    """The training steps from the state `out` holds to the end, a stop request or `stop_at`,
+    the last save on disk; the last logged and evaluated metrics, with the step reached."""
     assert r.dataset is not None
-    t, start = r.train, int(state.step)
-    loop = build_loop(r, start, skipped_total, checkpointer, writer)
+    t, state, start = r.train, out.state, int(out.state.step)
+    loop = build_loop(r, out)
     bad, rate, progress = loop.bad, loop.rate, loop.progress
     final: dict[str, float] = {}
     pending: tuple[int, dict[str, jax.Array]] | None = None  # a step whose skip flag is unread
@@ -65,7 +58,7 @@ def train_loop(
             bad.check(*pending, loop.saves.last_good())
         pending = (done, metrics)
         rate.count()
-        stopping = _stopping(done, stop_at, loop.cadence.log(done), stop)
+        stopping = stop.stops_after(done, stop_at, loop.cadence.log(done))
         due = [a for a in loop.actions if a.due(done, stopping)]
         if due:
             bad.check(*pending, loop.saves.last_good())
@@ -76,6 +69,7 @@ def train_loop(
         if stopping:
             break
     progress.close()
+    loop.saves.wait()
     final["step"] = int(state.step)
     return final
 
@@ -92,31 +86,25 @@ class Loop:
     actions: tuple["Action", ...]  # run in this order after the steps they are due at
 
 
-def build_loop(r: Run, start: int, skipped_total: int, checkpointer: ckpt.Checkpointer, writer: MetricsWriter) -> Loop:
-    """The pieces of the loop of `r` from step `start`: the evaluation prepared (validation set,
-    benchmark tasks), the throughput's peak, the progress display, and the actions in order."""
+def build_loop(r: Run, out: Outputs) -> Loop:
+    """The pieces of the loop of `r` from the state `out` holds: the evaluation prepared
+    (validation set, benchmark tasks), the throughput's peak, the progress display, and the
+    actions in order."""
     assert r.run_dir is not None
-    t, gpt, mesh = r.train, r.model, r.mesh
+    t, gpt, mesh, start = r.train, r.model, r.mesh, int(out.state.step)
     tokens_per_step = t.batch_size * t.seq_len
     log(f"model: {gpt.num_params() / 1e6:.2f}M params, {gpt.n_layer} layers, width {gpt.n_embd}; "
         f"mesh {dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} device(s); "
         f"vocab {gpt.vocab_size}; {tokens_per_step} tokens/step")
-    cadence, bad = Cadence(t), BadSteps(t.max_bad_steps, skipped_total)
-    saves = Saves(checkpointer, r.steps, start)
+    cadence, bad = Cadence(t), BadSteps(t.max_bad_steps, out.skipped_total)
+    saves = Saves(out.checkpointer, r.steps, start)
     progress = StepProgress(t.steps, start, tokens_per_step)
-    sink = Sink(writer, progress, r.run_dir.metrics)
+    sink = Sink(out.writer, progress, r.run_dir.metrics)
     evaluation = prepare_evaluation(r)
     rate = Throughput(tokens_per_step, gpt.flops_per_token(t.seq_len) * tokens_per_step, peak_flops(t.peak_tflops, mesh))
     actions = (LogMetrics(cadence, rate, bad, sink), Evaluate(cadence, evaluation.validation, r.steps, sink, rate),
                Benchmark(cadence, evaluation.benchmarks, sink, rate), Save(cadence, saves, bad))
     return Loop(cadence, rate, bad, saves, progress, actions)
-
-
-def _stopping(done: int, stop_at: int | None, is_log: bool, stop: StopRequested) -> bool:
-    """Whether the run stops after step `done`: `stop_at`, or a SIGTERM/SIGINT. A pod's hosts
-    agree on a request at log steps (a collective); a single process stops at once."""
-    stopping = done == stop_at or (is_log and any_host(stop.requested))
-    return stopping or (jax.process_count() == 1 and stop.requested)
 
 
 class Action(Protocol):
@@ -312,16 +300,20 @@ class Saves:
         if not self.steps.all_finite(state):
             raise RunFailed(f"step {step}: the parameters or optimizer state hold non-finite values; "
                             f"not saved; {self.last_good()}")
-        try:
-            self.checkpointer.wait()
-        except Exception as e:  # the previous, asynchronous save failed
-            raise io_failure(f"saving checkpoint {self.last_saved}", e, directory) from e
+        self.wait()
         check_space(step, state, directory, self.last_good())
         try:
             self.checkpointer.save(step, state.params, state.opt_state, skipped_steps=skipped_total)
         except Exception as e:  # disk full, permissions
             raise io_failure(f"saving checkpoint {step}", e, directory) from e
         self.last_saved = step
+
+    def wait(self) -> None:
+        """Block until the last save, which is asynchronous, is on disk; its failure is one line."""
+        try:
+            self.checkpointer.wait()
+        except Exception as e:  # the asynchronous save failed after it started
+            raise io_failure(f"saving checkpoint {self.last_saved}", e, self.checkpointer.directory) from e
 
 
 class StepProgress:

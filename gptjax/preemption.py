@@ -54,6 +54,12 @@ class StopRequested:
         """From now on a first signal is a request the loop reads between steps."""
         self.armed = True
 
+    def stops_after(self, done: int, stop_at: int | None, at_log_step: bool) -> bool:
+        """Whether the run stops after step `done`: `stop_at`, or a request. A pod's hosts agree
+        on a request at log steps (a collective, `any_host`); a single process stops at once."""
+        stopping = done == stop_at or (at_log_step and any_host(self.requested))
+        return stopping or (jax.process_count() == 1 and self.requested)
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             name = signal.Signals(signum).name

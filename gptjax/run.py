@@ -10,8 +10,10 @@ works a setting out again. Resolving happens in two stages:
   tokenizer, and an `init_from` directory's config.json. Without a workdir it reads no run
   directory at all, so it serves ahead-of-time compilation for devices this host lacks.
 - `Run.prepare()` then does the work on disk: it creates the workdir, reads the `init_from`
-  weights and tokenizer for a new run, and tokenizes the data (training the tokenizer if the
-  workdir has none). The model does not change: its vocabulary size was known before.
+  weights and tokenizer for a new run and the eval tasks' multiple-choice files, and tokenizes
+  the data, the run's own source and the eval tasks' bpb sources in one pass (training the
+  tokenizer if the workdir has none). The model does not change: its vocabulary size was
+  known before.
 
 The input config is read, never written; `Run.config` is the resolved config (the model
 section as the run builds it), which is what the run saves as config.json.
@@ -36,6 +38,8 @@ from gptjax import optim as optim_lib
 from gptjax import sharding
 from gptjax.checkpoint_read import read_run_config
 from gptjax.errors import UserError
+from gptjax.evaluate.multiple_choice import Item, read_items
+from gptjax.failures import io_failure
 from gptjax.layout import RunDir
 from gptjax.model import GPTConfig
 from gptjax.state import param_shapes
@@ -56,6 +60,9 @@ class Run:
     resuming: bool  # the workdir holds a checkpoint: weights come from it, not init_from
     tokenizer: Tokenizer | None = None  # None until prepared when the workdir has none yet
     dataset: data_lib.Dataset | None = None  # set by prepare()
+    # Each eval task's input, in eval.task_list() order (set by prepare()): a multiple-choice
+    # file's items, a bpb source's dataset.
+    eval_inputs: tuple[list[Item] | data_lib.Dataset, ...] = ()
     pretrained: Any = None  # init_from's host parameters, for a new run (set by prepare())
     devices_note: str = ""  # how the devices were chosen, when the CLI chose them (sharding.default_devices)
 
@@ -97,7 +104,9 @@ class Run:
 
     def prepare(self, data: bool = True) -> "Run":
         """The run with its workdir created, init_from's weights and tokenizer read (a new run),
-        and (`data`) the data tokenized. A UserError leaves no new workdir behind.
+        and (`data`) the eval tasks' files read and the data tokenized: the run's own source and
+        each bpb task's, in one pass. A UserError leaves no new workdir behind; a failed read or
+        write is a one-line `RunFailed`.
 
         Process 0 creates the workdir (a URL needs nothing: objects make their prefixes) and
         removes it after a UserError if it created it."""
@@ -106,6 +115,7 @@ class Run:
         root = epath.Path(self.run_dir.root)
         leader = jax.process_index() == 0  # the other hosts of a pod only read the workdir here
         created = leader and not root.exists()
+        tasks = self.sections.eval.task_list() if data else []
         try:
             if leader and not self.run_dir.is_url:
                 os.makedirs(self.run_dir.root, exist_ok=True)
@@ -115,18 +125,31 @@ class Run:
                 from gptjax.hf import pad_vocab
 
                 pretrained = pad_vocab(pretrained, self.model)
-            tokenizer, dataset = given or self.tokenizer, None
+            # Multiple-choice files are read here: a bad one is refused before any data is tokenized.
+            items = [read_items(arg, self.sections.eval.max_items) if kind == "hellaswag" else None
+                     for kind, arg in tasks]
+            tokenizer, datasets = given or self.tokenizer, []
             if data:
-                dataset = data_lib.prepare(self.data, self.sections.tokenizer, self.run_dir, tokenizer=given)
-                dataset.check(self.train.seq_len)
-                tokenizer = dataset.tokenizer
-            if tokenizer is not None:
-                _check_vocab(self.model, tokenizer)
+                sources = [self.data.source] + [arg for kind, arg in tasks if kind == "bpb"]
+                datasets = data_lib.prepare_sources(self.data, self.sections.tokenizer, self.run_dir, sources,
+                                                    tokenizer=given)
+                for dataset in datasets:
+                    dataset.check(self.train.seq_len)
+                tokenizer = datasets[0].tokenizer
+            # The tokenizer the data pass used fits the model that was resolved before it.
+            if tokenizer is not None and tokenizer.vocab_size > self.model.vocab_size:
+                raise UserError(f"the run's tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                                f"{self.model.vocab_size}; use a new workdir")
         except UserError:
             if created:
                 root.rmtree(missing_ok=True)
             raise
-        return dataclasses.replace(self, tokenizer=tokenizer, dataset=dataset, pretrained=pretrained)
+        except OSError as e:  # a workdir that cannot be made, a full disk: one line
+            raise io_failure("preparing the run", e, self.run_dir.root) from e
+        bpb = iter(datasets[1:])
+        eval_inputs = tuple(next(bpb) if read is None else read for read in items)
+        return dataclasses.replace(self, tokenizer=tokenizer, dataset=datasets[0] if datasets else None,
+                                   eval_inputs=eval_inputs, pretrained=pretrained)
 
     def derive(self, **changes: Mapping[str, Any]) -> "Run":
         """A "what if" of this run, resolved on the same devices without a workdir: each keyword
@@ -229,15 +252,6 @@ def model_config(
             f"({tokenizer_vocab}); use 0 to take the tokenizer's"
         )
     return gpt
-
-
-def _check_vocab(gpt: GPTConfig, tokenizer: Tokenizer) -> None:
-    """The tokenizer the data pass used fits the model that was resolved before it."""
-    if tokenizer.vocab_size > gpt.vocab_size:
-        raise UserError(
-            f"the run's tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{gpt.vocab_size}; use a new workdir"
-        )
 
 
 def _check_batch(train: config_lib.TrainConfig, mesh: Mesh) -> None:

@@ -7,9 +7,11 @@ The stages, in order:
 
     resolve   config -> `gptjax.run.Run`: typed sections, mesh, model, optimizer, abstract
               train state and shardings, the jitted steps (`gptjax.step`); nothing written
-    prepare   `Run.prepare`: the workdir, init_from's weights, the tokenizer and the data
-    state     the newest readable checkpoint, else init_from's weights, else fresh ones,
-              created already sharded
+    prepare   `Run.prepare`: the workdir, init_from's weights, the eval tasks' files, the
+              tokenizer and the data
+    state     `gptjax.outputs.open_outputs`: config.json, the checkpoints and the metrics
+              opened, and the state the run starts from: the newest readable checkpoint,
+              else init_from's weights, else fresh ones
     loop      `gptjax.loop.train_loop`: steps, evaluation, metrics, checkpoints, stop requests
     finish    the last save written, metrics and checkpoints closed; failures are one line
               (`gptjax.failures`)
@@ -25,7 +27,6 @@ import shlex
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from gptjax import checkpoint as ckpt
 from gptjax import config as config_lib
@@ -33,14 +34,12 @@ from gptjax import layout
 from gptjax import optim as optim_lib
 from gptjax import runtime, sharding, tracking
 from gptjax.errors import run_cli
-from gptjax.evaluate.multiple_choice import check_files
-from gptjax.failures import RunFailed, close_quietly, io_failure
+from gptjax.failures import RunFailed
 from gptjax.loop import train_loop
-from gptjax.metrics import MetricsWriter
+from gptjax.outputs import open_outputs
 from gptjax.preemption import StopBeforeTraining, StopRequested
 from gptjax.run import Run, resolve
 from gptjax.runtime import log
-from gptjax.state import TrainState
 
 
 def run(
@@ -63,10 +62,18 @@ def run(
         log(r.devices_note)
     with StopRequested() as stop:
         try:
-            return _train(r, workdir, stop, stop_at)
+            r = r.prepare()
+            with open_outputs(r) as out:
+                if jax.process_index() == 0:  # stdout, like the summary at the end; stderr is for progress and errors
+                    start = f"resuming from step {int(out.state.step)}" if r.resuming else "a new run"
+                    print(f"workdir {workdir}: {start}", flush=True)
+                final = train_loop(r, out, stop, stop_at)
         except StopBeforeTraining as e:
             log(f"stopped by {e} before training started; nothing to save. Run the same command again to continue.")
             return {}
+    if final["step"] < r.train.steps:
+        log(f"stopped at step {final['step']}; checkpoint saved. Run the same command again to resume.")
+    return final
 
 
 def dry_run(config: config_lib.ConfigDict | config_lib.Sections, workdir: str) -> None:
@@ -79,66 +86,6 @@ def dry_run(config: config_lib.ConfigDict | config_lib.Sections, workdir: str) -
     print(r.tokenizer_note)
     if r.resuming:
         _report_resume_point(r)
-
-
-def _train(r: Run, workdir: str, stop: StopRequested, stop_at: int | None) -> dict[str, float]:
-    """The stages of a run: prepare (workdir, tokenizer, data) -> state (restored, imported or
-    initialised) -> loop -> finish (the last save written, the files closed)."""
-    r = _prepare(r)
-    assert r.run_dir is not None
-    try:
-        checkpointer = ckpt.Checkpointer(r.run_dir, keep=r.train.keep_checkpoints)
-    except OSError as e:
-        raise io_failure("creating the checkpoint directory", e, r.run_dir.checkpoints) from e
-    try:
-        state, skipped_total = _initial_state(r, checkpointer)
-        if jax.process_index() == 0:  # stdout, like the summary at the end; stderr is for progress and errors
-            print(f"workdir {workdir}: " + (f"resuming from step {int(state.step)}" if r.resuming else "a new run"), flush=True)
-        tracker = tracking.open_wandb(r.sections.wandb, r.run_dir, r.config.to_dict())
-        try:
-            writer = MetricsWriter(r.run_dir, int(state.step), tracker)
-        except OSError as e:
-            raise io_failure("opening the metrics", e, r.run_dir.metrics) from e
-        try:
-            final = train_loop(r, state, skipped_total, checkpointer, writer, stop, stop_at)
-            try:
-                checkpointer.wait()
-            except Exception as e:  # an asynchronous save failed after it started
-                raise io_failure(f"saving checkpoint {final['step']}", e, checkpointer.directory) from e
-        finally:
-            close_quietly(writer.close)
-    finally:
-        close_quietly(checkpointer.close)
-    if final["step"] < r.train.steps:
-        log(f"stopped at step {final['step']}; checkpoint saved. Run the same command again to resume.")
-    return final
-
-
-def _prepare(r: Run) -> Run:
-    """The run prepared on disk (`Run.prepare`), its resolved config saved as config.json; a
-    missing benchmark file is refused first."""
-    assert r.run_dir is not None
-    check_files([arg for kind, arg in r.sections.eval.task_list() if kind == "hellaswag"])
-    try:
-        r = r.prepare()
-        if jax.process_index() == 0:
-            ckpt.save_config(r.run_dir, r.config)
-    except OSError as e:
-        raise io_failure("preparing the run", e, r.run_dir.root) from e
-    return r
-
-
-def _initial_state(r: Run, checkpointer: ckpt.Checkpointer) -> tuple[TrainState, int]:
-    """(state, steps skipped so far): the newest readable checkpoint's, else init_from's
-    parameters, else fresh ones."""
-    target = r.steps.layout.abstract_state()
-    restored = checkpointer.restore_latest(target.params, target.opt_state)
-    if restored is not None:
-        params, opt_state, data = restored
-        return TrainState(step=jnp.asarray(data["step"], jnp.int32), params=params, opt_state=opt_state), data["skipped_steps"]
-    if r.pretrained is not None:
-        return r.steps.state_from_params(r.pretrained), 0
-    return r.steps.init_state(), 0
 
 
 def _report_resume_point(r: Run) -> None:

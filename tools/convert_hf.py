@@ -51,6 +51,7 @@ def import_hf(hf_dir: str, out: str) -> None:
 
     from gptjax import checkpoint as ckpt
     from gptjax import config as config_lib
+    from gptjax.outputs import save_config
     from gptjax.run import resolve
 
     out = hf.require_new_dir(out)
@@ -61,7 +62,7 @@ def import_hf(hf_dir: str, out: str) -> None:
     config.train.seq_len = min(config.train.seq_len, block_size)  # a run that trains as saved
     run = resolve(config, out, devices=jax.devices("cpu")[:1]).prepare(data=False)
     state = run.steps.state_from_params(run.pretrained)
-    ckpt.save_config(run.run_dir, run.config)
+    save_config(run.run_dir, run.config)
     run.tokenizer.save(run.run_dir.tokenizer)
     checkpointer = ckpt.Checkpointer(run.run_dir, keep=1, async_save=False)
     checkpointer.save(0, state.params, state.opt_state)

@@ -26,7 +26,6 @@ import hashlib
 import math
 import os
 import sys
-import sysconfig
 from typing import Callable, Iterator
 
 from gptjax import storage
@@ -37,13 +36,11 @@ from gptjax.data.units import Advance, Doc, Reader, Unit, pieces, plan_files
 from gptjax.errors import UserError
 from gptjax.schema import DataConfig
 
-__all__ = ["LINE_DELIMITED", "Advance", "Doc", "Source", "SourceSpec", "is_val", "parse_source", "resolve",
-           "stdlib_files"]
+__all__ = ["LINE_DELIMITED", "Advance", "Doc", "Source", "SourceSpec", "is_val", "parse_source", "resolve"]
 
 SOURCE_KINDS = ("stdlib", "files", "tfds", "pairs", "hf")
 _SOURCE_HELP = ("allowed: 'stdlib', 'files:GLOB[,GLOB]', 'tfds:NAME', 'pairs:GLOB[,GLOB]', 'hf:NAME[/CONFIG]', "
                 "or a mixture like 'files:a/*.txt@3 + stdlib@1'")
-STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 _TFDS_READ_BATCH = 256
 
 
@@ -132,16 +129,6 @@ class Source:
                     yield text
 
 
-def stdlib_files() -> list[str]:
-    """Sorted paths of the running interpreter's standard library *.py files, tests excluded."""
-    root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for directory, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in STDLIB_EXCLUDED_DIRS]
-        paths += [os.path.join(directory, f) for f in files if f.endswith(".py")]
-    return sorted(paths)
-
-
 def _files_digest(paths: list[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -151,21 +138,6 @@ def _files_digest(paths: list[str]) -> str:
 
 def _total_bytes(paths: list[str]) -> int:
     return sum(storage.size(p) for p in paths)
-
-
-def _expand_globs(kind: str, arg: str) -> list[str]:
-    paths: set[str] = set()
-    for pattern in (p.strip() for p in arg.split(",")):
-        if storage.is_url(pattern) and "**" in pattern:
-            raise UserError(f"data.source '{kind}:{pattern}': '**' is not supported in a URL (each level is "
-                            "listed separately); write one '*' per directory level, e.g. 'gs://b/data/*/*.jsonl'")
-        found = storage.glob_files(pattern)
-        if not found:
-            where = "" if storage.is_url(pattern) else f" (relative to {os.getcwd()})"
-            raise UserError(f"data.source '{kind}:{pattern}' matches no files{where}; "
-                            "give a path or glob of existing files, e.g. 'data/**/*.jsonl'")
-        paths.update(found)
-    return sorted(paths)
 
 
 def _tfds_source(spec: SourceSpec, cfg: DataConfig, download: bool) -> Source:
@@ -233,14 +205,9 @@ def resolve(spec: SourceSpec, cfg: DataConfig, download: bool = True) -> Source:
             read = lambda advance: source_docs(units, reader, advance)
         return Source(spec, identity, read, size, "doc", cfg.val_fraction, units=units, reader=reader,
                       pod_shared=reader.hf[2])  # a local directory; a Hub dataset is downloaded by host 0 only
-    stdlib = spec.kind == "stdlib"
-    paths = stdlib_files() if stdlib else _expand_globs(spec.kind, spec.arg)
-    units = plan_files(paths, "files" if stdlib else spec.kind, cfg.text_field)
-    if stdlib:
-        root = sysconfig.get_paths()["stdlib"]
+    paths, units = plan_files(spec.kind, spec.arg, cfg.text_field)
+    if spec.kind == "stdlib":
         identity = {"kind": "stdlib", "python": sys.version, "files": _files_digest(paths)}
-        units = [Unit("text", tuple(u.paths), tuple(os.path.relpath(p, root) for p in u.paths), size=u.size, file=i)
-                 for i, u in enumerate(units)]
         reader = Reader("files")
     else:
         reader = Reader(spec.kind, cfg.text_field, cfg.prompt_field, cfg.completion_field)

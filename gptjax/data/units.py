@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sysconfig
 from typing import Callable, Iterable, Iterator
 
 from gptjax import storage
 from gptjax.data import formats
 from gptjax.errors import UserError
 
+STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 UNIT_BYTES = 8 << 20  # input per unit: small enough to balance the workers, large enough to amortize a part
 Advance = Callable[[int], None]  # told how much more input (bytes or documents) has been read
 
@@ -117,9 +119,39 @@ def record_key(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def plan_files(paths: list[str], mode: str, text_field: str, unit_bytes: int = 0) -> list[Unit]:
-    """The units of `files:` (mode 'files') or `pairs:` files, each file's format checked
-    first (a file gptjax does not read is a UserError naming it)."""
+def stdlib_files() -> list[str]:
+    """Sorted paths of the running interpreter's standard library *.py files, tests excluded."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in STDLIB_EXCLUDED_DIRS]
+        paths += [os.path.join(directory, f) for f in files if f.endswith(".py")]
+    return sorted(paths)
+
+
+def _expand_globs(kind: str, arg: str) -> list[str]:
+    """The files a files:/pairs: argument names (comma-separated paths or globs), sorted; a
+    pattern that matches none is a UserError."""
+    paths: set[str] = set()
+    for pattern in (p.strip() for p in arg.split(",")):
+        if storage.is_url(pattern) and "**" in pattern:
+            raise UserError(f"data.source '{kind}:{pattern}': '**' is not supported in a URL (each level is "
+                            "listed separately); write one '*' per directory level, e.g. 'gs://b/data/*/*.jsonl'")
+        found = storage.glob_files(pattern)
+        if not found:
+            where = "" if storage.is_url(pattern) else f" (relative to {os.getcwd()})"
+            raise UserError(f"data.source '{kind}:{pattern}' matches no files{where}; "
+                            "give a path or glob of existing files, e.g. 'data/**/*.jsonl'")
+        paths.update(found)
+    return sorted(paths)
+
+
+def plan_files(kind: str, arg: str, text_field: str, unit_bytes: int = 0) -> tuple[list[str], list[Unit]]:
+    """(files, units) of a `stdlib`, `files:` or `pairs:` source (`arg`: comma-separated paths
+    or globs), each file's format checked first (a file gptjax does not read is a UserError
+    naming it). The standard library's files are keyed by their path inside it."""
+    paths = stdlib_files() if kind == "stdlib" else _expand_globs(kind, arg)
+    mode = "pairs" if kind == "pairs" else "files"
     unit_bytes = unit_bytes or UNIT_BYTES
     units: list[Unit] = []
     group: list[tuple[str, str, int]] = []
@@ -159,8 +191,12 @@ def plan_files(paths: list[str], mode: str, text_field: str, unit_bytes: int = 0
                 units.append(Unit("parquet", (path,), (prefix,), start, g + 1, first, share, len(units)))
                 start, first, done, rows, text = g + 1, first + rows, done + text, 0, 0
     close_group()
+    if kind == "stdlib":
+        root = sysconfig.get_paths()["stdlib"]
+        return paths, [Unit("text", u.paths, tuple(os.path.relpath(p, root) for p in u.paths), size=u.size, file=i)
+                       for i, u in enumerate(units)]
     first: dict[str, int] = {}  # a file's units share one index: its first unit's position
-    return [dataclasses.replace(u, file=first.setdefault(u.paths[0], i)) for i, u in enumerate(units)]
+    return paths, [dataclasses.replace(u, file=first.setdefault(u.paths[0], i)) for i, u in enumerate(units)]
 
 
 def parquet_docs(unit: Unit, reader: Reader, advance: Advance) -> Iterator[Doc]:

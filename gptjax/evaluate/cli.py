@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _sections(path: str, source: str | None) -> tuple[Any, str]:
-    """The run's saved config as sections (data.source replaced by `source`), and its run directory."""
+    """The run's saved config as sections (data.source replaced by `source`, no eval tasks), and
+    its run directory."""
     from gptjax import config as config_lib
     from gptjax.checkpoint_read import read_run_config
     from gptjax.layout import find_run
@@ -63,6 +64,7 @@ def _sections(path: str, source: str | None) -> tuple[Any, str]:
     # The weights come from the run's checkpoint and its saved model section holds the whole
     # shape: an init_from directory (which may be gone) is not read again.
     config.init_from = ""
+    config.eval.tasks = ""  # what to score is this command's own arguments, not the run's eval tasks
     s = config_lib.sections(config)
     if source is not None:
         s = dataclasses.replace(s, data=dataclasses.replace(s.data, source=source))

@@ -55,18 +55,12 @@ def _item(record: object, where: str) -> Item:
     return Item(ctx, tuple(endings), label)
 
 
-def check_files(paths: Sequence[str]) -> None:
-    """Refuse a missing multiple-choice file before a run spends time preparing its data."""
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"multiple-choice file {path!r} does not exist (HellaSwag's validation set: "
-                            f"{GET_HELLASWAG}; or leave it out of eval.tasks)")
-
-
 def read_items(path: str, limit: int = 0) -> list[Item]:
     """The items of a HellaSwag-format jsonl file (the first `limit`, 0: all); a bad line is a
-    UserError naming the file and line."""
-    check_files([path])
+    UserError naming the file and line, a missing file one saying where HellaSwag's is."""
+    if not os.path.isfile(path):
+        raise UserError(f"multiple-choice file {path!r} does not exist (HellaSwag's validation set: "
+                        f"{GET_HELLASWAG}; or leave it out of eval.tasks)")
     items = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

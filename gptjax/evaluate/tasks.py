@@ -7,31 +7,24 @@ parameters on the run's mesh. The tasks:
     bpb:SOURCE       a data source's validation text, tokenized into the run's data cache with
                      the run's tokenizer (`gptjax.evaluate.bpb`): eval/<source>/loss, .../bpb
 
-Every task scores fixed inputs with the parameters alone, so a resumed run reports the same
-values as an uninterrupted one.
+`Run.prepare` reads each task's input with the run's data (a multiple-choice file's items, a
+bpb source's token cache), so that a bad file is refused before any work. Every task scores
+fixed inputs with the parameters alone, so a resumed run reports the same values as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
-from gptjax import data as data_lib
 from gptjax.evaluate.bpb import ValidationSet, source_labels
-from gptjax.evaluate.multiple_choice import MultipleChoice, read_items
+from gptjax.evaluate.multiple_choice import MultipleChoice
 from gptjax.evaluate.scoring import Scorer
 from gptjax.run import Run
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """One prepared task: its label and how to evaluate parameters (metric name -> value)."""
-
-    label: str
-    evaluate: Callable[[Any], dict[str, float]]
 
 
 def _labels(tasks: list[tuple[str, str]]) -> list[str]:
@@ -42,30 +35,29 @@ def _labels(tasks: list[tuple[str, str]]) -> list[str]:
 
 
 class Benchmarks:
-    """The run's eval tasks, prepared (files read and tokenized, sources cached): calling it
-    with parameters gives every task's metrics, named `eval/<task label>/<metric>`."""
+    """The run's eval tasks, prepared from the inputs `Run.prepare` read (items encoded, the
+    bpb sources' evaluation batches drawn): calling it with parameters gives every task's
+    metrics, named `eval/<task label>/<metric>`."""
 
-    def __init__(self, r: Run, specs: list[tuple[str, str]]):
-        assert r.run_dir is not None and r.tokenizer is not None
-        e, t = r.sections.eval, r.train
+    def __init__(self, r: Run):
+        assert r.tokenizer is not None
+        e, t, specs = r.sections.eval, r.train, r.sections.eval.task_list()
+        self.steps, self.labels = r.steps, _labels(specs)
         self.scorer = Scorer(r.model, None, r.mesh, e.batch_size)
-        self.tasks: list[Task] = []
-        for (kind, arg), label in zip(specs, _labels(specs)):
-            if kind == "hellaswag":
-                mc = MultipleChoice(read_items(arg, e.max_items), r.tokenizer, r.model.block_size)
-                self.tasks.append(Task(label, lambda params, mc=mc: mc.evaluate(self.scorer, params)))
-            else:
-                data = dataclasses.replace(r.data, source=arg)
-                dataset = data_lib.prepare(data, r.sections.tokenizer, r.run_dir, tokenizer=r.tokenizer)
-                dataset.check(t.seq_len)
-                val = ValidationSet(dataset, t.micro_batch, t.seq_len, e.bpb_batches or t.eval_batches,
-                                    jax.process_index(), jax.process_count())
-                self.tasks.append(Task(label, lambda params, val=val: val.loss_and_bpb(r.steps, params)))
+        self.tasks: list[MultipleChoice | ValidationSet] = [
+            MultipleChoice(given, r.tokenizer, r.model.block_size) if kind == "hellaswag" else
+            ValidationSet(given, t.micro_batch, t.seq_len, e.bpb_batches or t.eval_batches, jax.process_index(),
+                          jax.process_count())
+            for (kind, _), given in zip(specs, r.eval_inputs)]
 
     def __call__(self, params: Any) -> dict[str, float]:
         out = {}
-        for task in self.tasks:
-            out.update({f"eval/{task.label}/{k}": v for k, v in task.evaluate(params).items()})
+        for label, task in zip(self.labels, self.tasks):
+            if isinstance(task, MultipleChoice):
+                metrics = task.evaluate(self.scorer, params)
+            else:
+                metrics = task.loss_and_bpb(self.steps, params)
+            out.update({f"eval/{label}/{k}": v for k, v in metrics.items()})
         return out
 
 
@@ -82,8 +74,8 @@ def prepare_evaluation(r: Run) -> Evaluation:
     """The run's validation set (its data's held-out batches, one micro-batch each) and its
     benchmark tasks, for the loop's evaluation steps."""
     assert r.dataset is not None
-    t, specs = r.train, r.sections.eval.task_list()
-    benchmarks = Benchmarks(r, specs) if specs else None
+    t = r.train
+    benchmarks = Benchmarks(r) if r.eval_inputs else None
     validation = ValidationSet(r.dataset, t.micro_batch, t.seq_len, t.eval_batches, jax.process_index(),
                                jax.process_count())
     return Evaluation(validation, benchmarks)

@@ -23,10 +23,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Mapping
 
+import numpy as np
+
 from gptjax import storage
 from gptjax.errors import UserError
 from gptjax.hf import gpt2, llama
-from gptjax.hf import files
 from gptjax.hf.files import (CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, absolute, check_vocab, read_json,
                              read_tensors, require_new_dir, weight_files, write_dir)
 from gptjax.hf.gpt2 import hf_config, hf_to_params, params_to_hf  # GPT-2's, as before the package
@@ -95,9 +96,15 @@ def load_hf_dir(directory: str) -> tuple[dict[str, Any], dict, Tokenizer]:
 
 def pad_vocab(params: dict, cfg: GPTConfig) -> dict:
     """Imported parameters for `cfg`, whose embedding may have padded rows (`model.vocab_multiple`):
-    zero rows appended up to `cfg.padded_vocab`; parameters that have them already are returned as
-    they are. Export leaves them behind (`files.params_to_tensors`)."""
-    return files.pad_vocab(params, cfg.padded_vocab)
+    zero rows appended up to `cfg.padded_vocab` (never in the loss, never sampled); parameters
+    that have them already are returned as they are. Export leaves them behind
+    (`files.params_to_tensors`)."""
+    table = params["wte"]["embedding"]
+    if table.shape[0] >= cfg.padded_vocab:
+        return params
+    rows = np.zeros((cfg.padded_vocab, table.shape[1]), table.dtype)
+    rows[: table.shape[0]] = table
+    return {**params, "wte": {**params["wte"], "embedding": rows}}
 
 
 def export_format(model_fields: Mapping[str, Any]) -> str:

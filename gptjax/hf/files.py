@@ -193,18 +193,6 @@ def _set(tree: dict, path: tuple[str, ...], value: Array) -> None:
 EMBEDDING = ("wte", "embedding")
 
 
-def pad_vocab(params: dict, padded: int) -> dict:
-    """Imported parameters for a model whose embedding has `padded` rows (`model.vocab_multiple`):
-    zero rows appended (never in the loss, never sampled); an embedding that already has them is
-    returned as it is."""
-    table = params["wte"]["embedding"]
-    if table.shape[0] >= padded:
-        return params
-    rows = np.zeros((padded, table.shape[1]), table.dtype)
-    rows[: table.shape[0]] = table
-    return {**params, "wte": {**params["wte"], "embedding": rows}}
-
-
 def params_to_tensors(params: Mapping[str, Any], layout: Layout, fields: Mapping[str, Any]) -> dict[str, Array]:
     """Contiguous fp32 tensors by Hugging Face name from gptjax parameters, checked against `layout`."""
     out: dict[str, Array] = {}
