@@ -19,6 +19,10 @@ from filelock import FileLock
 # older emitters a few reductions fuse differently). Every process a test starts gets the same
 # flags (the tests pass FAST_COMPILE on), so runs compared across processes compute alike.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# The same with XLA's default (MLIR) fusion emitters, for a process whose output compares two
+# differently built programs bit for bit (the benchmark's A/B runs): the older emitters round a
+# few fused reductions differently from one program to the other. See `xla_default_fusion_emitters`.
+FAST_COMPILE_DEFAULT_EMITTERS = "--xla_backend_optimization_level=0"
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
@@ -65,6 +69,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The files of LONGEST_FILES_FIRST first, in its order; every file keeps its own tests' order."""
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture
+def xla_default_fusion_emitters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """XLA's default (MLIR) fusion emitters for what this test compiles in this process, in place
+    of FAST_COMPILE's older ones (XLA_FLAGS is read once per process, so the setting goes into
+    each compile's options). For tests that compare two differently built programs bit for bit
+    or to a few ulps: that holds with XLA's default code generation, which users run, and not
+    always with the older emitters' roundings."""
+    from jax._src import compiler
+
+    get_compile_options = compiler.get_compile_options
+
+    def with_default_emitters(*args, **kwargs):
+        overrides = dict(kwargs.get("env_options_overrides") or {})
+        overrides.setdefault("xla_cpu_use_fusion_emitters", True)
+        return get_compile_options(*args, **{**kwargs, "env_options_overrides": overrides})
+
+    monkeypatch.setattr(compiler, "get_compile_options", with_default_emitters)
 
 
 @dataclasses.dataclass(frozen=True)
