@@ -33,7 +33,11 @@ os.environ["XLA_FLAGS"] = flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # libtpu (in the test extra) makes every JAX process try a TPU backend first; tests run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gptjax-test-xla-cache-"))
+# One persistent compilation cache for the whole test run: made by the process pytest started,
+# inherited by its xdist workers and every process a test starts, removed when the run ends.
+_OWN_COMPILATION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptjax-test-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 TRAINED_RUN_WORDS = ["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma"]
@@ -63,6 +67,11 @@ LONGEST_FILES_FIRST = (
     "test_notebook.py", "test_kernels.py", "test_bench_tools.py", "test_model.py", "test_fastpath.py",
     "test_scan_layers.py", "test_finetune.py", "test_configs.py", "test_run.py",
 )
+
+
+def pytest_unconfigure() -> None:
+    if _OWN_COMPILATION_CACHE:
+        shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
