@@ -11,21 +11,33 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# The suite compiles hundreds of small programs and runs each a few times, so XLA's CPU compile
+# is most of its time. Without LLVM's optimization passes it takes a third less; with XLA's
+# elemental IR emitters for fused loops instead of its MLIR fusion emitters, about half of what
+# remains (a 2-layer train step: 0.9 s of CPU instead of 1.8 s). The HLO passes, which decide
+# fusion, buffer reuse, in-place updates and what the tests inspect, all still run (with the
+# older emitters a few reductions fuse differently). Every process a test starts gets the same
+# flags (the tests pass FAST_COMPILE on), so runs compared across processes compute alike.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# The same with XLA's default (MLIR) fusion emitters, for a process whose output compares two
+# differently built programs bit for bit (the benchmark's A/B runs): the older emitters round a
+# few fused reductions differently from one program to the other. See `xla_default_fusion_emitters`.
+FAST_COMPILE_DEFAULT_EMITTERS = "--xla_backend_optimization_level=0"
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
-# The suite compiles hundreds of small programs and runs each a few times: without LLVM's
-# optimization passes XLA's CPU compiles take a third less time (the HLO passes, which decide
-# fusion, buffer reuse, in-place updates and what the tests inspect, all still run).
 if "xla_backend_optimization_level" not in flags:
     flags += " " + FAST_COMPILE
 os.environ["XLA_FLAGS"] = flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # libtpu (in the test extra) makes every JAX process try a TPU backend first; tests run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gptjax-test-xla-cache-"))
+# One persistent compilation cache for the whole test run: made by the process pytest started,
+# inherited by its xdist workers and every process a test starts, removed when the run ends.
+_OWN_COMPILATION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptjax-test-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 TRAINED_RUN_WORDS = ["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma"]
@@ -41,6 +53,50 @@ def write_program_corpus(directory: str, n_docs: int = 40, n_lines: int = 20) ->
         with open(os.path.join(directory, f"doc{d:02d}.txt"), "w") as f:
             f.write("".join(lines))
     return os.path.join(directory, "*.txt")
+
+
+# The test files that take longest, longest first (summed per file from `python -m pytest
+# --durations=0`). pyproject.toml's `--dist loadfile --no-loadscope-reorder` hands whole files to
+# the workers in collection order, so these start first and the many short files fill in at the
+# end, where each worker finishes within seconds of the other. (xdist's own order, files with
+# the most tests first, started the one-test notebook and two-host files last, and the run
+# waited on them.) A file not listed keeps its place after these; a renamed one just loses its head start.
+LONGEST_FILES_FIRST = (
+    "test_readme.py", "test_aot.py", "test_train.py", "test_fault_inject.py", "test_aot_counts.py",
+    "test_sample_cli.py", "test_cpu_devices.py", "test_finetune.py", "test_configs.py", "test_bench_tools.py",
+    "test_gcs.py", "test_kernels.py", "test_multihost.py", "test_sampling.py", "test_scan_layers.py",
+    "test_model.py", "test_run.py", "test_fastpath.py", "test_notebook.py",
+)
+
+
+def pytest_unconfigure() -> None:
+    if _OWN_COMPILATION_CACHE:
+        shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of LONGEST_FILES_FIRST first, in its order; every file keeps its own tests' order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture
+def xla_default_fusion_emitters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """XLA's default (MLIR) fusion emitters for what this test compiles in this process, in place
+    of FAST_COMPILE's older ones (XLA_FLAGS is read once per process, so the setting goes into
+    each compile's options). For tests that compare two differently built programs bit for bit
+    or to a few ulps: that holds with XLA's default code generation, which users run, and not
+    always with the older emitters' roundings."""
+    from jax._src import compiler
+
+    get_compile_options = compiler.get_compile_options
+
+    def with_default_emitters(*args, **kwargs):
+        overrides = dict(kwargs.get("env_options_overrides") or {})
+        overrides.setdefault("xla_cpu_use_fusion_emitters", True)
+        return get_compile_options(*args, **{**kwargs, "env_options_overrides": overrides})
+
+    monkeypatch.setattr(compiler, "get_compile_options", with_default_emitters)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,9 +60,10 @@ def _keeping_torch_threads(worker):
     return run
 
 
-def test_option_ab_times_the_step_with_and_without_an_xla_option(monkeypatch, capsys):
+def test_option_ab_times_the_step_with_and_without_an_xla_option(monkeypatch, capsys, xla_default_fusion_emitters):
     """--option_ab compiles the step with and without the option in one process (the run fails
-    if the two reach different parameters) and prints both step times and XLA temporaries."""
+    if the two reach different parameters, bit for bit: compiled as XLA compiles by default,
+    conftest.xla_default_fusion_emitters) and prints both step times and XLA temporaries."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     option = "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
     stdout = _bench(["--quick", "--option_ab", option], monkeypatch, capsys, in_process=True)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from etils import epath
 
+from conftest import FAST_COMPILE
 from gcs_emulator import gcs_bucket  # noqa: F401  (a fixture)
 from gptjax import data, storage
 from gptjax import tokenizer as tk
@@ -238,8 +239,8 @@ def _gptjax(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     (os.environ, set by the fixture) and its own host-local cache. These processes share the
     session's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, from conftest), so only
     the first compiles the training step; LLVM's optimizations are off, which cuts XLA's compile
-    time on a CPU (most of these short runs' time) and computes the same."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+    time on a CPU (most of these short runs' time) and computes the same (conftest.FAST_COMPILE)."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
            "XDG_CACHE_HOME": str(tmp_path / "host-cache"), "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{args}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

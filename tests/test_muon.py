@@ -114,7 +114,9 @@ def test_the_kernels_of_the_modern_blocks_are_matrices_by_their_axis_names() -> 
     assert dims["h_0/mlp/down_proj/kernel"] == Dims(reduction_axis=(0,), output_axis=(1,))
 
 
-def test_freeze_and_lr_rules_apply_to_muon(params: Any) -> None:
+def test_freeze_and_lr_rules_apply_to_muon(params: Any, xla_default_fusion_emitters: None) -> None:
+    # c_proj's update is compared across two programs (one with a frozen kernel) to a few ulps,
+    # which Newton-Schulz's iterations amplify: as XLA compiles it by default (conftest).
     boxed = param_shapes(CFG, boxed=True)
     base = run(optim.make_optimizer(MUON, boxed, 100).tx, params, steps=1)[0]
     opt = optim.make_optimizer({**MUON, "freeze": "h_0/attn/c_attn", "lr_rules": "h_0/mlp/*=0.5"}, boxed, 100)
