@@ -39,7 +39,7 @@ def loss_sums(gpt: GPTConfig, params: Any, batch: Batch, rng: jax.Array) -> tupl
     )
     return head_cross_entropy(
         hidden_BxTxC, head_table(gpt, params), batch["targets"], batch["weights"], gpt.vocab_size, gpt.logit_softcap,
-        gpt.logits_chunk_mib * 2**20,
+        gpt.logits_chunk_mib * 2**20, gpt.head_kernel,
     )
 
 
@@ -108,7 +108,7 @@ def eval_step(params: Any, batch: Batch, *, gpt: GPTConfig) -> tuple[jax.Array, 
     )
     return head_eval_sums(
         hidden_BxTxC, head_table(gpt, params), batch["targets"], batch["weights"], batch.get("sources"),
-        gpt.vocab_size, gpt.logit_softcap, gpt.logits_chunk_mib * 2**20,
+        gpt.vocab_size, gpt.logit_softcap, gpt.logits_chunk_mib * 2**20, gpt.head_kernel,
     )
 
 
