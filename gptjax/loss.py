@@ -62,7 +62,7 @@ def head_cross_entropy(
     `vocab_size`: the real vocabulary when the table has padded rows past it (default: all rows).
     `softcap` > 0: the logits are `softcap * tanh(logits / softcap)` (`model.logit_softcap`).
     `chunk_bytes`: the most fp32 logits per chip made at once (0: the platform's default).
-    `kernel`: by the Pallas kernels of `gptjax.model.head_kernel` (`model.head_kernel`), which
+    `kernel`: by the Pallas kernels of `gptjax.model.head_kernel` (`model.head_loss`), which
     keep every logits tile on chip; `chunk_bytes` is then unused.
 
     The logits are made a sequence chunk at a time. Under differentiation the forward pass

@@ -1,4 +1,4 @@
-"""`model.head_kernel`: the tied head's cross entropy by Pallas kernels (`gptjax.model.head_kernel`)
+"""`model.head_loss="kernel"`: the head's cross entropy by Pallas kernels (`gptjax.model.head_kernel`)
 that keep each logits tile on chip. On the CPU the same kernel code runs in Pallas interpret
 mode; it must give the reference path's loss sums, d hidden and d table within fp32 tolerance
 (padded vocabulary rows, masked tokens, softcap, several token and vocabulary blocks with a
@@ -19,6 +19,7 @@ from gptjax import aot, loss
 from gptjax.aot import counts as counts_lib
 from gptjax.errors import UserError
 from gptjax.model import GPTConfig, head_kernel, init_params
+from gptjax.model.platform import resolve_head_loss
 from gptjax.state import TrainState
 from gptjax.step import train_step
 
@@ -75,10 +76,20 @@ def test_eval_sums_per_source_equal_the_reference():
     assert got[0].shape == (2,)
 
 
-def test_the_setting_is_validated():
-    with pytest.raises(UserError, match="model.head_kernel must be true or false"):
-        GPTConfig(vocab_size=97, head_kernel="yes")
-    assert GPTConfig(vocab_size=97).head_kernel is False
+def test_the_setting_is_validated_and_auto_takes_the_kernel_on_a_tpu_only():
+    with pytest.raises(UserError, match="model.head_loss must be one of"):
+        GPTConfig(vocab_size=97, head_loss="pallas")
+    cfg = GPTConfig(vocab_size=97)
+    assert cfg.head_loss == "xla" and resolve_head_loss(cfg, "tpu") == "xla"
+    auto = dataclasses.replace(cfg, head_loss="auto")
+    assert [resolve_head_loss(auto, p) for p in ("tpu", "gpu", "cpu")] == ["kernel", "xla", "xla"]
+
+
+def test_the_kernel_is_refused_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(head_kernel, "trace_platform", lambda: "gpu")
+    hidden, table, targets, weights = _inputs(1, 8)
+    with pytest.raises(UserError, match="model.head_loss='kernel' is a TPU kernel"):
+        loss.head_cross_entropy(hidden, table, targets, weights, VALID, kernel=True)
 
 
 def test_a_train_step_on_a_two_device_mesh_equals_the_default():
@@ -99,7 +110,7 @@ def test_a_train_step_on_a_two_device_mesh_equals_the_default():
                                                     nonfinite_guard=False))(state, batch)
 
     want_state, want = step(base)
-    got_state, got = step(dataclasses.replace(base, head_kernel=True))
+    got_state, got = step(dataclasses.replace(base, head_loss="kernel"))
     for key in ("loss", "grad_norm"):
         assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5)
     for g, w in zip(jax.tree_util.tree_leaves(got_state.params), jax.tree_util.tree_leaves(want_state.params)):

@@ -1,4 +1,4 @@
-"""The tied head's cross entropy as Pallas kernels that never write logits to HBM (`model.head_kernel`).
+"""The head's cross entropy as Pallas kernels that never write logits to HBM (`model.head_loss`).
 
 `kernel_token_losses(hidden, table, targets, valid, softcap)` gives each token's loss
 logsumexp(logits) - logits[target] of the head's logits `hidden @ table.T`, differentiable in
@@ -44,7 +44,7 @@ from gptjax.errors import UserError
 from gptjax.model.platform import trace_platform
 from gptjax.model.splash import _mesh_axes
 
-BLOCK_TOKENS = 4096  # tokens per block: the table is read (and d table read and written) once per block
+BLOCK_TOKENS = 8192  # tokens per block: the table is read (and d table written) once per block
 BLOCK_VOCAB = 512  # table rows per block (a multiple of 128)
 VMEM_LIMIT_BYTES = 100 * 2**20  # v5e and v6e have 128 MiB of VMEM; the blocks above need about half
 KERNEL_TAG = "head_ce"  # in the kernels' metadata: how the AOT counts know them
@@ -57,7 +57,7 @@ def kernel_token_losses(hidden_BxTxC: jax.Array, table_VxC: jax.Array, targets_B
     (the table cast to hidden's dtype), rows from `valid` on left out; `softcap` > 0: logits
     `softcap * tanh(logits / softcap)`. Differentiable in hidden and table (d table in fp32)."""
     if trace_platform() == "gpu":
-        raise UserError("model.head_kernel=true is a TPU kernel; on a GPU leave it false")
+        raise UserError("model.head_loss='kernel' is a TPU kernel; on a GPU use 'xla' or 'auto'")
     return _losses(int(valid), float(softcap), hidden_BxTxC, table_VxC, targets_BxT)
 
 
