@@ -45,7 +45,7 @@ def test_loss_and_gradients_equal_the_reference(monkeypatch, softcap, blocks):
     """One block each way (defaults), and 128-token x 128-row blocks over 160 tokens (padded
     to 2 token blocks) and 320 rows (3 vocabulary blocks, the last past the table's end)."""
     if blocks:
-        monkeypatch.setattr(head_kernel, "BLOCK_TOKENS", blocks[0])
+        monkeypatch.setattr(head_kernel, "BLOCK_ELEMENTS", blocks[0] * EMBD)
         monkeypatch.setattr(head_kernel, "BLOCK_VOCAB", blocks[1])
     hidden, table, targets, weights = _inputs(5, 32)
 
@@ -123,7 +123,7 @@ def test_the_aot_counts_charge_the_kernels_their_matmuls_and_blocks(monkeypatch)
     768 rows of grid) on one v5e chip: forward 2 N 768 C FLOPs, backward three times that; the
     table read once per token block in each pass, and d table's fp32 partial written once per
     token block."""
-    monkeypatch.setattr(head_kernel, "BLOCK_TOKENS", 256)
+    monkeypatch.setattr(head_kernel, "BLOCK_ELEMENTS", 256 * 128)
     monkeypatch.setattr(head_kernel, "BLOCK_VOCAB", 256)
     _, devices = aot.topology_devices("v5e:1x1")
     n, c, rows, valid = 512, 128, 640, 600

@@ -44,9 +44,12 @@ from gptjax.errors import UserError
 from gptjax.model.platform import trace_platform
 from gptjax.model.splash import _mesh_axes
 
-BLOCK_TOKENS = 8192  # tokens per block: the table is read (and d table written) once per block
+# A token block's hidden elements (8,192 tokens of GPT-2's 768; fewer tokens for a wider model):
+# the table is read, and a d table partial written, once per token block, so blocks are large;
+# the block's hidden, its d hidden (and fp32 accumulator) and the logits tile must fit VMEM.
+BLOCK_ELEMENTS = 8192 * 768
 BLOCK_VOCAB = 512  # table rows per block (a multiple of 128)
-VMEM_LIMIT_BYTES = 100 * 2**20  # v5e and v6e have 128 MiB of VMEM; the blocks above need about half
+VMEM_LIMIT_BYTES = 100 * 2**20  # v5e and v6e have 128 MiB of VMEM
 KERNEL_TAG = "head_ce"  # in the kernels' metadata: how the AOT counts know them
 _TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
 
@@ -109,10 +112,12 @@ def _sharded(fn: Any, args: tuple, in_kinds: tuple[str, ...], out_kinds: tuple[s
                          out_specs=out_specs, check_vma=False)(*args)
 
 
-def _blocks(n: int, v: int, valid: int) -> tuple[int, int, int, int]:
+def _blocks(n: int, c: int, v: int, valid: int) -> tuple[int, int, int, int]:
     """(token block, padded token count, vocabulary block, vocabulary blocks) for n tokens and a
-    [v, C] table of which `valid` rows are real."""
-    tm = n if n <= BLOCK_TOKENS else BLOCK_TOKENS
+    [v, c] table of which `valid` rows are real. A token block is all n tokens if they fit
+    BLOCK_ELEMENTS, else the largest multiple of 128 that fits and divides n (n padded when none does)."""
+    cap = max(128, BLOCK_ELEMENTS // c // 128 * 128)
+    tm = n if n <= cap else max([m for m in range(128, cap + 1, 128) if n % m == 0], default=cap)
     tv = min(BLOCK_VOCAB, -(-valid // 128) * 128)
     tv = v if tv > v else tv  # a table smaller than one block: the block is the whole table
     return tm, -(-n // tm) * tm, tv, -(-valid // tv)
@@ -122,7 +127,7 @@ def _flat(hidden: jax.Array, table: jax.Array, targets: jax.Array, *rows: jax.Ar
     """hidden [N, C] and the [1, N] rows of targets and of `rows`, tokens padded to whole blocks."""
     b, t, c = hidden.shape
     n = b * t
-    tm, n_pad, tv, nv = _blocks(n, table.shape[0], table.shape[0])
+    tm, n_pad, tv, nv = _blocks(n, c, table.shape[0], table.shape[0])
     pad = lambda x: jnp.pad(x, ((0, 0), (0, n_pad - n)))
     h = jnp.pad(hidden.reshape(n, c), ((0, n_pad - n), (0, 0)))
     return h, pad(targets.reshape(1, n).astype(jnp.int32)), [pad(r.reshape(1, n).astype(jnp.float32)) for r in rows]
@@ -156,7 +161,7 @@ def _forward_shard(valid: int, softcap: float, hidden: jax.Array, table: jax.Arr
     b, t, c = hidden.shape
     v = table.shape[0]
     h, tg, _ = _flat(hidden, table, targets)
-    tm, n_pad, tv, nv = _blocks(b * t, v, valid)
+    tm, n_pad, tv, nv = _blocks(b * t, c, v, valid)
 
     def kernel(tg_ref: Any, h_ref: Any, w_ref: Any, loss_ref: Any, lse_ref: Any, m_ref: Any, l_ref: Any, t_ref: Any) -> None:
         j = pl.program_id(1)
@@ -199,7 +204,7 @@ def _backward_shard(valid: int, softcap: float, hidden: jax.Array, table: jax.Ar
     b, t, c = hidden.shape
     v = table.shape[0]
     h, tg, (lse_row, g_row) = _flat(hidden, table, targets, lse, g)
-    tm, n_pad, tv, nv = _blocks(b * t, v, valid)
+    tm, n_pad, tv, nv = _blocks(b * t, c, v, valid)
 
     def kernel(tg_ref: Any, g_ref: Any, lse_ref: Any, h_ref: Any, w_ref: Any, dh_ref: Any, dw_ref: Any,
                acc_ref: Any) -> None:
