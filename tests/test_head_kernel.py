@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from gptjax import aot, loss
 from gptjax.aot import counts as counts_lib
@@ -39,11 +40,18 @@ def _value_and_grads(f, hidden, table):
     return jax.value_and_grad(lambda h, w: f(h, w)[0], argnums=(0, 1))(hidden, table)
 
 
-@pytest.mark.parametrize("softcap", [0.0, 3.0])
-@pytest.mark.parametrize("blocks", [None, (128, 128)], ids=["one-block", "ragged-blocks"])
-def test_loss_and_gradients_equal_the_reference(monkeypatch, softcap, blocks):
+@pytest.mark.parametrize(
+    "softcap, blocks, tpu_interpret",
+    [(0.0, None, False), (3.0, None, False), (0.0, (128, 128), False), (3.0, (128, 128), True)],
+    ids=["one-block", "one-block-softcap", "ragged-blocks", "ragged-blocks-softcap-tpu-interpret"],
+)
+def test_loss_and_gradients_equal_the_reference(monkeypatch, softcap, blocks, tpu_interpret):
     """One block each way (defaults), and 128-token x 128-row blocks over 160 tokens (padded
-    to 2 token blocks) and 320 rows (3 vocabulary blocks, the last past the table's end)."""
+    to 2 token blocks) and 320 rows (3 vocabulary blocks, the last past the table's end); the
+    last case in Pallas's TPU interpret mode, which simulates the chip's HBM, VMEM and DMAs
+    (memory never written reads as NaN)."""
+    if tpu_interpret:
+        monkeypatch.setattr(head_kernel, "INTERPRET", pltpu.InterpretParams(uninitialized_memory="nan"))
     if blocks:
         monkeypatch.setattr(head_kernel, "BLOCK_ELEMENTS", blocks[0] * EMBD)
         monkeypatch.setattr(head_kernel, "BLOCK_VOCAB", blocks[1])

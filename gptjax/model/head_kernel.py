@@ -51,6 +51,9 @@ BLOCK_ELEMENTS = 8192 * 768
 BLOCK_VOCAB = 512  # table rows per block (a multiple of 128)
 VMEM_LIMIT_BYTES = 100 * 2**20  # v5e and v6e have 128 MiB of VMEM
 KERNEL_TAG = "head_ce"  # in the kernels' metadata: how the AOT counts know them
+# Off a TPU: Pallas's interpret mode (True: the HLO interpreter; a `pltpu.InterpretParams`
+# simulates the TPU's memories and DMAs, slower, for tests of the kernels' block traffic).
+INTERPRET: Any = True
 _TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
 
 
@@ -141,7 +144,7 @@ def _params(kind: str, n: int, c: int, v: int, valid: int, tm: int, tv: int, ite
         metadata={"xprof_metadata": json.dumps(meta)},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                              vmem_limit_bytes=VMEM_LIMIT_BYTES),
-        interpret=trace_platform() != "tpu",
+        interpret=False if trace_platform() == "tpu" else INTERPRET,
     )
 
 
