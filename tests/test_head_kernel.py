@@ -153,3 +153,15 @@ def test_the_aot_counts_charge_the_kernels_their_matmuls_and_blocks(monkeypatch)
     assert fwd.hbm_bytes == n * c * 2 + 3 * n * 4 + table_reads
     assert bwd.hbm_bytes == 2 * n * c * 2 + 3 * n * 4 + table_reads + 2 * rows * c * 4
     assert counts.flops >= 8 * n * valid * c  # at least the head's own matmuls
+
+
+@pytest.mark.skipif(not aot.libtpu_installed(), reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_blocks_follow_the_chips_vmem():
+    """GPT-2's head over 16,384 tokens per chip: 8,192-token x 512-row blocks on v5e and v6e
+    (128 MiB of VMEM per core), half of each on v5p (64 MiB); a wider model, fewer tokens."""
+    for topology, want in (("v5e:1x1", (8192, 512)), ("v6e:1x1", (8192, 512)), ("v5p:2x2x1", (4096, 256))):
+        _, devices = aot.topology_devices(topology)
+        with jax.set_mesh(jax.sharding.Mesh(devices[:1], ("fsdp",))):
+            tm, n_pad, tv, nv = head_kernel._blocks(16384, 768, 50304, 50257)
+            assert (tm, tv, n_pad, nv) == (*want, 16384, -(-50257 // want[1]))
+            assert head_kernel._blocks(16384, 1600, 50304, 50257)[0] == want[0] // 4  # 3,932 at most: 2,048 divides

@@ -40,16 +40,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from gptjax.chips import chip_for_device_kind
 from gptjax.errors import UserError
 from gptjax.model.platform import trace_platform
 from gptjax.model.splash import _mesh_axes
 
-# A token block's hidden elements (8,192 tokens of GPT-2's 768; fewer tokens for a wider model):
+# A token block's hidden elements on a chip with 128 MiB of VMEM per core (v5e, v6e: 8,192 tokens
+# of GPT-2's 768; fewer tokens for a wider model, and in proportion on a chip with less VMEM):
 # the table is read, and a d table partial written, once per token block, so blocks are large;
 # the block's hidden, its d hidden (and fp32 accumulator) and the logits tile must fit VMEM.
 BLOCK_ELEMENTS = 8192 * 768
-BLOCK_VOCAB = 512  # table rows per block (a multiple of 128)
-VMEM_LIMIT_BYTES = 100 * 2**20  # v5e and v6e have 128 MiB of VMEM
+BLOCK_VOCAB = 512  # table rows per block (a multiple of 128), likewise in proportion to VMEM
+VMEM_MIB = 128  # the VMEM the blocks above are sized for; and assumed where the chip is not known
+VMEM_LIMIT_SHARE = 0.8  # the share of a core's VMEM the kernels may use
 KERNEL_TAG = "head_ce"  # in the kernels' metadata: how the AOT counts know them
 # Off a TPU: Pallas's interpret mode (True: the HLO interpreter; a `pltpu.InterpretParams`
 # simulates the TPU's memories and DMAs, slower, for tests of the kernels' block traffic).
@@ -115,13 +118,22 @@ def _sharded(fn: Any, args: tuple, in_kinds: tuple[str, ...], out_kinds: tuple[s
                          out_specs=out_specs, check_vma=False)(*args)
 
 
+def _vmem_mib() -> int:
+    """VMEM per core of the chip the program is traced for (`gptjax.chips`), else VMEM_MIB."""
+    mesh = jax.sharding.get_abstract_mesh()
+    chip = None if mesh.empty else chip_for_device_kind(mesh.abstract_device.device_kind)
+    return chip.vmem_mib if chip is not None and chip.vmem_mib else VMEM_MIB
+
+
 def _blocks(n: int, c: int, v: int, valid: int) -> tuple[int, int, int, int]:
     """(token block, padded token count, vocabulary block, vocabulary blocks) for n tokens and a
     [v, c] table of which `valid` rows are real. A token block is all n tokens if they fit
-    BLOCK_ELEMENTS, else the largest multiple of 128 that fits and divides n (n padded when none does)."""
-    cap = max(128, BLOCK_ELEMENTS // c // 128 * 128)
+    the chip's share of BLOCK_ELEMENTS, else the largest multiple of 128 that fits and divides n
+    (n padded when none does)."""
+    vmem = _vmem_mib()
+    cap = max(128, BLOCK_ELEMENTS * vmem // VMEM_MIB // c // 128 * 128)
     tm = n if n <= cap else max([m for m in range(128, cap + 1, 128) if n % m == 0], default=cap)
-    tv = min(BLOCK_VOCAB, -(-valid // 128) * 128)
+    tv = min(max(128, BLOCK_VOCAB * vmem // VMEM_MIB // 128 * 128), -(-valid // 128) * 128)
     tv = v if tv > v else tv  # a table smaller than one block: the block is the whole table
     return tm, -(-n // tm) * tm, tv, -(-valid // tv)
 
@@ -143,7 +155,7 @@ def _params(kind: str, n: int, c: int, v: int, valid: int, tm: int, tv: int, ite
         name=f"gptjax_head_ce_{kind}",
         metadata={"xprof_metadata": json.dumps(meta)},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
-                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
+                                             vmem_limit_bytes=int(VMEM_LIMIT_SHARE * _vmem_mib() * 2**20)),
         interpret=False if trace_platform() == "tpu" else INTERPRET,
     )
 
