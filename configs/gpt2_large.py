@@ -21,7 +21,9 @@ from gptjax.config import load_config
 def get_config():
     """The 124M recipe (data, tokenizer, schedule, fsdp mesh) at this model's shape."""
     c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_124m.py"))
-    c.model.update(n_layer=36, n_head=20, n_embd=1280, remat=True)
+    # head_loss "xla", not the 124M recipe's kernel: its recomputed logits add FLOPs to a step
+    # that is as much compute- as HBM-bound at this width (docs/tpu.md).
+    c.model.update(n_layer=36, n_head=20, n_embd=1280, remat=True, head_loss="xla")
     c.train.grad_accum = 16
     c.optim.lr = 2.5e-4
     return c

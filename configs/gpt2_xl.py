@@ -23,7 +23,9 @@ from gptjax.config import load_config
 def get_config():
     """The 124M recipe (data, tokenizer, schedule, fsdp mesh) at this model's shape."""
     c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_124m.py"))
-    c.model.update(n_layer=48, n_head=25, n_embd=1600, remat=True, scan_layers=True)
+    # head_loss "xla", not the 124M recipe's kernel: its recomputed logits add FLOPs to a step
+    # that is compute-bound at this width (docs/tpu.md).
+    c.model.update(n_layer=48, n_head=25, n_embd=1600, remat=True, scan_layers=True, head_loss="xla")
     c.train.grad_accum = 16
     c.optim.lr = 2e-4
     return c

@@ -20,6 +20,8 @@ ICI (inter-chip interconnect) bandwidth per chip, both directions of all its lin
   v5e 400 GB/s, v5p 1200 GB/s, v6e 800 GB/s: "Bidirectional inter-chip interconnect (ICI)
       bandwidth (per chip)" on the pages above (older versions give the one-way figure in
       Gbps: 1,600 for v5e, 4,800 for v5p)
+VMEM per TensorCore (what a Pallas kernel's blocks must fit): jax's Pallas TPU info
+(`jax.experimental.pallas.tpu.get_tpu_info`): 16 MiB on v4, 128 on v5e and v6e, 64 on v5p.
 GPUs: dense bf16 TFLOP/s (without sparsity) and HBM bandwidth from NVIDIA's data sheets for
 the SXM parts (H200, H100, A100) and the PCIe cards (L40S, L4, A10G).
 The pages write "GB" for capacities that are binary (the chips hold 16, 95 and 32 GiB; the
@@ -42,6 +44,7 @@ class Chip:
     hbm_gbps: float  # HBM bandwidth, GB/s (1e9 bytes)
     megacore: bool = False  # two TensorCores presented as one device
     ici_gbps: float = 0.0  # ICI bandwidth, GB/s, both directions of all links summed (0: not known)
+    vmem_mib: int = 0  # VMEM per TensorCore, MiB, as Pallas's TPU info gives it (0: not known)
 
     @property
     def peak_flops(self) -> float:
@@ -63,10 +66,10 @@ class Chip:
 
 
 TPUS: dict[str, Chip] = {
-    "v4": Chip("v4", "TPU v4", 275.0, 32.0, 1200.0, megacore=True, ici_gbps=600.0),
-    "v5e": Chip("v5e", "TPU v5 lite", 197.0, 16.0, 819.0, ici_gbps=400.0),
-    "v5p": Chip("v5p", "TPU v5", 459.0, 95.0, 2765.0, megacore=True, ici_gbps=1200.0),
-    "v6e": Chip("v6e", "TPU v6 lite", 918.0, 32.0, 1638.0, ici_gbps=800.0),
+    "v4": Chip("v4", "TPU v4", 275.0, 32.0, 1200.0, megacore=True, ici_gbps=600.0, vmem_mib=16),
+    "v5e": Chip("v5e", "TPU v5 lite", 197.0, 16.0, 819.0, ici_gbps=400.0, vmem_mib=128),
+    "v5p": Chip("v5p", "TPU v5", 459.0, 95.0, 2765.0, megacore=True, ici_gbps=1200.0, vmem_mib=64),
+    "v6e": Chip("v6e", "TPU v6 lite", 918.0, 32.0, 1638.0, ici_gbps=800.0, vmem_mib=128),
 }
 
 

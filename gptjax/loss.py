@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gptjax.model.head_kernel import kernel_token_losses
 from gptjax.model.platform import trace_platform
 
 LOGITS_CHUNK_BYTES = 64 * 2**20  # the most fp32 logits head_cross_entropy makes at once on a CPU
@@ -53,7 +54,7 @@ def _batch_shards() -> int:
 
 def head_cross_entropy(
     hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
-    vocab_size: int | None = None, softcap: float = 0.0, chunk_bytes: int = 0,
+    vocab_size: int | None = None, softcap: float = 0.0, chunk_bytes: int = 0, kernel: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """`cross_entropy` of the head's logits `hidden @ embedding.T`, never holding them whole.
 
@@ -61,6 +62,8 @@ def head_cross_entropy(
     `vocab_size`: the real vocabulary when the table has padded rows past it (default: all rows).
     `softcap` > 0: the logits are `softcap * tanh(logits / softcap)` (`model.logit_softcap`).
     `chunk_bytes`: the most fp32 logits per chip made at once (0: the platform's default).
+    `kernel`: by the Pallas kernels of `gptjax.model.head_kernel` (`model.head_loss`), which
+    keep every logits tile on chip; `chunk_bytes` is then unused.
 
     The logits are made a sequence chunk at a time. Under differentiation the forward pass
     also computes each chunk's gradients with respect to `hidden` and `embedding` while the
@@ -68,6 +71,9 @@ def head_cross_entropy(
     [batch, seq, vocab] array, nor its gradient or transposed copy, is ever made.
     """
     valid = embedding_VxC.shape[0] if vocab_size is None else int(vocab_size)
+    if kernel:
+        losses_BxT = kernel_token_losses(hidden_BxTxC, embedding_VxC, targets_BxT, valid, softcap)
+        return (losses_BxT * weights_BxT).sum(), weights_BxT.sum()
     return _head_ce_vjp(valid, float(softcap), int(chunk_bytes), hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT)
 
 
@@ -176,17 +182,23 @@ def head_eval_sums(
     vocab_size: int | None = None,
     softcap: float = 0.0,
     chunk_bytes: int = 0,
+    kernel: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """`head_cross_entropy` for evaluation (not differentiable), optionally split by source.
 
     Without `sources_BxS`: (loss sum, weight sum), scalars. With a one-hot `sources_BxS`:
     (loss sums [S], weight sums [S]), each row counted for the source it names (a row of zeros
-    counts nowhere). `vocab_size`, `softcap` and `chunk_bytes` as in `head_cross_entropy`. The
+    counts nowhere). `vocab_size`, `softcap`, `chunk_bytes` and `kernel` as in `head_cross_entropy`. The
     logits are made a sequence chunk at a time, as in training, so an eval batch never holds
     [batch, seq, vocab] of them.
     """
-    sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False, valid=vocab_size,
-                                    softcap=softcap, chunk_bytes=chunk_bytes)
+    if kernel:
+        valid = embedding_VxC.shape[0] if vocab_size is None else int(vocab_size)
+        losses_BxT = kernel_token_losses(hidden_BxTxC, embedding_VxC, targets_BxT, valid, softcap)
+        sums = (losses_BxT * weights_BxT).sum(), weights_BxT.sum()
+    else:
+        sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False,
+                                        valid=vocab_size, softcap=softcap, chunk_bytes=chunk_bytes)
     if sources_BxS is None:
         return sums
     return (losses_BxT * weights_BxT).sum(axis=1) @ sources_BxS, weights_BxT.sum(axis=1) @ sources_BxS

@@ -26,6 +26,7 @@ from gptjax import sharding
 from gptjax.loss import head_cross_entropy, head_eval_sums
 from gptjax.model import GPT, GPTConfig
 from gptjax.model.layers import head_table
+from gptjax.model.platform import resolve_head_loss
 from gptjax.state import Layout, TrainState, abstract, init_boxed_params, make_layout
 
 Batch = dict[str, jax.Array]
@@ -39,7 +40,7 @@ def loss_sums(gpt: GPTConfig, params: Any, batch: Batch, rng: jax.Array) -> tupl
     )
     return head_cross_entropy(
         hidden_BxTxC, head_table(gpt, params), batch["targets"], batch["weights"], gpt.vocab_size, gpt.logit_softcap,
-        gpt.logits_chunk_mib * 2**20,
+        gpt.logits_chunk_mib * 2**20, resolve_head_loss(gpt) == "kernel",
     )
 
 
@@ -108,7 +109,7 @@ def eval_step(params: Any, batch: Batch, *, gpt: GPTConfig) -> tuple[jax.Array, 
     )
     return head_eval_sums(
         hidden_BxTxC, head_table(gpt, params), batch["targets"], batch["weights"], batch.get("sources"),
-        gpt.vocab_size, gpt.logit_softcap, gpt.logits_chunk_mib * 2**20,
+        gpt.vocab_size, gpt.logit_softcap, gpt.logits_chunk_mib * 2**20, resolve_head_loss(gpt) == "kernel",
     )
 
 

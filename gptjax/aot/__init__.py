@@ -9,7 +9,7 @@ prefill and decode loop with the parameters split by the config's mesh rules (as
 `gptjax.load(path, mesh=...)` places them). The compiled programs say
 what each chip would hold (`memory_analysis`: arguments, outputs, temporaries, code) and do
 (`cost_analysis`: FLOPs and HBM bytes per chip, which `gptjax.aot.counts` completes with every
-loop iteration, the splash kernel's work and the collectives' ICI bytes). From those and the
+loop iteration, the Pallas kernels' work and the collectives' ICI bytes). From those and the
 chip's published figures (`gptjax.chips`) the tool prints, per step: memory against HBM and
 whether it fits, and a roofline step time (the slowest of compute time at peak bf16 FLOP/s,
 HBM traffic time at peak bandwidth and collective traffic time at ICI bandwidth), the

@@ -22,7 +22,8 @@ module itself (`gptjax.aot.hlo`), in one pass and without more compiles:
    result wherever it lives and a fusion's whole buffers, which in a loop walking a stacked
    array multiplies the stack by its depth: within 3% of XLA's total where nothing loops.) A
    kernel the cost analysis cannot see into is counted from its shapes (`gptjax.aot.kernels`:
-   splash attention from its block sizes, the compiler's online-softmax).
+   splash attention and the head's cross entropy from their block sizes, the compiler's
+   online-softmax).
 3. The totals: FLOPs are XLA's own count plus every instruction's FLOPs times (multiplicity -
    1) plus each kernel's own work (exactly XLA's where nothing loops and no kernel runs); HBM
    bytes are every instruction's HBM bytes times its multiplicity (XLA's byte count mixes

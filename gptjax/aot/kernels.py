@@ -1,10 +1,11 @@
 """Custom-call kernels that XLA's cost analysis cannot see into, counted from their shapes.
 
 A Pallas kernel is a `tpu_custom_call` to the compiler: its cost analysis charges it its
-operands and outputs and no FLOPs. Two kinds appear in gptjax's programs and are counted here:
+operands and outputs and no FLOPs. Three kinds appear in gptjax's programs and are counted here:
 the splash attention kernels (`model.attention="splash"`: forward, dq and dkv), from the block
-sizes the kernel records in its metadata, and the TPU compiler's own "online-softmax" kernel,
-which it makes of an einsum attention's softmax and second matmul in forward-only programs.
+sizes the kernel records in its metadata; the tied head's cross-entropy kernels
+(`model.head_kernel`), likewise; and the TPU compiler's own "online-softmax" kernel, which it
+makes of an einsum attention's softmax and second matmul in forward-only programs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import re
 
 from gptjax.aot.hlo import Computation, Instruction, operand_arrays, operand_bytes
+from gptjax.model.head_kernel import KERNEL_TAG as HEAD_CE_TAG
 
 
 def _causal_pairs(seq_q: int, seq_kv: int, block_q: int, block_kv: int) -> int:
@@ -54,6 +56,30 @@ def splash_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | N
     return float(flops), float(moved + inst.hbm_bytes)
 
 
+def head_ce_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
+    """(FLOPs, HBM bytes) of a head cross-entropy kernel (`gptjax.model.head_kernel`) from the
+    sizes in its metadata, or None when `inst` is not one. Grid (token block i, vocabulary
+    block j), j innermost: a block is fetched whenever its block index changes, so the table's
+    blocks once per token block when there are several vocabulary blocks, else once; the
+    token-side blocks once; the backward writes each token block's fp32 d table partial (the
+    partials' sum is XLA's, counted as such). FLOPs:
+    the matmuls over the whole grid (the forward's logits; the backward's logits again, d
+    hidden and d table)."""
+    meta = re.search(r'"xprof_metadata":"(\{.*?\})"', inst.attrs)
+    if inst.opcode != "custom-call" or not meta or HEAD_CE_TAG not in meta.group(1):
+        return None
+    m = json.loads(meta.group(1).replace('\\"', '"'))
+    n, c, s, tm, tv = m["tokens"], m["embed"], m["itemsize"], m["block_tokens"], m["block_vocab"]
+    nv = -(-m["valid"] // tv)
+    sweeps = n // tm if nv > 1 else 1  # passes over the table's blocks
+    rows = min(nv * tv, m["rows"])  # the table rows the grid reads (its tail past the table is not fetched)
+    if m["pass_"] == "fwd":  # hidden and targets in; loss and logsumexp out
+        flops, moved = 2 * n * nv * tv * c, n * c * s + 3 * n * 4 + sweeps * rows * c * s
+    else:  # targets, d(loss), logsumexp and hidden in, d hidden out; the table in, d table's partials out
+        flops, moved = 6 * n * nv * tv * c, 3 * n * 4 + 2 * n * c * s + sweeps * rows * c * s + n // tm * rows * c * 4
+    return float(flops), float(moved)
+
+
 def online_softmax_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
     """(FLOPs, HBM bytes) of the TPU compiler's own "online-softmax" kernel, or None when `inst`
     is not one: softmax(scores [..., T, S]) @ v [..., S, D], which it makes of an einsum
@@ -70,5 +96,6 @@ def online_softmax_cost(comp: Computation, inst: Instruction) -> tuple[float, fl
 
 
 def kernel_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
-    """(FLOPs, HBM bytes) of a custom-call kernel the counts know (splash, online-softmax)."""
-    return splash_cost(comp, inst) or online_softmax_cost(comp, inst)
+    """(FLOPs, HBM bytes) of a custom-call kernel the counts know (splash, head cross entropy,
+    online-softmax)."""
+    return splash_cost(comp, inst) or head_ce_cost(comp, inst) or online_softmax_cost(comp, inst)

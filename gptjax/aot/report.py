@@ -134,8 +134,8 @@ def format_report(report: Report) -> str:
     for label, cells in rows:
         lines.append(label.ljust(width) + "  " + "  ".join(v.rjust(w) for v, w in zip(cells, cols)))
     if any(c.compiled.counts is not None and not c.unrolled for c in report.columns):
-        lines.append("HLO figures count every loop iteration (micro-batches, head chunks, scanned layers) and the splash "
-                     "kernel's work from its block sizes; HBM: only arrays in HBM (not those the compiler keeps in VMEM); ICI: the "
+        lines.append("HLO figures count every loop iteration (micro-batches, head chunks, scanned layers) and the Pallas "
+                     "kernels' work (splash attention, the head's cross entropy) from their block sizes; HBM: only arrays in HBM (not those the compiler keeps in VMEM); ICI: the "
                      "bytes each chip sends in collectives")
     unknown = sum(c.compiled.counts.unknown_loops for c in report.columns if c.compiled.counts is not None)
     if unknown:

@@ -2,7 +2,7 @@
 
 The counts come from `gptjax.aot.counts`: the compiler's cost analysis with every loop
 iteration counted (micro-batches, the tied head's sequence chunks, scanned layers, the decode
-loop's steps), the splash kernel's work from its block sizes, and the ICI bytes of the
+loop's steps), the Pallas kernels' work from their block sizes, and the ICI bytes of the
 collectives. The roofline is the slowest of three bounds, each per chip: compute (FLOPs at
 peak bf16 FLOP/s), HBM (bytes at peak HBM bandwidth) and ICI (bytes a chip sends in
 collectives at the one-way sum of its links' bandwidth, as if every link were busy). A

@@ -20,6 +20,7 @@ POSITIONS = ("learned", "rope")  # model.position
 NORMS = ("layernorm", "rmsnorm")  # model.norm: the keys of gptjax.model.layers.NORMS
 MLPS = ("gelu", "swiglu", "relu2")  # model.mlp: the keys of gptjax.model.mlp.MLPS
 REMAT_POLICIES = ("nothing", "dots", "everything")  # model.remat_policy: what the backward pass finds saved
+HEAD_LOSSES = ("xla", "kernel", "auto")  # model.head_loss (`gptjax.model.platform.resolve_head_loss`)
 ATTENTION_AUTO = "auto"  # model.attention: the platform's fast path (`gptjax.model.attention.resolve_attention`)
 
 
@@ -74,6 +75,11 @@ class GPTConfig:
     # (`gptjax.loss.head_cross_entropy`); 0: the platform's default (64 on a CPU, 1024 on a TPU
     # or GPU). Larger chunks re-read the head's table and gradient accumulator fewer times.
     logits_chunk_mib: int = 0
+    # How the head's cross entropy is computed: "xla" (`gptjax.loss`'s chunked einsums, whose
+    # logits chunks go through HBM), "kernel" (Pallas kernels that keep each logits tile on
+    # chip, `gptjax.model.head_kernel`: a TPU kernel, in Pallas interpret mode elsewhere, slow
+    # there, refused on a GPU), "auto" (the kernel on a TPU, "xla" elsewhere).
+    head_loss: str = "xla"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -94,6 +100,8 @@ class GPTConfig:
             raise UserError(f"model.activation_dtype must be one of {sorted(DTYPES)}, got {self.activation_dtype!r}")
         if not isinstance(self.logits_chunk_mib, int) or isinstance(self.logits_chunk_mib, bool) or self.logits_chunk_mib < 0:
             raise UserError(f"model.logits_chunk_mib must be an integer >= 0 (0: the platform's default), got {self.logits_chunk_mib!r}")
+        if self.head_loss not in HEAD_LOSSES:
+            raise UserError(f"model.head_loss must be one of {list(HEAD_LOSSES)}, got {self.head_loss!r}")
         if self.attention not in (*ATTENTION, ATTENTION_AUTO):
             raise UserError(f"model.attention must be one of {[*ATTENTION, ATTENTION_AUTO]}, got {self.attention!r}")
         if not isinstance(self.vocab_multiple, int) or isinstance(self.vocab_multiple, bool) or self.vocab_multiple < 1:

@@ -1,8 +1,10 @@
-"""The platform a program is being traced for, and `model.attention="auto"`'s choice for it.
+"""The platform a program is being traced for, and the choices of `model.attention="auto"` and
+`model.head_loss="auto"` for it.
 
 A program is traced for the platform of the mesh it runs under (`jax.set_mesh`, as the train
 and eval steps and the AOT tool's compiles for a TPU topology from a CPU do), else for JAX's
-default backend. `resolve_attention` picks each platform's fast attention path from that.
+default backend. `resolve_attention` and `resolve_head_loss` pick each platform's fast path
+from that.
 """
 
 from __future__ import annotations
@@ -34,3 +36,12 @@ def resolve_attention(cfg: GPTConfig, platform: str | None = None) -> str:
     if cfg.dropout > 0:
         return "xla"
     return AUTO_ATTENTION.get(platform or trace_platform(), "xla")
+
+
+def resolve_head_loss(cfg: GPTConfig, platform: str | None = None) -> str:
+    """How the head's cross entropy is computed: "kernel" (`gptjax.model.head_kernel`) or "xla".
+    `model.head_loss` as given, unless "auto": the kernel on a TPU, "xla" elsewhere.
+    `platform` defaults to `trace_platform()`."""
+    if cfg.head_loss != "auto":
+        return cfg.head_loss
+    return "kernel" if (platform or trace_platform()) == "tpu" else "xla"
