@@ -1,4 +1,4 @@
-"""The splash kernel's block sizes and its fused backward kernel (`gptjax.model.splash.block_sizes`):
+"""The splash kernels' block sizes and the fused backward kernel (`gptjax.model.splash.block_sizes`):
 the blocks chosen per sequence length, and the fused dq/dk/dv kernel's gradients equal to the
 einsum reference's with several key blocks (dq summed over their partials) and with a key
 block computed in several steps (Pallas interpret mode on the CPU: tiny shapes)."""
@@ -15,23 +15,25 @@ from gptjax.model import splash as splash_lib
 
 
 def test_block_sizes_per_sequence_length():
-    whole = splash_lib.block_sizes(1024)  # GPT-2's sequence: one query and one key block
-    assert (whole.block_q, whole.block_kv, whole.block_kv_compute) == (1024, 1024, 512)
-    assert (whole.block_q_dkv, whole.block_kv_dkv, whole.block_kv_dkv_compute) == (1024, 1024, 512)
-    assert whole.use_fused_bwd_kernel and whole.block_q_dq is None and whole.block_kv_dq is None
-    odd = splash_lib.block_sizes(768)  # the compute block divides the block
-    assert (odd.block_q, odd.block_kv, odd.block_kv_compute, odd.block_kv_dkv_compute) == (768, 768, 384, 384)
+    gpt2 = splash_lib.block_sizes(1024)  # GPT-2's sequence: the backward one query and one key block
+    assert (gpt2.block_q, gpt2.block_kv, gpt2.block_kv_compute) == (512, 512, 512)
+    assert (gpt2.block_q_dkv, gpt2.block_kv_dkv, gpt2.block_kv_dkv_compute) == (1024, 1024, 512)
+    assert gpt2.use_fused_bwd_kernel and gpt2.block_q_dq is None and gpt2.block_kv_dq is None
+    odd = splash_lib.block_sizes(768)  # each block divides the sequence, each compute block its block
+    assert (odd.block_q, odd.block_kv, odd.block_kv_compute) == (384, 384, 384)
+    assert (odd.block_q_dkv, odd.block_kv_dkv, odd.block_kv_dkv_compute) == (768, 768, 384)
     longer = splash_lib.block_sizes(4096)
-    assert (longer.block_q, longer.block_kv, longer.block_kv_compute) == (1024, 1024, 512)
+    assert (longer.block_q, longer.block_kv_dkv, longer.block_kv_dkv_compute) == (512, 1024, 512)
     short = splash_lib.block_sizes(128)
-    assert (short.block_q, short.block_kv, short.block_kv_compute) == (128, 128, 128)
+    assert (short.block_q, short.block_kv, short.block_kv_compute, short.block_kv_dkv) == (128, 128, 128, 128)
 
 
-@pytest.mark.parametrize("max_block,compute_block", [(128, 128), (256, 128)])
-def test_fused_backward_matches_the_reference(monkeypatch, max_block, compute_block):
-    """A 256-token sequence with segment ids: two 128-token key blocks (dq from two partials),
-    or one 256-token block computed 128 keys at a time; outputs and q, k, v gradients equal
-    the einsum attention's."""
+@pytest.mark.parametrize("forward_block,max_block,compute_block", [(128, 128, 128), (256, 256, 128)])
+def test_fused_backward_matches_the_reference(monkeypatch, forward_block, max_block, compute_block):
+    """A 256-token sequence with segment ids: two 128-token query and key blocks (the backward's
+    dq from two partials), or one 256-token block computed 128 keys at a time; outputs and
+    q, k, v gradients equal the einsum attention's."""
+    monkeypatch.setattr(splash_lib, "FORWARD_BLOCK", forward_block)
     monkeypatch.setattr(splash_lib, "MAX_BLOCK", max_block)
     monkeypatch.setattr(splash_lib, "COMPUTE_BLOCK", compute_block)
     seq, d = 256, 8

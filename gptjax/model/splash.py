@@ -27,6 +27,7 @@ from gptjax.model.platform import trace_platform
 
 LANES = 128  # the kernel's blocks are multiples of this many tokens
 MAX_BLOCK = 1024  # the largest query / key block tried (a block divides the padded sequence)
+FORWARD_BLOCK = 512  # ... in the forward kernel
 COMPUTE_BLOCK = 512  # the most keys of a block one step of a kernel computes scores for
 PAD_SEGMENT = -1  # the segment id of padding tokens (token_mask False, or the sequence's tail)
 
@@ -86,20 +87,20 @@ def block_size(seq: int, largest: int = MAX_BLOCK) -> int:
 def block_sizes(seq: int) -> splash.BlockSizes:
     """The kernels' blocks for a (padded) sequence of `seq` tokens.
 
-    One query block and one key block of up to `MAX_BLOCK` tokens (the whole 1,024-token
-    sequence of the GPT-2 recipes), the key block computed `COMPUTE_BLOCK` keys at a time
-    (the [query block, compute block] fp32 scores held on chip), and one fused backward
-    kernel for dq, dk and dv: it reads q, k, v, the output's gradient and the residuals once
-    instead of once per backward kernel (its dq is summed over key blocks afterwards, one
-    partial per key block: none to sum at one key block). On v5e:2x2 the 124M recipe's step
-    moves 3% fewer HBM bytes than with 512-token blocks and separate dq / dkv kernels
-    (docs/tpu.md), for more FLOPs in the diagonal blocks' masked half.
+    The forward in query and key blocks of up to `FORWARD_BLOCK` tokens: it skips the blocks
+    above the diagonal (a quarter of the square in 512-token blocks at T = 1,024). The backward
+    in blocks of up to `MAX_BLOCK` (the whole 1,024-token sequence of the GPT-2 recipes), its key
+    block computed `COMPUTE_BLOCK` keys at a time (the [query block, compute block] fp32 scores
+    held on chip), as one fused kernel for dq, dk and dv: it reads q, k, v, the output's
+    gradient and the residuals once instead of once per backward kernel, and its dq is summed
+    over key blocks afterwards, one partial per key block (none to sum at one key block). On
+    v5e:2x2 the 124M recipe's step moves fewer HBM bytes and does fewer FLOPs than with
+    512-token blocks and separate dq and dkv kernels (docs/tpu.md).
     """
-    bs = block_size(seq)
-    compute = block_size(bs, COMPUTE_BLOCK)
+    fwd, bwd = block_size(seq, FORWARD_BLOCK), block_size(seq)
     return splash.BlockSizes(
-        block_q=bs, block_kv=bs, block_kv_compute=compute,
-        block_q_dkv=bs, block_kv_dkv=bs, block_kv_dkv_compute=compute,
+        block_q=fwd, block_kv=fwd, block_kv_compute=block_size(fwd, COMPUTE_BLOCK),
+        block_q_dkv=bwd, block_kv_dkv=bwd, block_kv_dkv_compute=block_size(bwd, COMPUTE_BLOCK),
         use_fused_bwd_kernel=True,
     )
 
