@@ -33,12 +33,15 @@ def get_config():
     # the block's largest activation: 4.74 -> 4.37 MB of HBM per token per chip on v5e:2x2.
     # logits_chunk_mib: the head's cross entropy in 2 chunks of 8,192 tokens per chip on v5e:2x2,
     # not 4 of 4,096 (the table and its gradient re-read half as often): 4.23 -> 4.11 MB, +1.15 GiB.
+    # collective_matmul=False: each weight gradient one matmul and one reduce-scatter, not the
+    # TPU compiler's windowed einsums that re-read the activation per window: 3.98 -> 3.31 MB.
     # head_loss "auto": on a TPU the head's cross entropy by Pallas kernels that keep each logits
-    # tile on chip (the chunks above are then the GPU's): 4.11 -> 3.04 MB per token per chip on
-    # v5e:2x2 (roofline MFU 87% -> 90%, now compute-bound), 4.17 -> 3.12 MB on v6e:2x2 (37% -> 49%).
+    # tile on chip (the chunks above are then the GPU's): 3.32 -> 2.49 MB per token per chip on
+    # v5e:2x2, where it costs roofline MFU (99% -> 91%, compute-bound: the kernels recompute the
+    # logits; --config.model.head_loss=xla for a v5e run), 3.35 -> 2.47 MB on v6e:2x2 (46% -> 62%).
     c.model.update(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, dtype="bfloat16",
                    attention="auto", vocab_multiple=128, activation_dtype="bfloat16", logits_chunk_mib=2048,
-                   head_loss="auto")
+                   head_loss="auto", collective_matmul=False)
     c.train.update(
         steps=100_000,
         batch_size=512,

@@ -113,7 +113,12 @@ def eval_step(params: Any, batch: Batch, *, gpt: GPTConfig) -> tuple[jax.Array, 
     )
 
 
-def train_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
+# The TPU compiler's size (MiB) above which a sharded matmul becomes a windowed einsum; one this
+# large turns them off (as MaxText's DISABLE_COLLECTIVE_MATMUL does).
+NO_WINDOWED_EINSUM = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 1_000_000}
+
+
+def train_compiler_options(mesh: Mesh, gpt: GPTConfig | None = None) -> dict[str, Any] | None:
     """XLA options for the train step.
 
     On CPU: the memory-optimized scheduler. XLA's default CPU scheduler runs ops as early as
@@ -121,9 +126,13 @@ def train_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     rematerialized forward ops' results as long as without remat); this one frees them
     sooner, so the step holds less temporary memory, and it is no slower for it
     (`tools/bench_train.py --option_ab KEY=VALUE` compares a step with and without an option).
+    On TPU with `model.collective_matmul=False`: no windowed einsums (`NO_WINDOWED_EINSUM`).
     """
-    if mesh.devices.flat[0].platform == "cpu":
+    platform = mesh.devices.flat[0].platform
+    if platform == "cpu":
         return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    if platform == "tpu" and gpt is not None and not gpt.collective_matmul:
+        return dict(NO_WINDOWED_EINSUM)
     return None
 
 
@@ -229,7 +238,7 @@ def build_steps(
             in_shardings=(layout.state, layout.batch),
             out_shardings=(layout.state, rep),
             donate_argnums=(0,),
-            compiler_options=train_compiler_options(mesh),
+            compiler_options=train_compiler_options(mesh, gpt),
         ),
         eval_jit=jax.jit(
             functools.partial(eval_step, gpt=gpt), in_shardings=(layout.params, layout.eval_batch), out_shardings=(rep, rep)

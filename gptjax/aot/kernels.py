@@ -2,10 +2,11 @@
 
 A Pallas kernel is a `tpu_custom_call` to the compiler: its cost analysis charges it its
 operands and outputs and no FLOPs. Three kinds appear in gptjax's programs and are counted here:
-the splash attention kernels (`model.attention="splash"`: forward, dq and dkv), from the block
-sizes the kernel records in its metadata; the tied head's cross-entropy kernels
-(`model.head_kernel`), likewise; and the TPU compiler's own "online-softmax" kernel, which it
-makes of an einsum attention's softmax and second matmul in forward-only programs.
+the splash attention kernels (`model.attention="splash"`: forward, dq and dkv, or forward and
+the fused backward that computes dq too), from the block sizes the kernel records in its
+metadata; the tied head's cross-entropy kernels (`model.head_loss`), likewise; and the TPU
+compiler's own "online-softmax" kernel, which it makes of an einsum attention's softmax and
+second matmul in forward-only programs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 import re
 
-from gptjax.aot.hlo import Computation, Instruction, operand_arrays, operand_bytes
+from gptjax.aot.hlo import Array, Computation, Instruction, operand_arrays, operand_bytes
 from gptjax.model.head_kernel import KERNEL_TAG as HEAD_CE_TAG
 
 
@@ -22,6 +23,15 @@ def _causal_pairs(seq_q: int, seq_kv: int, block_q: int, block_kv: int) -> int:
     """(query block, key block) pairs with any key at or before a query: those a causal kernel computes."""
     n_kv = -(-seq_kv // block_kv)
     return sum(min(n_kv, ((i + 1) * block_q - 1) // block_kv + 1) for i in range(-(-seq_q // block_q)))
+
+
+def _fused_backward(inst: Instruction, q: Array) -> bool:
+    """Whether a splash dkv kernel is the fused backward (`use_fused_bwd_kernel`), which also
+    computes dq: among its outputs is dq as one partial per key block, an array of q's dtype
+    with one more axis than q (the key blocks', before the heads) and q's [heads, tokens,
+    head_dim]. (Its metadata does not say: the dkv kernel records only its own blocks.)"""
+    return any(a.dtype == q.dtype and len(a.dims) == len(q.dims) + 1 and a.dims[-3:] == q.dims[-3:]
+               for a in inst.arrays)
 
 
 def splash_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | None:
@@ -38,9 +48,8 @@ def splash_cost(comp: Computation, inst: Instruction) -> tuple[float, float] | N
         return None
     rows, seq_q, d, seq_kv, size = math.prod(q.dims[:-2]), q.dims[-2], q.dims[-1], k.dims[-2], q.itemsize
     name = inst.name
-    fused_bwd = bool(blocks.get("use_fused_bwd_kernel"))
     if "dkv" in name:
-        bq, bkv, per_pair = blocks["block_q_dkv"], blocks["block_kv_dkv"], 10 if fused_bwd else 8
+        bq, bkv, per_pair = blocks["block_q_dkv"], blocks["block_kv_dkv"], 10 if _fused_backward(inst, q) else 8
     elif "dq" in name:
         bq, bkv, per_pair = blocks["block_q_dq"], blocks["block_kv_dq"], 6
     else:
