@@ -219,3 +219,13 @@ def match_by_path(target_abstract: Any, params_abstract: Any, param_shardings: A
 
 def _keys(path: Any) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def activation_mesh_axes(mesh: jax.sharding.AbstractMesh, logical: str) -> str | tuple[str, ...] | None:
+    """The mesh axes a logical activation axis is split over, by the active logical-axis rules
+    (RULES when none are active), keeping only axes this mesh has."""
+    rules = nn.get_logical_axis_rules() or RULES
+    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept = tuple(a for a in axes if a in mesh.axis_names)
+    return kept if len(kept) > 1 else (kept[0] if kept else None)

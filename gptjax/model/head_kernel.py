@@ -40,10 +40,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from gptjax import sharding
 from gptjax.chips import chip_for_device_kind
 from gptjax.errors import UserError
 from gptjax.model.platform import trace_platform
-from gptjax.model.splash import _mesh_axes
 
 # A token block's hidden elements on a chip with 128 MiB of VMEM per core (v5e, v6e: 8,192 tokens
 # of GPT-2's 768; fewer tokens for a wider model, and in proportion on a chip with less VMEM):
@@ -105,7 +105,7 @@ def _sharded(fn: Any, args: tuple, in_kinds: tuple[str, ...], out_kinds: tuple[s
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return fn(*args)
-    batch = _mesh_axes(mesh, "batch")
+    batch = sharding.activation_mesh_axes(mesh, "batch")
     spec = lambda kind, x: P() if kind.startswith("table") else P(batch, *([None] * (x.ndim - 1)))
     summed = tuple(i for i, k in enumerate(out_kinds) if k == "table_sum")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
@@ -71,7 +70,8 @@ def splash_attention(q_BxHxTxD: jax.Array, k_BxHxTxD: jax.Array, v_BxHxTxD: jax.
         )
 
     if not mesh.empty:
-        batch, heads = _mesh_axes(mesh, "batch"), _mesh_axes(mesh, "heads")
+        batch = sharding.activation_mesh_axes(mesh, "batch")
+        heads = sharding.activation_mesh_axes(mesh, "heads")
         qkv_spec, ids_spec = P(batch, heads, None, None), P(batch, None)
         in_specs = (qkv_spec, qkv_spec, qkv_spec, None if ids_BxT is None else ids_spec)
         attend = jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec, check_vma=False)
@@ -110,13 +110,3 @@ def _kernel(heads: int, seq: int, interpret: bool) -> splash.SplashAttentionKern
     mask = splash.MultiHeadMask([splash.CausalMask((seq, seq))] * heads)
     return splash.make_splash_mha(mask, block_sizes=block_sizes(seq), head_shards=1,
                                   q_seq_shards=1, interpret=interpret)
-
-
-def _mesh_axes(mesh: jax.sharding.AbstractMesh, logical: str) -> str | tuple[str, ...] | None:
-    """The mesh axes a logical activation axis is split over, by the active logical-axis rules
-    (`gptjax.sharding.RULES` when none are active), keeping only axes this mesh has."""
-    rules = nn.get_logical_axis_rules() or sharding.RULES
-    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    kept = tuple(a for a in axes if a in mesh.axis_names)
-    return kept if len(kept) > 1 else (kept[0] if kept else None)
