@@ -70,11 +70,22 @@ def head_cross_entropy(
     chunk is at hand (softmax - one-hot, two matmuls: the FLOPs autodiff would spend), so no
     [batch, seq, vocab] array, nor its gradient or transposed copy, is ever made.
     """
-    valid = embedding_VxC.shape[0] if vocab_size is None else int(vocab_size)
+    valid = _valid_rows(embedding_VxC, vocab_size)
     if kernel:
-        losses_BxT = kernel_token_losses(hidden_BxTxC, embedding_VxC, targets_BxT, valid, softcap)
-        return (losses_BxT * weights_BxT).sum(), weights_BxT.sum()
+        return _kernel_sums(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, valid, softcap)[0]
     return _head_ce_vjp(valid, float(softcap), int(chunk_bytes), hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT)
+
+
+def _valid_rows(embedding_VxC: jax.Array, vocab_size: int | None) -> int:
+    """The table's real rows: `vocab_size`, or all of them."""
+    return embedding_VxC.shape[0] if vocab_size is None else int(vocab_size)
+
+
+def _kernel_sums(hidden_BxTxC: jax.Array, embedding_VxC: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
+                 valid: int, softcap: float) -> Any:
+    """(sums, token losses [B, T]) by the Pallas kernels of `gptjax.model.head_kernel`."""
+    losses_BxT = kernel_token_losses(hidden_BxTxC, embedding_VxC, targets_BxT, valid, softcap)
+    return ((losses_BxT * weights_BxT).sum(), weights_BxT.sum()), losses_BxT
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -193,9 +204,8 @@ def head_eval_sums(
     [batch, seq, vocab] of them.
     """
     if kernel:
-        valid = embedding_VxC.shape[0] if vocab_size is None else int(vocab_size)
-        losses_BxT = kernel_token_losses(hidden_BxTxC, embedding_VxC, targets_BxT, valid, softcap)
-        sums = (losses_BxT * weights_BxT).sum(), weights_BxT.sum()
+        sums, losses_BxT = _kernel_sums(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT,
+                                        _valid_rows(embedding_VxC, vocab_size), softcap)
     else:
         sums, losses_BxT, _, _ = _head_ce(hidden_BxTxC, embedding_VxC, targets_BxT, weights_BxT, grads=False,
                                         valid=vocab_size, softcap=softcap, chunk_bytes=chunk_bytes)

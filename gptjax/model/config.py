@@ -107,8 +107,6 @@ class GPTConfig:
             raise UserError(f"model.activation_dtype must be one of {sorted(DTYPES)}, got {self.activation_dtype!r}")
         if not isinstance(self.logits_chunk_mib, int) or isinstance(self.logits_chunk_mib, bool) or self.logits_chunk_mib < 0:
             raise UserError(f"model.logits_chunk_mib must be an integer >= 0 (0: the platform's default), got {self.logits_chunk_mib!r}")
-        if self.head_loss not in HEAD_LOSSES:
-            raise UserError(f"model.head_loss must be one of {list(HEAD_LOSSES)}, got {self.head_loss!r}")
         if self.attention not in (*ATTENTION, ATTENTION_AUTO):
             raise UserError(f"model.attention must be one of {[*ATTENTION, ATTENTION_AUTO]}, got {self.attention!r}")
         if not isinstance(self.vocab_multiple, int) or isinstance(self.vocab_multiple, bool) or self.vocab_multiple < 1:
@@ -119,7 +117,7 @@ class GPTConfig:
             )
         if not isinstance(self.scan_layers, bool):
             raise UserError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
-        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("head_loss", HEAD_LOSSES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"model.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("qk_norm", "tie_embeddings", "bias", "zero_init_proj", "collective_matmul"):

@@ -140,11 +140,10 @@ def _blocks(n: int, c: int, v: int, valid: int) -> tuple[int, int, int, int]:
     return tm, -(-n // tm) * tm, tv, -(-valid // tv)
 
 
-def _flat(hidden: jax.Array, table: jax.Array, targets: jax.Array, *rows: jax.Array) -> Any:
-    """hidden [N, C] and the [1, N] rows of targets and of `rows`, tokens padded to whole blocks."""
+def _flat(hidden: jax.Array, n_pad: int, targets: jax.Array, *rows: jax.Array) -> Any:
+    """hidden [N, C] and the [1, N] rows of targets and of `rows`, tokens padded to `n_pad`."""
     b, t, c = hidden.shape
     n = b * t
-    tm, n_pad, tv, nv = _blocks(n, c, table.shape[0], table.shape[0])
     pad = lambda x: jnp.pad(x, ((0, 0), (0, n_pad - n)))
     h = jnp.pad(hidden.reshape(n, c), ((0, n_pad - n), (0, 0)))
     return h, pad(targets.reshape(1, n).astype(jnp.int32)), [pad(r.reshape(1, n).astype(jnp.float32)) for r in rows]
@@ -177,8 +176,8 @@ def _logits(h_ref: Any, w_ref: Any, j: Any, tv: int, valid: int, softcap: float)
 def _forward_shard(valid: int, softcap: float, hidden: jax.Array, table: jax.Array, targets: jax.Array) -> Any:
     b, t, c = hidden.shape
     v = table.shape[0]
-    h, tg, _ = _flat(hidden, table, targets)
     tm, n_pad, tv, nv = _blocks(b * t, c, v, valid)
+    h, tg, _ = _flat(hidden, n_pad, targets)
 
     def kernel(tg_ref: Any, h_ref: Any, w_ref: Any, loss_ref: Any, lse_ref: Any, m_ref: Any, l_ref: Any, t_ref: Any) -> None:
         j = pl.program_id(1)
@@ -220,8 +219,8 @@ def _backward_shard(valid: int, softcap: float, hidden: jax.Array, table: jax.Ar
                     lse: jax.Array, g: jax.Array) -> Any:
     b, t, c = hidden.shape
     v = table.shape[0]
-    h, tg, (lse_row, g_row) = _flat(hidden, table, targets, lse, g)
     tm, n_pad, tv, nv = _blocks(b * t, c, v, valid)
+    h, tg, (lse_row, g_row) = _flat(hidden, n_pad, targets, lse, g)
 
     def kernel(tg_ref: Any, g_ref: Any, lse_ref: Any, h_ref: Any, w_ref: Any, dh_ref: Any, dw_ref: Any,
                acc_ref: Any) -> None:
