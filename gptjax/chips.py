@@ -31,6 +31,12 @@ TPU compiler's own limit is a little under that); the table stores GiB.
 from __future__ import annotations
 
 import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,3 +105,29 @@ def chip_of(device_kind: str) -> Chip | None:
     if tpu is not None:
         return tpu
     return next((chip for name, chip in GPUS.items() if name in device_kind), None)
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of an n x n matmul in `dtype` with fp32 accumulation (as `gptjax.model.matmul`)
+    on the default device: the median of `repeats` after a warm-up."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / float(np.median(times))
+
+
+def peak_flops(configured_tflops: float, mesh: Mesh) -> float:
+    """Peak FLOP/s of the mesh: configured, looked up, or measured on a CPU."""
+    device = mesh.devices.flat[0]
+    if configured_tflops > 0:
+        return configured_tflops * 1e12 * mesh.size
+    chip = chip_of(device.device_kind) if device.platform != "cpu" else None
+    if chip is not None:
+        return chip.peak_flops * mesh.size
+    # CPU (simulated devices share the same cores): one measurement stands for the machine.
+    return measure_matmul_flops()

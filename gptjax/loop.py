@@ -29,7 +29,8 @@ from gptjax import checkpoint as ckpt
 from gptjax.failures import RunFailed, check_space, io_failure
 from gptjax.evaluate.bpb import ValidationSet, eval_line
 from gptjax.evaluate.tasks import Benchmarks, benchmark_line, prepare_evaluation
-from gptjax.metrics import MetricsWriter, peak_flops
+from gptjax.chips import peak_flops
+from gptjax.metrics import MetricsWriter
 from gptjax.outputs import Outputs
 from gptjax.preemption import StopRequested
 from gptjax.run import Run

@@ -1,53 +1,72 @@
-"""Training metrics: the metrics.jsonl + TensorBoard writer, and model FLOPs utilization (MFU).
-The validation metrics and their log line are `gptjax.evaluate.bpb`'s.
+"""Where a training run's metrics go: metrics.jsonl, TensorBoard events, and a Weights & Biases
+run when `wandb.enabled` (the `wandb` config section, `gptjax.schema.WandbConfig`).
 
-MFU is the model's training FLOPs per second (`GPTConfig.flops_per_token`) over the peak of
-the mesh: configured (`train.peak_tflops`), looked up by device kind (`gptjax.chips.chip_of`),
-or, on a CPU, measured with a large matmul (`measure_matmul_flops`).
+`open_metrics` opens them for a run that continues from a step (`gptjax.outputs` calls it once
+the starting state is known); `MetricsWriter.write` then sends each metrics line to every
+sink, and `close` closes them. Only process 0 of a pod writes. What the lines hold is the
+loop's (`gptjax.loop`); MFU's peak is `gptjax.chips.peak_flops`; the validation metrics and
+their log line are `gptjax.evaluate.bpb`'s.
+
+Weights & Biases: the W&B run holds the run's config and logs every metrics line at the run's
+step. Its id is kept in the workdir (`RunDir.wandb_run_id`), so a resumed run continues the
+same W&B run; steps a stopped attempt logged after its last checkpoint are logged again from
+the checkpoint on, and W&B, which takes each run's steps in increasing order, keeps the first
+values it was sent for a step already in the run. W&B's files go under the workdir
+(`<workdir>/wandb/`) unless WANDB_DIR says where, or the workdir is a URL (then W&B's default,
+./wandb). Its console capture is off: the run's own output stays as it is. `wandb` is an
+optional extra (`pip install 'gptjax[wandb]'`); enabling it without the package, or a setting
+W&B refuses (no login for an online run, say), is a `UserError`: one line, exit status 2.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import string
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh
 
-from gptjax import chips, storage
+from gptjax import storage
+from gptjax.errors import UserError
 from gptjax.layout import RunDir
-
-def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-    """FLOP/s of an n x n matmul in `dtype` with fp32 accumulation (as `gptjax.model.matmul`)
-    on the default device: the median of `repeats` after a warm-up."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / float(np.median(times))
+from gptjax.schema import WandbConfig
 
 
-def peak_flops(configured_tflops: float, mesh: Mesh) -> float:
-    """Peak FLOP/s of the mesh: configured, looked up, or measured on a CPU."""
-    device = mesh.devices.flat[0]
-    if configured_tflops > 0:
-        return configured_tflops * 1e12 * mesh.size
-    chip = chips.chip_of(device.device_kind) if device.platform != "cpu" else None
-    if chip is not None:
-        return chip.peak_flops * mesh.size
-    # CPU (simulated devices share the same cores): one measurement stands for the machine.
-    return measure_matmul_flops()
+def open_metrics(run_dir: RunDir, start: int, wandb_cfg: WandbConfig, config: Mapping[str, Any]) -> "MetricsWriter":
+    """The metrics sinks of the run in `run_dir`, continuing from step `start`: metrics.jsonl and
+    TensorBoard, and the W&B run of `wandb_cfg` (holding `config`) when enabled; on the other
+    processes of a pod, a writer that writes nothing.
+
+    First the files a continued run reads: in a bucket, metrics.jsonl copied to a local file
+    (an object cannot be appended to); the W&B run id, or a new one written before the run
+    starts, so that a retry resumes it. Then the sinks."""
+    if jax.process_index() != 0:
+        return MetricsWriter(None, run_dir.tensorboard)
+    require_package(wandb_cfg)
+    path, upload_to, run_id = run_dir.metrics, None, ""
+    if run_dir.is_url:
+        upload_to, path = path, os.path.join(tempfile.mkdtemp(prefix="gptjax-metrics-"), "metrics.jsonl")
+        if storage.exists(upload_to):
+            storage.copy_file(upload_to, path)
+    if wandb_cfg.enabled:
+        id_path = run_dir.wandb_run_id
+        run_id = storage.read_text(id_path).strip() if storage.exists(id_path) else ""
+        if not run_id:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+            storage.write_text(id_path, run_id + "\n")
+    tracker = open_wandb(wandb_cfg, run_dir, config, run_id) if wandb_cfg.enabled else None
+    try:
+        return MetricsWriter(path, run_dir.tensorboard, start, tracker, upload_to)
+    except BaseException:
+        if tracker is not None:
+            tracker.close()
+        raise
 
 
 def summary_writer_class() -> Any:
@@ -71,7 +90,7 @@ def summary_writer_class() -> Any:
 
 class MetricsWriter:
     """Append metrics to the run's metrics.jsonl and TensorBoard events (process 0 only), and to
-    `tracker` when one is given (a `gptjax.tracking.WandbSink`: its `write` and `close` are called
+    `tracker` when one is given (a `WandbSink`: its `write` and `close` are called
     with this writer's).
 
     A run that resumes from step `start` continues both logs from there: records after
@@ -87,19 +106,17 @@ class MetricsWriter:
 
     UPLOAD_EVERY_S = 60.0
 
-    def __init__(self, run_dir: RunDir, start: int = 0, tracker: Any = None):
-        self.tracker = tracker
-        self.enabled = jax.process_index() == 0
-        if not self.enabled:
+    def __init__(self, path: str | None, tensorboard: str, start: int = 0, tracker: Any = None,
+                 upload_to: str | None = None):
+        """Continue the local metrics.jsonl at `path` (None: write nothing, as on a pod's other
+        processes) and TensorBoard events in `tensorboard` after step `start`; `upload_to`: the
+        bucket object `path` is a local copy of."""
+        self.tracker, self.enabled, self.path, self.upload_to = tracker, path is not None, path, upload_to
+        if path is None:
             return
-        self.path, self.upload_to = run_dir.metrics, None
-        if run_dir.is_url:
-            self.upload_to, self.path = self.path, os.path.join(tempfile.mkdtemp(prefix="gptjax-metrics-"), "metrics.jsonl")
-            if storage.exists(self.upload_to):
-                storage.copy_file(self.upload_to, self.path)
-            self.uploaded = time.monotonic()
-        truncate_metrics(self.path, start)
-        self.tb = summary_writer_class()(run_dir.tensorboard, purge_step=start + 1, filename_suffix=f".from-step-{start}")
+        self.uploaded = time.monotonic()
+        truncate_metrics(path, start)
+        self.tb = summary_writer_class()(tensorboard, purge_step=start + 1, filename_suffix=f".from-step-{start}")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -152,3 +169,65 @@ def truncate_metrics(path: str, last_step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+MISSING = "wandb.enabled=True needs the wandb package: pip install 'gptjax[wandb]'"
+
+
+class WandbSink:
+    """An open W&B run: `write` logs one metrics line at its step, `close` finishes the run."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.next_step = int(getattr(run, "step", 0) or 0)  # a resumed online run's next step
+
+    @property
+    def id(self) -> str:
+        return self.run.id
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if step < self.next_step:  # W&B would drop it with a warning: already in the run
+            return
+        self.run.log({k: float(v) for k, v in metrics.items()}, step=int(step))
+        self.next_step = int(step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def require_package(cfg: WandbConfig) -> None:
+    """Refuse an enabled W&B section where the wandb package is missing (a `UserError`)."""
+    import importlib.util
+
+    if cfg.enabled and importlib.util.find_spec("wandb") is None:
+        raise UserError(MISSING)
+
+
+def open_wandb(cfg: WandbConfig, run_dir: RunDir, config: Mapping[str, Any], run_id: str) -> WandbSink:
+    """The W&B run `run_id` of `run_dir` (new, or resumed), holding `config`."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(MISSING) from None
+    directory = None
+    if "WANDB_DIR" not in os.environ and not run_dir.is_url:
+        directory = run_dir.root
+    try:
+        run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity or None,
+            name=cfg.name or os.path.basename(run_dir.root.rstrip("/")),
+            id=run_id,
+            resume="allow",
+            config=dict(config),
+            dir=directory,
+            mode=cfg.mode or None,
+            settings=wandb.Settings(console="off"),
+        )
+    except (wandb.errors.Error, ValueError) as e:
+        raise UserError(f"Weights & Biases could not start the run (wandb section {cfg}): {_one_line(e)}") from None
+    return WandbSink(run)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,12 +1,12 @@
 """A training run's outputs in its run directory, opened together before the first step and
-closed together after the last (`open_outputs`):
+closed together after the last (`open_outputs`), in this order:
 
-    config.json     the resolved config (`save_config`), written first
+    config.json     the resolved config (`save_config`)
     checkpoints/    a `gptjax.checkpoint.Checkpointer`, and the state the run starts from:
                     the newest readable checkpoint's, else init_from's parameters, else
                     fresh ones, created already sharded
-    metrics         metrics.jsonl and TensorBoard (`gptjax.metrics.MetricsWriter`), continued
-                    from that state's step, and the W&B run (`gptjax.tracking`) when enabled
+    metrics         metrics.jsonl and TensorBoard continued from that state's step, and the
+                    W&B run when enabled (`gptjax.metrics.open_metrics`)
 
 A file that cannot be opened or written is one line naming it (`gptjax.failures.io_failure`).
 The loop waits for its last save (`gptjax.loop.Saves.wait`) before they close.
@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 
 from gptjax import checkpoint as ckpt
-from gptjax import storage, tracking
+from gptjax import storage
 from gptjax.config import to_json
 from gptjax.failures import close_quietly, io_failure
-from gptjax.metrics import MetricsWriter
+from gptjax.metrics import MetricsWriter, open_metrics
 from gptjax.layout import RunDir
 from gptjax.run import Run
 from gptjax.state import TrainState
@@ -69,9 +68,8 @@ def open_outputs(r: Run) -> Iterator[Outputs]:
             state, skipped_total = r.steps.state_from_params(r.pretrained), 0
         else:
             state, skipped_total = r.steps.init_state(), 0
-        tracker = tracking.open_wandb(r.sections.wandb, run_dir, r.config.to_dict())
         try:
-            writer = MetricsWriter(run_dir, int(state.step), tracker)
+            writer = open_metrics(run_dir, int(state.step), r.sections.wandb, r.config.to_dict())
         except OSError as e:
             raise io_failure("opening the metrics", e, run_dir.metrics) from e
         try:
@@ -83,11 +81,5 @@ def open_outputs(r: Run) -> Iterator[Outputs]:
 
 
 def save_config(run_dir: RunDir, config: Any) -> None:
-    """Write config.json atomically (a bucket's object is replaced whole by one write)."""
-    if run_dir.is_url:
-        storage.write_text(run_dir.config, to_json(config))
-        return
-    tmp = run_dir.config + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(to_json(config))
-    os.replace(tmp, run_dir.config)
+    """Write config.json (replaced whole: `storage.write_text` is atomic)."""
+    storage.write_text(run_dir.config, to_json(config))

@@ -192,7 +192,7 @@ WANDB_MODES = ("", "online", "offline", "disabled")  # wandb.mode; '' = W&B's ow
 @dataclasses.dataclass(frozen=True)
 class WandbConfig:
     """`config.wandb`: Weights & Biases as a metrics sink beside metrics.jsonl and TensorBoard
-    (`gptjax.tracking`); off by default."""
+    (`gptjax.metrics`); off by default."""
 
     enabled: bool = False
     project: str = "gptjax"

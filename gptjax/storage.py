@@ -76,11 +76,15 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
+    """Replace the file at `path` whole: a reader sees the old text or the new, never a part
+    (a bucket's object is replaced by one write; a local file by a rename)."""
     if is_url(path):
         epath.Path(path).write_text(text)
         return
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         f.write(text)
+    os.replace(tmp, path)
 
 
 def read_bytes(path: str) -> bytes:

@@ -32,7 +32,7 @@ from gptjax import checkpoint as ckpt
 from gptjax import config as config_lib
 from gptjax import layout
 from gptjax import optim as optim_lib
-from gptjax import runtime, sharding, tracking
+from gptjax import metrics, runtime, sharding
 from gptjax.errors import run_cli
 from gptjax.failures import RunFailed
 from gptjax.loop import train_loop
@@ -57,7 +57,7 @@ def run(
     saving and the result is empty. Divergence and failed writes raise `RunFailed`.
     """
     r = resolve(config, workdir, devices)
-    tracking.require_package(r.sections.wandb)  # before any data work, not at the first step
+    metrics.require_package(r.sections.wandb)  # before any data work, not at the first step
     if r.devices_note:
         log(r.devices_note)
     with StopRequested() as stop:

@@ -151,7 +151,7 @@ def test_bench_quick_prints_the_table(tmp_path, monkeypatch, capsys):
 def test_bench_table_footer_names_bfloat16_and_remat(monkeypatch, capsys):
     """The table's footer with --dtype bfloat16 --remat (rows stubbed: the workers' rows are the
     table test's), and the bfloat16 matmul that the gptjax worker measures its peak with."""
-    from gptjax.metrics import measure_matmul_flops
+    from gptjax.chips import measure_matmul_flops
 
     module = _bench_module()
     fake = lambda name, shape, args: [dict({c: "1" for c in module.COLUMNS}, shape=name, _matmul_gflops=1.0)]

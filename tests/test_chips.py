@@ -1,11 +1,11 @@
 """`gptjax.chips.chip_of`: each device kind JAX reports finds its chip's figures, which the
-run's MFU is measured against (`gptjax.metrics.peak_flops`)."""
+run's MFU is measured against (`gptjax.chips.peak_flops`)."""
 
 import types
 
 import pytest
 
-from gptjax import chips, metrics
+from gptjax import chips
 
 
 @pytest.mark.parametrize("kind, name, tflops", [
@@ -33,6 +33,6 @@ def test_the_runs_peak_is_its_chips_times_its_devices(monkeypatch):
     """On a v5p slice the peak is v5p's (not a matmul measured as on a CPU); configured wins."""
     device = types.SimpleNamespace(device_kind="TPU v5", platform="tpu")
     mesh = types.SimpleNamespace(devices=types.SimpleNamespace(flat=[device]), size=8)
-    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda *a, **k: pytest.fail("measured on a TPU"))
-    assert metrics.peak_flops(0.0, mesh) == pytest.approx(459e12 * 8)
-    assert metrics.peak_flops(100.0, mesh) == pytest.approx(100e12 * 8)
+    monkeypatch.setattr(chips, "measure_matmul_flops", lambda *a, **k: pytest.fail("measured on a TPU"))
+    assert chips.peak_flops(0.0, mesh) == pytest.approx(459e12 * 8)
+    assert chips.peak_flops(100.0, mesh) == pytest.approx(100e12 * 8)

@@ -18,7 +18,8 @@ from gptjax import optim as optim_lib
 from gptjax import loop, sharding, train
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
-from gptjax.metrics import MetricsWriter, truncate_metrics
+from gptjax.metrics import open_metrics, truncate_metrics
+from gptjax.schema import WandbConfig
 from gptjax.model import GPTConfig
 from gptjax.preemption import StopBeforeTraining, StopRequested
 from gptjax.state import param_shapes
@@ -154,11 +155,11 @@ def _events(path):
 
 def test_a_resumed_writer_starts_a_purging_events_file_and_appends_after_the_restored_step(tmp_path):
     run_dir = RunDir.at(str(tmp_path))
-    writer = MetricsWriter(run_dir)
+    writer = open_metrics(run_dir, 0, WandbConfig(), {})
     for s in range(1, 8):
         writer.write(s, {"loss": float(s)})
     writer.close()
-    writer = MetricsWriter(run_dir, start=4)
+    writer = open_metrics(run_dir, 4, WandbConfig(), {})
     writer.write(5, {"loss": 50.0})
     writer.close()
     assert [json.loads(l)["step"] for l in open(run_dir.metrics)] == [1, 2, 3, 4, 5]

@@ -1,4 +1,4 @@
-"""Weights & Biases as a metrics sink (`gptjax.tracking`), in W&B's offline mode (no network).
+"""Weights & Biases as a metrics sink (`gptjax.metrics`), in W&B's offline mode (no network).
 
 A tiny run trained in two parts (stopped at step 10, then resumed) with `wandb.enabled=True`
 must leave offline run directories under WANDB_DIR holding the config and every metrics line
@@ -21,7 +21,7 @@ wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 from gptjax import config as config_lib  # noqa: E402
-from gptjax import train, tracking  # noqa: E402
+from gptjax import metrics, train  # noqa: E402
 from gptjax.errors import UserError  # noqa: E402
 from gptjax.layout import RunDir  # noqa: E402
 
@@ -114,8 +114,10 @@ def test_offline_run_holds_config_and_every_step_across_a_resume(trained_run, tm
 def test_only_process_zero_logs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     cfg = config_lib.WandbConfig(enabled=True)
-    assert tracking.open_wandb(cfg, RunDir.at(str(tmp_path)), {}) is None
-    assert not os.path.exists(RunDir.at(str(tmp_path)).wandb_run_id)
+    writer = metrics.open_metrics(RunDir.at(str(tmp_path)), 0, cfg, {})
+    writer.write(1, {"loss": 1.0})
+    writer.close()
+    assert writer.tracker is None and os.listdir(tmp_path) == []
 
 
 def test_bad_settings_are_one_line_and_status_2(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -230,7 +230,7 @@ def gptjax_step(spec: dict[str, Any], devices: list[Any]) -> tuple[Callable[[], 
 def worker_jax(spec: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, REPO)
     import gptjax.run  # noqa: F401  (loaded before the memory baseline: not the step's)
-    from gptjax.metrics import measure_matmul_flops
+    from gptjax.chips import measure_matmul_flops
 
     devices = _worker_devices(spec)
     dtype = spec.get("dtype", "float32")
