@@ -71,8 +71,9 @@ def test_option_ab_times_the_step_with_and_without_an_xla_option(monkeypatch, ca
     assert f"step ms, with {option}" in lines[0] and f"XLA temp MiB, with {option}" in lines[0]
     row = [c.strip() for c in lines[2].strip("|").split("|")]
     assert row[0] == "tiny" and all(float(x) > 0 for x in (row[2], row[3], row[8], row[9]))
-    bad = subprocess.run([sys.executable, BENCH, "--option_ab", "nonsense"], capture_output=True, text=True, env=env,
-                         cwd=REPO, timeout=120)
+    # --quick: the tiny shape, so the refusal comes without resolving the default config's shape (a JAX start)
+    bad = subprocess.run([sys.executable, BENCH, "--quick", "--option_ab", "nonsense"], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "--option_ab takes KEY=VALUE" in bad.stderr
 
 
