@@ -70,7 +70,7 @@ def _cli(trained_run, tmp_path, *args, **env_extra):
     cmd = [sys.executable, "-m", "gptjax.train", "--workdir", workdir, f"--config.data.source=files:{trained_run.corpus}",
            "--config.tokenizer.vocab_size=300", "--config.model.n_layer=1", "--config.model.n_embd=32",
            "--config.model.block_size=32", "--config.train.seq_len=32", "--config.train.eval_batches=0",
-           "--config.optim.warmup_steps=0", *args]
+           "--config.optim.warmup_steps=0", "--config.train.peak_tflops=1", *args]  # MFU against a given peak: no matmul timed
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stderr.splitlines()
@@ -127,11 +127,12 @@ def test_a_one_device_run_resumes_on_two_devices(trained_run, tmp_path):
     shutil.rmtree(os.path.join(resumed, "checkpoints", "20"))  # as if stopped after checkpoint 10
     two = trained_run.tokenizer_only(tmp_path / "two")
     devices = jax.devices()
-    assert train.run(trained_run.config(), resumed, devices=devices[:2])["step"] == 20
-    train.run(trained_run.config(), two, devices=devices[:2])
+    config = trained_run.config(peak_tflops=1.0)  # MFU against a given peak: no matmul timed at each start
+    assert train.run(config, resumed, devices=devices[:2])["step"] == 20
+    train.run(config, two, devices=devices[:2])
     two_resumed = shutil.copytree(two, tmp_path / "two_resumed")
     shutil.rmtree(os.path.join(two_resumed, "checkpoints", "20"))
-    assert train.run(trained_run.config(), two_resumed, devices=devices[:2])["step"] == 20
+    assert train.run(config, two_resumed, devices=devices[:2])["step"] == 20
 
     a, b, r = losses(one), losses(two), losses(resumed)
     assert sorted(a) == sorted(b) == sorted(r) == list(range(1, 21))
