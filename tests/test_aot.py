@@ -258,32 +258,17 @@ def test_sampler_prefill_and_decode_compile_for_v5e_2x2_with_sharded_parameters(
     assert "prefill" in text and "decode step" in text and "2 x 1 (cache 32)" in text
 
 
-def test_load_onto_a_mesh_samples_the_single_device_tokens(tmp_path):
-    """`gptjax.load(path, mesh=...)` splits the parameters over fsdp x tensor (8 CPU devices)
-    and samples the same greedy tokens as the model loaded on one device."""
+def test_load_onto_a_mesh_samples_the_single_device_tokens(trained_run):
+    """`gptjax.load(path, mesh=...)` splits the parameters of the shared run (`trained_run`:
+    vocabulary 300, width 32) over fsdp x tensor (8 CPU devices) and samples the same greedy
+    tokens as the model loaded on one device."""
     import jax
-    import numpy as np
 
     import gptjax
-    from gptjax import sharding, train
+    from gptjax import sharding
     from gptjax.errors import UserError
 
-    rng = np.random.default_rng(0)
-    (tmp_path / "corpus").mkdir()
-    words = ["alpha", "beta", "gamma", "delta", "omega", "theta"]
-    for d in range(8):
-        text = " ".join(str(rng.choice(words)) + str(i % 7) for i in range(400))
-        (tmp_path / "corpus" / f"doc{d}.txt").write_text(text)
-    c = config_lib.base_config()
-    c.data.source = f"files:{tmp_path}/corpus/*.txt"
-    c.data.val_fraction = 0.2
-    c.tokenizer.vocab_size = 300
-    c.model.update(n_layer=1, n_head=4, n_embd=32, block_size=32)
-    c.train.update(steps=2, batch_size=4, seq_len=32, eval_every=2, eval_batches=1, log_every=1, checkpoint_every=2)
-    c.optim.update(lr=3e-3, warmup_steps=1)
-    path = str(tmp_path / "run")
-    train.run(c, path, devices=jax.devices()[:1])
-
+    path = trained_run.workdir
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}, jax.devices()[:8])
     split = gptjax.load(path, mesh=mesh)
     alone = gptjax.load(path)
