@@ -173,3 +173,26 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
             _train_shared_run(str(root))
             done.write_text("trained\n")
     return TrainedRun(corpus=os.path.join(root, "corpus", "*.txt"), workdir=str(root / "run"))
+
+
+@pytest.fixture(scope="session")
+def trained_mesh_run(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The workdir of the shared run (`trained_run`) trained again from its tokenizer on a mesh
+    of the 8 CPU devices (data, fsdp and tensor 2 each): the same config, 20 steps, evaluations
+    and checkpoints (10, 20). For the tests that compare a mesh run with the one-device run and
+    those that need checkpoints saved from a mesh; built once per test run, like `trained_run`.
+    Never write into it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = shared / "gptjax-trained-mesh-run"
+    done = root / "done"
+    with FileLock(str(root) + ".lock"):
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+            from gptjax import train
+
+            config = trained_run.config()
+            config.mesh.update(data=2, fsdp=2, tensor=2)
+            train.run(config, trained_run.tokenizer_only(root / "run"))
+            done.write_text("trained\n")
+    return str(root / "run")

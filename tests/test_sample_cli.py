@@ -14,20 +14,18 @@ import numpy as np
 import pytest
 
 import gptjax
-from gptjax import checkpoint, checkpoint_read, sample, sampling, train
+from gptjax import checkpoint, checkpoint_read, sample, sampling
 from gptjax.layout import find_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def workdir(trained_run, tmp_path_factory):
-    """The shared run's config (`trained_run`: 20 steps, checkpoints 10 and 20; no evaluation,
-    a log line every 10 steps) trained again from its tokenizer on a mesh of 8 CPU devices (the
-    tests load it on one)."""
-    path = trained_run.tokenizer_only(tmp_path_factory.mktemp("sample_run") / "run")
-    train.run(trained_run.config(eval_batches=0, log_every=10), path, devices=jax.devices())
-    return path
+def workdir(trained_mesh_run):
+    """The shared run's config (`trained_run`: 20 steps, checkpoints 10 and 20) trained again
+    from its tokenizer on a mesh of 8 CPU devices (`trained_mesh_run`: data, fsdp and tensor 2
+    each); the tests load it on one."""
+    return trained_mesh_run
 
 
 def test_load_workdir_and_checkpoint_generate(workdir):
