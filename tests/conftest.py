@@ -14,15 +14,18 @@ from filelock import FileLock
 # The suite compiles hundreds of small programs and runs each a few times, so XLA's CPU compile
 # is most of its time. Without LLVM's optimization passes it takes a third less; with XLA's
 # elemental IR emitters for fused loops instead of its MLIR fusion emitters, about half of what
-# remains (a 2-layer train step: 0.9 s of CPU instead of 1.8 s). The HLO passes, which decide
+# remains (a 2-layer train step: 0.9 s of CPU instead of 1.8 s); with the LLVM module code-generated
+# in one piece instead of split across threads (two test processes already share the two cores),
+# another 10-15% (a 4-layer step: 1.11 s instead of 1.25 s). The HLO passes, which decide
 # fusion, buffer reuse, in-place updates and what the tests inspect, all still run (with the
 # older emitters a few reductions fuse differently). Every process a test starts gets the same
 # flags (the tests pass FAST_COMPILE on), so runs compared across processes compute alike.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+                " --xla_cpu_parallel_codegen_split_count=1")
 # The same with XLA's default (MLIR) fusion emitters, for a process whose output compares two
 # differently built programs bit for bit (the benchmark's A/B runs): the older emitters round a
 # few fused reductions differently from one program to the other. See `xla_default_fusion_emitters`.
-FAST_COMPILE_DEFAULT_EMITTERS = "--xla_backend_optimization_level=0"
+FAST_COMPILE_DEFAULT_EMITTERS = "--xla_backend_optimization_level=0 --xla_cpu_parallel_codegen_split_count=1"
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
