@@ -65,10 +65,10 @@ def write_program_corpus(directory: str, n_docs: int = 40, n_lines: int = 20) ->
 # the most tests first, started the one-test notebook and two-host files last, and the run
 # waited on them.) A file not listed keeps its place after these; a renamed one just loses its head start.
 LONGEST_FILES_FIRST = (
-    "test_readme.py", "test_aot.py", "test_train.py", "test_fault_inject.py", "test_aot_counts.py",
-    "test_sample_cli.py", "test_cpu_devices.py", "test_finetune.py", "test_configs.py", "test_bench_tools.py",
-    "test_gcs.py", "test_kernels.py", "test_multihost.py", "test_sampling.py", "test_scan_layers.py",
-    "test_model.py", "test_run.py", "test_fastpath.py", "test_notebook.py",
+    "test_aot.py", "test_readme.py", "test_fault_inject.py", "test_sampling.py", "test_train.py", "test_gcs.py",
+    "test_cpu_devices.py", "test_bench_tools.py", "test_aot_counts.py", "test_multihost.py", "test_blocks.py",
+    "test_kernels.py", "test_sample_cli.py", "test_scan_layers.py", "test_notebook.py", "test_finetune.py",
+    "test_fastpath.py", "test_model.py", "test_sft.py",
 )
 
 
