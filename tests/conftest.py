@@ -6,6 +6,8 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -157,24 +159,29 @@ def _train_shared_run(root: str) -> TrainedRun:
     return run
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
-    """The tiny trained run that tests share (`TrainedRun`), trained once per test run.
-
-    Under pytest-xdist each worker is its own process with its own session fixtures, so the run
-    lives in the directory that all workers of this test run share (the parent of each worker's
-    base temp), built by the first worker to take the lock; the others wait and reuse it. Alone,
-    pytest's base temp is this run's own (its parent holds earlier runs' directories).
-    """
+def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The directory `name` of this test run, made by `build(root)` once: under pytest-xdist
+    each worker is its own process with its own session fixtures, so it lives in the directory
+    that all workers of this test run share (the parent of each worker's base temp), built by
+    the first worker to take the lock; the others wait and reuse it. Alone, pytest's base temp
+    is this run's own (its parent holds earlier runs' directories)."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    root = shared / "gptjax-trained-run"
+    root = shared / name
     done = root / "done"
     with FileLock(str(root) + ".lock"):
         if not done.is_file():
             shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
-            _train_shared_run(str(root))
-            done.write_text("trained\n")
+            build(root)
+            done.write_text("built\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """The tiny trained run that tests share (`TrainedRun`), trained once per test run
+    (`_built_once`)."""
+    root = _built_once(tmp_path_factory, "gptjax-trained-run", lambda root: _train_shared_run(str(root)))
     return TrainedRun(corpus=os.path.join(root, "corpus", "*.txt"), workdir=str(root / "run"))
 
 
@@ -185,17 +192,13 @@ def trained_mesh_run(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathF
     and checkpoints (10, 20). For the tests that compare a mesh run with the one-device run and
     those that need checkpoints saved from a mesh; built once per test run, like `trained_run`.
     Never write into it."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    root = shared / "gptjax-trained-mesh-run"
-    done = root / "done"
-    with FileLock(str(root) + ".lock"):
-        if not done.is_file():
-            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
-            from gptjax import train
 
-            config = trained_run.config()
-            config.mesh.update(data=2, fsdp=2, tensor=2)
-            train.run(config, trained_run.tokenizer_only(root / "run"))
-            done.write_text("trained\n")
+    def train_on_a_mesh(root) -> None:
+        from gptjax import train
+
+        config = trained_run.config()
+        config.mesh.update(data=2, fsdp=2, tensor=2)
+        train.run(config, trained_run.tokenizer_only(root / "run"))
+
+    root = _built_once(tmp_path_factory, "gptjax-trained-mesh-run", train_on_a_mesh)
     return str(root / "run")
