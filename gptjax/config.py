@@ -5,32 +5,29 @@ A config file is a Python file with `get_config() -> ConfigDict` (see configs/).
 from `base_config()` and change what they need, so every field exists in every run and a typo
 on the command line is caught.
 
-Each section's schema is a frozen dataclass that holds its fields, defaults and validation
-(`schema()`: GPTConfig, TokenizerConfig, DataConfig, OptimConfig, TrainConfig, MeshConfig,
-EvalConfig);
-`base_config()` is built from those defaults. The ConfigDict is what files and the command line
-edit; `sections()` parses it once into `Sections`, and nothing after that reads the ConfigDict
-(`gptjax.run.resolve` takes the sections; `to_config` turns them back into the config.json a
-run saves). Overrides look like `--config.optim.lr=3e-4` (or `--config.optim.lr 3e-4`) and are
-converted to the type of the field they replace.
+The schema lives in `gptjax.schema` (re-exported here): each section's frozen dataclass with
+its fields, defaults and validation (`schema()`: GPTConfig, TokenizerConfig, DataConfig,
+OptimConfig, TrainConfig, MeshConfig, EvalConfig, WandbConfig), `base_config()` built from those
+defaults, and `sections()`, which parses a config once into `Sections`; nothing after that
+reads the ConfigDict (`gptjax.run.resolve` takes the sections; `to_config` turns them back into
+the config.json a run saves). This module holds what edits a ConfigDict: the config file, and
+overrides like `--config.optim.lr=3e-4` (or `--config.optim.lr 3e-4`), converted to the type of
+the field they replace; and config.json's text.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import json
 import os
-import types
 from typing import Any, Sequence
 
-import ml_collections
 
 from gptjax.errors import UserError
-from gptjax.model.config import GPTConfig
-from gptjax.schema import (  # noqa: F401  (the section classes are part of this module's API)
+from gptjax.schema import (  # noqa: F401  (the schema's classes and functions are part of this module's API)
     MODEL_VOCAB_FROM_TOKENIZER,
+    ConfigDict,
     DataConfig,
     EvalConfig,
     MeshConfig,
@@ -40,61 +37,14 @@ from gptjax.schema import (  # noqa: F401  (the section classes are part of this
     TopConfig,
     TrainConfig,
     WandbConfig,
+    base_config,
+    check_types,
+    field_names,
     parse,
+    schema,
+    sections,
+    to_config,
 )
-
-ConfigDict = ml_collections.ConfigDict
-
-
-def schema() -> dict[str, type]:
-    """The dataclass of each config section: its fields, defaults and validation."""
-    return {
-        "model": GPTConfig,
-        "tokenizer": TokenizerConfig,
-        "data": DataConfig,
-        "optim": OptimConfig,
-        "train": TrainConfig,
-        "mesh": MeshConfig,
-        "eval": EvalConfig,
-        "wandb": WandbConfig,
-    }
-
-
-def _defaults(cls: type) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
-def base_config() -> ConfigDict:
-    """Every field a run has, with its default (the built-in CPU demo), from `schema()`."""
-    c = ConfigDict(_defaults(TopConfig))
-    for name, cls in schema().items():
-        c[name] = ConfigDict(_defaults(cls))
-    c.model.vocab_size = MODEL_VOCAB_FROM_TOKENIZER
-    return c
-
-
-def sections(config: ConfigDict) -> Sections:
-    """Check `config` against the schema (unknown fields, wrong types, invalid values) and parse
-    every section once."""
-    check_types(config)
-    parsed = {name: parse(cls, config[name], name) for name, cls in schema().items() if name != "model"}
-    top = parse(TopConfig, {k: v for k, v in config.items() if not isinstance(v, ConfigDict)}, "top-level")
-    return Sections(top=top, model=types.MappingProxyType(config.model.to_dict()), **parsed)
-
-
-def to_config(s: Sections) -> ConfigDict:
-    """The ConfigDict of parsed sections: what a run saves as config.json."""
-    c = ConfigDict(dataclasses.asdict(s.top))
-    c.model = ConfigDict(dict(s.model))
-    for name in ("tokenizer", "data", "optim", "train", "mesh", "eval", "wandb"):
-        c[name] = ConfigDict(dataclasses.asdict(getattr(s, name)))
-    return c
 
 
 def load_config(path: str | None) -> ConfigDict:
@@ -176,39 +126,17 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[tuple[str, str]]) ->
         for j, part in enumerate(parents):
             if not isinstance(node, ConfigDict) or part not in node:
                 where = ".".join(parents[:j]) or "the config"
-                raise UserError(f"unknown config field {name!r}: no section {part!r} in {where} (allowed: {_keys(node)})")
+                raise UserError(f"unknown config field {name!r}: no section {part!r} in {where} (allowed: {field_names(node)})")
             node = node[part]
         if not isinstance(node, ConfigDict) or leaf not in node:
             where = ".".join(parents) or "the config"
-            raise UserError(f"unknown config field {name!r}; fields in {where}: {_keys(node)}")
+            raise UserError(f"unknown config field {name!r}; fields in {where}: {field_names(node)}")
         current = node[leaf]
         if isinstance(current, ConfigDict):
-            raise UserError(f"config field {name!r} is a section; set one of its fields: {_keys(current)}")
+            raise UserError(f"config field {name!r} is a section; set one of its fields: {field_names(current)}")
         with node.unlocked():
             node[leaf] = _convert(name, raw, current)
     return config
-
-
-def _keys(node: Any) -> str:
-    return ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else "none"
-
-
-def check_types(config: ConfigDict, reference: ConfigDict | None = None, prefix: str = "") -> None:
-    """Refuse fields a recipe added that the base config does not have, or of another type."""
-    reference = base_config() if reference is None else reference
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if key not in reference:
-            raise UserError(f"unknown config field {name!r}; allowed here: {_keys(reference)}")
-        ref = reference[key]
-        if isinstance(ref, ConfigDict):
-            if not isinstance(value, ConfigDict):
-                raise UserError(f"config field {name!r} must be a section with fields {_keys(ref)}")
-            check_types(value, ref, name + ".")
-        elif isinstance(ref, float) and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        elif type(value) is not type(ref):
-            raise UserError(f"config field {name} expects a {type(ref).__name__}, got {value!r}")
 
 
 def to_json(config: ConfigDict) -> str:

@@ -59,7 +59,7 @@ def train_loop(r: Run, out: Outputs, stop: StopRequested, stop_at: int | None) -
             bad.check(*pending, loop.saves.last_good())
         pending = (done, metrics)
         rate.count()
-        stopping = stop.stops_after(done, stop_at, loop.cadence.log(done))
+        stopping = done == stop_at or stop.agreed(at_log_step=loop.cadence.log(done))
         due = [a for a in loop.actions if a.due(done, stopping)]
         if due:
             bad.check(*pending, loop.saves.last_good())

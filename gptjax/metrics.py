@@ -2,67 +2,63 @@
 run when `wandb.enabled` (the `wandb` config section, `gptjax.schema.WandbConfig`).
 
 `open_metrics` opens them for a run that continues from a step (`gptjax.outputs` calls it once
-the starting state is known); `MetricsWriter.write` then sends each metrics line to every
-sink, and `close` closes them. Only process 0 of a pod writes. What the lines hold is the
+the starting state is known, with the files it prepared: `MetricsFiles`); `MetricsWriter.write`
+then sends each metrics line to every sink, and `close` closes them. Only process 0 of a pod
+writes. What the lines hold is the
 loop's (`gptjax.loop`); MFU's peak is `gptjax.chips.peak_flops`; the validation metrics and
 their log line are `gptjax.evaluate.bpb`'s.
 
 Weights & Biases: the W&B run holds the run's config and logs every metrics line at the run's
-step. Its id is kept in the workdir (`RunDir.wandb_run_id`), so a resumed run continues the
-same W&B run; steps a stopped attempt logged after its last checkpoint are logged again from
+step. Its id is kept in the workdir (`RunDir.wandb_run_id`, written before W&B starts), so a
+resumed run continues the same W&B run; steps a stopped attempt logged after its last checkpoint are logged again from
 the checkpoint on, and W&B, which takes each run's steps in increasing order, keeps the first
 values it was sent for a step already in the run. W&B's files go under the workdir
 (`<workdir>/wandb/`) unless WANDB_DIR says where, or the workdir is a URL (then W&B's default,
 ./wandb). Its console capture is off: the run's own output stays as it is. `wandb` is an
-optional extra (`pip install 'gptjax[wandb]'`); enabling it without the package, or a setting
-W&B refuses (no login for an online run, say), is a `UserError`: one line, exit status 2.
+optional extra (`pip install 'gptjax[wandb]'`); enabling it without the package (refused by
+`gptjax.train` before any data work, `MISSING`), or a setting W&B refuses (no login for an
+online run, say), is a `UserError`: one line, exit status 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import secrets
 import shutil
-import string
 import sys
-import tempfile
 import time
 from typing import Any, Mapping
 
-import jax
-
 from gptjax import storage
 from gptjax.errors import UserError
+from gptjax.failures import close_quietly
 from gptjax.layout import RunDir
 from gptjax.schema import WandbConfig
 
 
-def open_metrics(run_dir: RunDir, start: int, wandb_cfg: WandbConfig, config: Mapping[str, Any]) -> "MetricsWriter":
-    """The metrics sinks of the run in `run_dir`, continuing from step `start`: metrics.jsonl and
-    TensorBoard, and the W&B run of `wandb_cfg` (holding `config`) when enabled; on the other
-    processes of a pod, a writer that writes nothing.
+@dataclasses.dataclass(frozen=True)
+class MetricsFiles:
+    """Where process 0 writes a run's metrics, prepared with the run's other files
+    (`gptjax.outputs.write_run_files`): `path`, metrics.jsonl itself or, when the run directory
+    is a bucket, a local copy that is uploaded to `upload_to` (an object cannot be appended to);
+    and the id of the run's W&B run ('' without W&B)."""
 
-    First the files a continued run reads: in a bucket, metrics.jsonl copied to a local file
-    (an object cannot be appended to); the W&B run id, or a new one written before the run
-    starts, so that a retry resumes it. Then the sinks."""
-    if jax.process_index() != 0:
+    path: str
+    upload_to: str | None = None
+    wandb_run_id: str = ""
+
+
+def open_metrics(run_dir: RunDir, files: MetricsFiles | None, start: int, wandb_cfg: WandbConfig,
+                 config: Mapping[str, Any]) -> "MetricsWriter":
+    """The metrics sinks of the run in `run_dir`, continuing from step `start`: metrics.jsonl and
+    TensorBoard, and the W&B run of `wandb_cfg` (holding `config`) when enabled. `files` None
+    (a pod's other processes): a writer that writes nothing."""
+    if files is None:
         return MetricsWriter(None, run_dir.tensorboard)
-    require_package(wandb_cfg)
-    path, upload_to, run_id = run_dir.metrics, None, ""
-    if run_dir.is_url:
-        upload_to, path = path, os.path.join(tempfile.mkdtemp(prefix="gptjax-metrics-"), "metrics.jsonl")
-        if storage.exists(upload_to):
-            storage.copy_file(upload_to, path)
-    if wandb_cfg.enabled:
-        id_path = run_dir.wandb_run_id
-        run_id = storage.read_text(id_path).strip() if storage.exists(id_path) else ""
-        if not run_id:
-            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
-            storage.write_text(id_path, run_id + "\n")
-    tracker = open_wandb(wandb_cfg, run_dir, config, run_id) if wandb_cfg.enabled else None
+    tracker = open_wandb(wandb_cfg, run_dir, config, files.wandb_run_id) if wandb_cfg.enabled else None
     try:
-        return MetricsWriter(path, run_dir.tensorboard, start, tracker, upload_to)
+        return MetricsWriter(files.path, run_dir.tensorboard, start, tracker, files.upload_to)
     except BaseException:
         if tracker is not None:
             tracker.close()
@@ -136,14 +132,20 @@ class MetricsWriter:
         self.uploaded = time.monotonic()
 
     def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
-            if self.tracker is not None:
-                self.tracker.close()
-            if self.upload_to:
-                if os.path.exists(self.path):
-                    self._upload()
-                shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+        """Close every sink. One that fails is reported in one line and the others still close:
+        a TensorBoard error does not keep a bucket's metrics.jsonl from its last upload."""
+        if not self.enabled:
+            return
+        close_quietly(self.tb.close)
+        if self.tracker is not None:
+            close_quietly(self.tracker.close)
+        if self.upload_to:
+            close_quietly(self._last_upload)
+
+    def _last_upload(self) -> None:
+        if os.path.exists(self.path):
+            self._upload()
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)  # kept when the upload failed
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
@@ -193,14 +195,6 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
-
-
-def require_package(cfg: WandbConfig) -> None:
-    """Refuse an enabled W&B section where the wandb package is missing (a `UserError`)."""
-    import importlib.util
-
-    if cfg.enabled and importlib.util.find_spec("wandb") is None:
-        raise UserError(MISSING)
 
 
 def open_wandb(cfg: WandbConfig, run_dir: RunDir, config: Mapping[str, Any], run_id: str) -> WandbSink:

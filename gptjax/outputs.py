@@ -1,12 +1,13 @@
 """A training run's outputs in its run directory, opened together before the first step and
 closed together after the last (`open_outputs`), in this order:
 
-    config.json     the resolved config (`save_config`)
+    files           process 0's, before anything else (`write_run_files`): config.json (the
+                    resolved config), the W&B run id, metrics.jsonl's local copy in a bucket
     checkpoints/    a `gptjax.checkpoint.Checkpointer`, and the state the run starts from:
                     the newest readable checkpoint's, else init_from's parameters, else
                     fresh ones, created already sharded
     metrics         metrics.jsonl and TensorBoard continued from that state's step, and the
-                    W&B run when enabled (`gptjax.metrics.open_metrics`)
+                    W&B run when enabled (`gptjax.metrics.open_metrics`), closed each on its own
 
 A file that cannot be opened or written is one line naming it (`gptjax.failures.io_failure`).
 The loop waits for its last save (`gptjax.loop.Saves.wait`) before they close.
@@ -16,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import secrets
+import tempfile
 from typing import Any, Iterator
 
 import jax
@@ -25,7 +29,7 @@ from gptjax import checkpoint as ckpt
 from gptjax import storage
 from gptjax.config import to_json
 from gptjax.failures import close_quietly, io_failure
-from gptjax.metrics import MetricsWriter, open_metrics
+from gptjax.metrics import MetricsFiles, MetricsWriter, open_metrics
 from gptjax.layout import RunDir
 from gptjax.run import Run
 from gptjax.state import TrainState
@@ -47,8 +51,7 @@ def open_outputs(r: Run) -> Iterator[Outputs]:
     run_dir = r.run_dir
     assert run_dir is not None
     try:
-        if jax.process_index() == 0:
-            save_config(run_dir, r.config)
+        files = write_run_files(r)
     except OSError as e:
         raise io_failure("preparing the run", e, run_dir.root) from e
     try:
@@ -69,15 +72,40 @@ def open_outputs(r: Run) -> Iterator[Outputs]:
         else:
             state, skipped_total = r.steps.init_state(), 0
         try:
-            writer = open_metrics(run_dir, int(state.step), r.sections.wandb, r.config.to_dict())
+            writer = open_metrics(run_dir, files, int(state.step), r.sections.wandb, r.config.to_dict())
         except OSError as e:
             raise io_failure("opening the metrics", e, run_dir.metrics) from e
         try:
             yield Outputs(state, skipped_total, checkpointer, writer)
         finally:
-            close_quietly(writer.close)
+            writer.close()  # each sink on its own, a failure in one line
     finally:
         close_quietly(checkpointer.close)
+
+
+def write_run_files(r: Run) -> MetricsFiles | None:
+    """The files of run `r` that process 0 writes before the first step: config.json; the W&B
+    run id, read or else a new one written before W&B starts, so that a retry resumes the same
+    W&B run; and metrics.jsonl, copied to a local file when the run directory is a bucket (an
+    object cannot be appended to). Where the metrics go, for `open_metrics`; None on a pod's
+    other processes, which write nothing."""
+    run_dir = r.run_dir
+    assert run_dir is not None
+    if jax.process_index() != 0:
+        return None
+    save_config(run_dir, r.config)
+    run_id = ""
+    if r.sections.wandb.enabled:
+        run_id = storage.read_text(run_dir.wandb_run_id).strip() if storage.exists(run_dir.wandb_run_id) else ""
+        if not run_id:
+            run_id = secrets.token_hex(4)  # 8 hex digits: a W&B id (lowercase letters and digits)
+            storage.write_text(run_dir.wandb_run_id, run_id + "\n")
+    if not run_dir.is_url:
+        return MetricsFiles(run_dir.metrics, None, run_id)
+    path = os.path.join(tempfile.mkdtemp(prefix="gptjax-metrics-"), "metrics.jsonl")
+    if storage.exists(run_dir.metrics):
+        storage.copy_file(run_dir.metrics, path)
+    return MetricsFiles(path, run_dir.metrics, run_id)
 
 
 def save_config(run_dir: RunDir, config: Any) -> None:

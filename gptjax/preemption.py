@@ -54,11 +54,13 @@ class StopRequested:
         """From now on a first signal is a request the loop reads between steps."""
         self.armed = True
 
-    def stops_after(self, done: int, stop_at: int | None, at_log_step: bool) -> bool:
-        """Whether the run stops after step `done`: `stop_at`, or a request. A pod's hosts agree
-        on a request at log steps (a collective, `any_host`); a single process stops at once."""
-        stopping = done == stop_at or (at_log_step and any_host(self.requested))
-        return stopping or (jax.process_count() == 1 and self.requested)
+    def agreed(self, at_log_step: bool) -> bool:
+        """Whether the loop stops for a request after the step it just ran. A pod's hosts agree
+        on it at log steps (a collective, `any_host`), so that all stop after the same step; a
+        single process stops at once."""
+        if jax.process_count() == 1:
+            return self.requested
+        return at_log_step and any_host(self.requested)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:

@@ -35,7 +35,7 @@ from gptjax import checkpoint as ckpt
 from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import optim as optim_lib
-from gptjax import sharding
+from gptjax import schema, sharding
 from gptjax.checkpoint_read import read_run_config
 from gptjax.errors import UserError
 from gptjax.evaluate.multiple_choice import Item, read_items
@@ -183,7 +183,7 @@ def resolve(
     an init_from checkpoint's config.json, or else tokenizer.vocab_size (the size a tokenizer
     would be trained to).
     """
-    s = config if isinstance(config, config_lib.Sections) else config_lib.sections(config)
+    s = config if isinstance(config, schema.Sections) else schema.sections(config)
     train = s.train
     devices_note = ""
     if devices is None:

@@ -1,6 +1,8 @@
 """The schema of a run's config: one frozen dataclass per section, holding its fields, their
-defaults and their validation. `gptjax.config` builds the base config from these defaults and
-parses a config into them; the rest of gptjax reads only these dataclasses.
+defaults and their validation (`schema()`); the base config built from those defaults
+(`base_config()`); and a config checked and parsed once into them (`sections()`), and back
+(`to_config`). Loading config files and command-line overrides is `gptjax.config`'s; the rest of
+gptjax reads only these dataclasses.
 
 The model section's schema is `gptjax.model.config.GPTConfig` (beside the model it describes).
 """
@@ -9,9 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from typing import Any, Mapping, TypeVar
 
+import ml_collections
+
 from gptjax.errors import UserError
+from gptjax.model.config import GPTConfig
+
+ConfigDict = ml_collections.ConfigDict
 
 SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
 HIDDEN_OPTIMIZERS = ("adamw", "muon")  # optim.hidden
@@ -262,7 +270,7 @@ def parse(cls: type[T], fields: Mapping[str, Any], section: str) -> T:
 
 @dataclasses.dataclass(frozen=True)
 class Sections:
-    """A config parsed once (`gptjax.config.sections`): each section as its schema dataclass.
+    """A config parsed once (`sections`): each section as its schema dataclass.
 
     `model` holds the model fields as given (vocab_size 0 means "the tokenizer's"): a GPTConfig
     needs the resolved size, which `gptjax.run.resolve` works out from the tokenizer or an
@@ -279,3 +287,77 @@ class Sections:
 
 
     eval: EvalConfig = EvalConfig()
+
+
+def schema() -> dict[str, type]:
+    """The dataclass of each config section: its fields, defaults and validation."""
+    return {
+        "model": GPTConfig,
+        "tokenizer": TokenizerConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+        "mesh": MeshConfig,
+        "eval": EvalConfig,
+        "wandb": WandbConfig,
+    }
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def base_config() -> ConfigDict:
+    """Every field a run has, with its default (the built-in CPU demo), from `schema()`."""
+    c = ConfigDict(_defaults(TopConfig))
+    for name, cls in schema().items():
+        c[name] = ConfigDict(_defaults(cls))
+    c.model.vocab_size = MODEL_VOCAB_FROM_TOKENIZER
+    return c
+
+
+def sections(config: ConfigDict) -> Sections:
+    """Check `config` against the schema (unknown fields, wrong types, invalid values) and parse
+    every section once."""
+    check_types(config)
+    parsed = {name: parse(cls, config[name], name) for name, cls in schema().items() if name != "model"}
+    top = parse(TopConfig, {k: v for k, v in config.items() if not isinstance(v, ConfigDict)}, "top-level")
+    return Sections(top=top, model=types.MappingProxyType(config.model.to_dict()), **parsed)
+
+
+def to_config(s: Sections) -> ConfigDict:
+    """The ConfigDict of parsed sections: what a run saves as config.json."""
+    c = ConfigDict(dataclasses.asdict(s.top))
+    c.model = ConfigDict(dict(s.model))
+    for name in ("tokenizer", "data", "optim", "train", "mesh", "eval", "wandb"):
+        c[name] = ConfigDict(dataclasses.asdict(getattr(s, name)))
+    return c
+
+
+def field_names(node: Any) -> str:
+    """The fields of a config section, for a message ('none' for a value)."""
+    return ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else "none"
+
+
+def check_types(config: ConfigDict, reference: ConfigDict | None = None, prefix: str = "") -> None:
+    """Refuse fields a recipe added that the base config does not have, or of another type."""
+    reference = base_config() if reference is None else reference
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            raise UserError(f"unknown config field {name!r}; allowed here: {field_names(reference)}")
+        ref = reference[key]
+        if isinstance(ref, ConfigDict):
+            if not isinstance(value, ConfigDict):
+                raise UserError(f"config field {name!r} must be a section with fields {field_names(ref)}")
+            check_types(value, ref, name + ".")
+        elif isinstance(ref, float) and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        elif type(value) is not type(ref):
+            raise UserError(f"config field {name} expects a {type(ref).__name__}, got {value!r}")

@@ -23,6 +23,7 @@ the same run: the batch for step s depends only on (seed, s).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 
@@ -33,7 +34,7 @@ from gptjax import config as config_lib
 from gptjax import layout
 from gptjax import optim as optim_lib
 from gptjax import metrics, runtime, sharding
-from gptjax.errors import run_cli
+from gptjax.errors import UserError, run_cli
 from gptjax.failures import RunFailed
 from gptjax.loop import train_loop
 from gptjax.outputs import open_outputs
@@ -57,7 +58,8 @@ def run(
     saving and the result is empty. Divergence and failed writes raise `RunFailed`.
     """
     r = resolve(config, workdir, devices)
-    metrics.require_package(r.sections.wandb)  # before any data work, not at the first step
+    if r.sections.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        raise UserError(metrics.MISSING)  # before any data work, not at the first step
     if r.devices_note:
         log(r.devices_note)
     with StopRequested() as stop:

@@ -18,7 +18,7 @@ from gptjax import optim as optim_lib
 from gptjax import loop, sharding, train
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
-from gptjax.metrics import open_metrics, truncate_metrics
+from gptjax.metrics import MetricsFiles, MetricsWriter, open_metrics, truncate_metrics
 from gptjax.schema import WandbConfig
 from gptjax.model import GPTConfig
 from gptjax.preemption import StopBeforeTraining, StopRequested
@@ -155,11 +155,11 @@ def _events(path):
 
 def test_a_resumed_writer_starts_a_purging_events_file_and_appends_after_the_restored_step(tmp_path):
     run_dir = RunDir.at(str(tmp_path))
-    writer = open_metrics(run_dir, 0, WandbConfig(), {})
+    writer = open_metrics(run_dir, MetricsFiles(run_dir.metrics), 0, WandbConfig(), {})
     for s in range(1, 8):
         writer.write(s, {"loss": float(s)})
     writer.close()
-    writer = open_metrics(run_dir, 4, WandbConfig(), {})
+    writer = open_metrics(run_dir, MetricsFiles(run_dir.metrics), 4, WandbConfig(), {})
     writer.write(5, {"loss": 50.0})
     writer.close()
     assert [json.loads(l)["step"] for l in open(run_dir.metrics)] == [1, 2, 3, 4, 5]
@@ -168,6 +168,37 @@ def test_a_resumed_writer_starts_a_purging_events_file_and_appends_after_the_res
     events = _events(os.path.join(run_dir.tensorboard, files[-1]))
     purges = [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]
     assert purges == [5]
+
+
+def test_a_sink_that_fails_to_close_leaves_the_others_closed_and_uploaded(tmp_path, capsys):
+    """A failing TensorBoard close is one line; the tracker still finishes and the local copy
+    of a bucket's metrics.jsonl is still uploaded (here to a local path standing for the bucket)."""
+    closed = []
+
+    class Tracker:
+        def write(self, step, metrics):
+            pass
+
+        def close(self):
+            closed.append("tracker")
+
+    local = tmp_path / "copy" / "metrics.jsonl"
+    local.parent.mkdir()
+    uploaded = tmp_path / "bucket" / "metrics.jsonl"
+    uploaded.parent.mkdir()
+    writer = MetricsWriter(str(local), str(tmp_path / "tb"), 0, Tracker(), str(uploaded))
+
+    def broken_close():
+        raise OSError("events file gone")
+
+    writer.tb.close = broken_close
+    writer.write(1, {"loss": 1.5})
+    writer.close()
+    assert closed == ["tracker"]
+    assert [json.loads(l) for l in open(uploaded)] == [{"step": 1, "loss": 1.5}]
+    assert not local.parent.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "while closing" in err[0] and "events file gone" in err[0]
 
 
 def test_signals_before_training_raise_and_after_arming_set_the_flag():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import string
 import struct
 
 import jax
@@ -24,6 +25,8 @@ from gptjax import config as config_lib  # noqa: E402
 from gptjax import metrics, train  # noqa: E402
 from gptjax.errors import UserError  # noqa: E402
 from gptjax.layout import RunDir  # noqa: E402
+from gptjax.outputs import write_run_files  # noqa: E402
+from gptjax.run import resolve  # noqa: E402
 
 _BLOCK = 32 * 1024
 _FULL, _LAST = 1, 4
@@ -111,13 +114,24 @@ def test_offline_run_holds_config_and_every_step_across_a_resume(trained_run, tm
     assert "val_loss" in logged[10] and "val_loss" in logged[20]
 
 
-def test_only_process_zero_logs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_run_id_is_written_once_by_process_zero_and_other_processes_write_nothing(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = config_lib.base_config()
+    config.wandb.enabled = True
+    r = resolve(config, str(tmp_path / "run"), jax.devices()[:1])
+    os.makedirs(r.run_dir.root)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    cfg = config_lib.WandbConfig(enabled=True)
-    writer = metrics.open_metrics(RunDir.at(str(tmp_path)), 0, cfg, {})
+    assert write_run_files(r) is None
+    writer = metrics.open_metrics(r.run_dir, None, 0, r.sections.wandb, {})
     writer.write(1, {"loss": 1.0})
     writer.close()
-    assert writer.tracker is None and os.listdir(tmp_path) == []
+    assert writer.tracker is None and os.listdir(r.run_dir.root) == []
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    first = write_run_files(r)
+    assert first is not None and first.path == r.run_dir.metrics and first.upload_to is None
+    assert len(first.wandb_run_id) == 8 and set(first.wandb_run_id) <= set(string.ascii_lowercase + string.digits)
+    assert sorted(os.listdir(r.run_dir.root)) == ["config.json", "wandb_run_id"]
+    assert write_run_files(r).wandb_run_id == first.wandb_run_id  # a retry continues the same W&B run
 
 
 def test_bad_settings_are_one_line_and_status_2(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
