@@ -96,8 +96,8 @@ class MetricsWriter:
     from that step on. Each step then appears once.
 
     In a bucket (a gs:// workdir) an object cannot be appended to: metrics.jsonl is kept in a
-    local copy and uploaded whole every UPLOAD_EVERY_S seconds and on close; tensorboardX
-    uploads its events file whole on each flush (every 120 s, and on close).
+    local copy and this attempt's TensorBoard events file in a local directory beside it; both
+    are uploaded whole (through `gptjax.storage`) every UPLOAD_EVERY_S seconds and on close.
     """
 
     UPLOAD_EVERY_S = 60.0
@@ -106,13 +106,17 @@ class MetricsWriter:
                  upload_to: str | None = None):
         """Continue the local metrics.jsonl at `path` (None: write nothing, as on a pod's other
         processes) and TensorBoard events in `tensorboard` after step `start`; `upload_to`: the
-        bucket object `path` is a local copy of."""
+        bucket object `path` is a local copy of (the events then go to a local directory too,
+        uploaded to `tensorboard`)."""
         self.tracker, self.enabled, self.path, self.upload_to = tracker, path is not None, path, upload_to
         if path is None:
             return
         self.uploaded = time.monotonic()
         truncate_metrics(path, start)
-        self.tb = summary_writer_class()(tensorboard, purge_step=start + 1, filename_suffix=f".from-step-{start}")
+        self.tensorboard, self.local_tb = tensorboard, tensorboard
+        if upload_to:
+            self.local_tb = os.path.join(os.path.dirname(path), "tensorboard")
+        self.tb = summary_writer_class()(self.local_tb, purge_step=start + 1, filename_suffix=f".from-step-{start}")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -126,9 +130,13 @@ class MetricsWriter:
         if self.upload_to and time.monotonic() - self.uploaded >= self.UPLOAD_EVERY_S:
             self._upload()
 
-    def _upload(self) -> None:
+    def _upload(self, events_flushed: bool = False) -> None:
         assert self.upload_to is not None
         storage.copy_file(self.path, self.upload_to)
+        if not events_flushed:
+            self.tb.flush()
+        for name in sorted(os.listdir(self.local_tb)):
+            storage.copy_file(os.path.join(self.local_tb, name), storage.join(self.tensorboard, name))
         self.uploaded = time.monotonic()
 
     def close(self) -> None:
@@ -144,7 +152,7 @@ class MetricsWriter:
 
     def _last_upload(self) -> None:
         if os.path.exists(self.path):
-            self._upload()
+            self._upload(events_flushed=True)  # closed (or failed to close) already
         shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)  # kept when the upload failed
 
 

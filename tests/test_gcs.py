@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 
 import jax
 import ml_collections
@@ -277,6 +278,34 @@ def test_a_run_in_a_bucket_trains_resumes_and_samples(gcs_bucket, tmp_path):
     for got, want in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(uninterrupted.params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
     assert greedy(resumed) == greedy(uninterrupted)
+
+
+def test_a_bucket_runs_metrics_and_events_are_written_locally_and_uploaded_through_storage(gcs_bucket, monkeypatch):
+    """tensorboardX's own bucket writer is never used (it uploads again when collected at exit,
+    retrying for minutes where the bucket is out of reach): the events file is written locally
+    and uploaded with metrics.jsonl, and the local copies are removed on close."""
+    from tensorboardX import record_writer
+
+    from gptjax.metrics import MetricsWriter
+    from test_reliability import _events
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensorboardX wrote to the bucket itself")
+
+    monkeypatch.setattr(record_writer.GCSRecordWriter, "__init__", refuse)
+    run = RunDir.at(f"gs://{gcs_bucket}/runs/events")
+    local = os.path.join(tempfile.mkdtemp(prefix="gptjax-metrics-"), "metrics.jsonl")
+    writer = MetricsWriter(local, run.tensorboard, 0, None, run.metrics)
+    for step in (1, 2):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    assert [json.loads(line)["step"] for line in epath.Path(run.metrics).read_text().splitlines()] == [1, 2]
+    (events,) = epath.Path(run.tensorboard).glob("events.out.tfevents.*")
+    copy = os.path.join(tempfile.mkdtemp(), "events")
+    storage.copy_file(str(events), copy)
+    scalars = [(e.step, v.tag, v.simple_value) for e in _events(copy) for v in e.summary.value]
+    assert scalars == [(1, "loss", 1.0), (2, "loss", 2.0)]
+    assert not os.path.exists(os.path.dirname(local))
 
 
 def test_a_damaged_checkpoint_in_a_bucket_is_set_aside_and_the_previous_used(gcs_bucket, tmp_path, monkeypatch,

@@ -171,8 +171,9 @@ def test_a_resumed_writer_starts_a_purging_events_file_and_appends_after_the_res
 
 
 def test_a_sink_that_fails_to_close_leaves_the_others_closed_and_uploaded(tmp_path, capsys):
-    """A failing TensorBoard close is one line; the tracker still finishes and the local copy
-    of a bucket's metrics.jsonl is still uploaded (here to a local path standing for the bucket)."""
+    """A failing TensorBoard close is one line; the tracker still finishes and the local copies
+    of a bucket's metrics.jsonl and events are still uploaded (here to a local directory standing
+    for the bucket)."""
     closed = []
 
     class Tracker:
@@ -186,7 +187,8 @@ def test_a_sink_that_fails_to_close_leaves_the_others_closed_and_uploaded(tmp_pa
     local.parent.mkdir()
     uploaded = tmp_path / "bucket" / "metrics.jsonl"
     uploaded.parent.mkdir()
-    writer = MetricsWriter(str(local), str(tmp_path / "tb"), 0, Tracker(), str(uploaded))
+    (tmp_path / "bucket" / "tb").mkdir()
+    writer = MetricsWriter(str(local), str(tmp_path / "bucket" / "tb"), 0, Tracker(), str(uploaded))
 
     def broken_close():
         raise OSError("events file gone")
@@ -196,6 +198,7 @@ def test_a_sink_that_fails_to_close_leaves_the_others_closed_and_uploaded(tmp_pa
     writer.close()
     assert closed == ["tracker"]
     assert [json.loads(l) for l in open(uploaded)] == [{"step": 1, "loss": 1.5}]
+    assert len(os.listdir(tmp_path / "bucket" / "tb")) == 1  # this attempt's events file, uploaded too
     assert not local.parent.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "while closing" in err[0] and "events file gone" in err[0]
