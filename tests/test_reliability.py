@@ -153,6 +153,23 @@ def _events(path):
     return out
 
 
+def test_a_failed_replace_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from gptjax import storage
+
+    path = tmp_path / "config.json"
+    storage.write_text(str(path), "old")
+    storage.write_text(str(path), "new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["config.json"]
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_text(str(path), "newer")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["config.json"]
+
+
 def test_a_resumed_writer_starts_a_purging_events_file_and_appends_after_the_restored_step(tmp_path):
     run_dir = RunDir.at(str(tmp_path))
     writer = open_metrics(run_dir, MetricsFiles(run_dir.metrics), 0, WandbConfig(), {})
