@@ -123,7 +123,9 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[Any], jax.Arr
 
 def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps: int) -> Optimizer:
     """The optimizer for `params` (arrays, ShapeDtypeStructs or boxed; only paths matter)."""
-    cfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else parse(OptimConfig, optim_cfg, "optim")
+    cfg = optim_cfg
+    if not isinstance(cfg, OptimConfig):
+        cfg = parse(OptimConfig, optim_cfg, "optim")
     total_steps = int(total_steps)
     if total_steps < 1:
         raise UserError(f"the number of training steps must be >= 1, got {total_steps}")

@@ -175,7 +175,7 @@ class Run:
 def resolve(
     config: config_lib.ConfigDict | config_lib.Sections, workdir: str | None = None, devices: Sequence[jax.Device] | None = None
 ) -> Run:
-    """Check `config` (a ConfigDict, or one already parsed by `config.sections`) and resolve the
+    """Check `config` (a ConfigDict, or one already parsed by `schema.sections`) and resolve the
     run in `workdir` on `devices` (default: `sharding.default_devices`, all of them unless the
     CLI arranged one CPU device per core); write nothing.
 
@@ -183,7 +183,9 @@ def resolve(
     an init_from checkpoint's config.json, or else tokenizer.vocab_size (the size a tokenizer
     would be trained to).
     """
-    s = config if isinstance(config, schema.Sections) else schema.sections(config)
+    s = config
+    if not isinstance(s, schema.Sections):
+        s = schema.sections(config)
     train = s.train
     devices_note = ""
     if devices is None:
