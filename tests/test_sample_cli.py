@@ -4,6 +4,7 @@ import inspect
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -310,3 +311,15 @@ def test_the_plugin_scan_sees_only_jax_distributions_while_jax_is_imported(monke
     # Choosing them read no other distribution's files: only the shown ones' metadata was read.
     assert read and all(path.startswith("jax") for path, _ in read), read
     assert importlib.metadata.distributions is every
+
+
+def test_a_reader_that_stops_reading_ends_a_cli_quietly():
+    """`python -m gptjax.sample ... | head`: no traceback when head exits (run_cli, as every CLI uses)."""
+    code = ("from gptjax.errors import run_cli\n"
+            "def body():\n"
+            "    for i in range(200000):\n"
+            "        print('line', i)\n"
+            "run_cli(body)\n")
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} | head -1; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (proc.stdout, proc.stderr, proc.returncode) == ("line 0\n", "", 1)
