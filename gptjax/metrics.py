@@ -4,20 +4,19 @@ run when `wandb.enabled` (the `wandb` config section, `gptjax.schema.WandbConfig
 `open_metrics` opens them for a run that continues from a step (`gptjax.outputs` calls it once
 the starting state is known, with the files it prepared: `MetricsFiles`); `MetricsWriter.write`
 then sends each metrics line to every sink, and `close` closes them. Only process 0 of a pod
-writes. What the lines hold is the
-loop's (`gptjax.loop`); MFU's peak is `gptjax.chips.peak_flops`; the validation metrics and
-their log line are `gptjax.evaluate.bpb`'s.
+writes. What the lines hold is the loop's (`gptjax.loop`); MFU's peak is
+`gptjax.chips.peak_flops`; the validation metrics and their log line are `gptjax.evaluate.bpb`'s.
 
 Weights & Biases: the W&B run holds the run's config and logs every metrics line at the run's
 step. Its id is kept in the workdir (`RunDir.wandb_run_id`, written before W&B starts), so a
-resumed run continues the same W&B run; steps a stopped attempt logged after its last checkpoint are logged again from
-the checkpoint on, and W&B, which takes each run's steps in increasing order, keeps the first
-values it was sent for a step already in the run. W&B's files go under the workdir
-(`<workdir>/wandb/`) unless WANDB_DIR says where, or the workdir is a URL (then W&B's default,
-./wandb). Its console capture is off: the run's own output stays as it is. `wandb` is an
-optional extra (`pip install 'gptjax[wandb]'`); enabling it without the package (refused by
-`gptjax.train` before any data work, `MISSING`), or a setting W&B refuses (no login for an
-online run, say), is a `UserError`: one line, exit status 2.
+resumed run continues the same W&B run; steps a stopped attempt logged after its last
+checkpoint are logged again from the checkpoint on, and W&B, which takes each run's steps in
+increasing order, keeps the first values it was sent for a step already in the run. W&B's files
+go under the workdir (`<workdir>/wandb/`) unless WANDB_DIR says where, or the workdir is a URL
+(then W&B's default, ./wandb). Its console capture is off: the run's own output stays as it is.
+`wandb` is an optional extra (`pip install 'gptjax[wandb]'`); enabling it without the package
+(refused by `gptjax.train` before any data work: `MISSING`), or a setting W&B refuses (no login
+for an online run, say), is a `UserError`: one line, exit status 2.
 """
 
 from __future__ import annotations
