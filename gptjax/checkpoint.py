@@ -26,7 +26,6 @@ resolved config of the run (see `gptjax.run`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import posixpath
 from typing import Any, Callable, Iterator
 
@@ -36,7 +35,6 @@ import orbax.checkpoint as ocp
 from gptjax import storage
 from gptjax.errors import UserError
 from gptjax.layout import RunDir
-from gptjax.model.config import GPTConfig
 from gptjax.runtime import log
 
 ITEMS = ("params", "opt_state", "data")
@@ -194,16 +192,3 @@ def restore_params(run_dir: RunDir, step: int | None, device: jax.Device | None 
     finally:
         manager.close()
 
-
-# The model fields that fix the parameter tree (names and shapes).
-SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "n_mlp", "block_size",
-                "position", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "bias", "vocab_multiple")
-
-
-def model_shape(model: Any) -> dict[str, Any]:
-    """The fields of a model config (a GPTConfig or config.model) that fix parameter shapes; a
-    saved config without one of them (a run from before it existed) has its default."""
-    if not hasattr(model, "keys"):
-        return {k: getattr(model, k) for k in SHAPE_FIELDS}
-    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
-    return {k: model[k] if k in model else defaults[k] for k in SHAPE_FIELDS}

@@ -56,6 +56,7 @@ import optax
 
 from gptjax import muon as muon_lib
 from gptjax.errors import UserError
+from gptjax.layout import RunDir
 from gptjax.schema import OptimConfig, parse
 
 FROZEN = "frozen"
@@ -121,11 +122,8 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[Any], jax.Arr
     return schedule
 
 
-def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps: int) -> Optimizer:
+def make_optimizer(cfg: OptimConfig, params: Any, total_steps: int) -> Optimizer:
     """The optimizer for `params` (arrays, ShapeDtypeStructs or boxed; only paths matter)."""
-    cfg = optim_cfg
-    if not isinstance(cfg, OptimConfig):
-        cfg = parse(OptimConfig, optim_cfg, "optim")
     total_steps = int(total_steps)
     if total_steps < 1:
         raise UserError(f"the number of training steps must be >= 1, got {total_steps}")
@@ -169,6 +167,28 @@ def make_optimizer(optim_cfg: Mapping[str, Any] | Any, params: Any, total_steps:
         chain.append(optax.clip_by_global_norm(cfg.grad_clip))
     chain.append(optax.partition(transforms, labels))
     return Optimizer(optax.chain(*chain), labels, schedule, cfg, total_steps, tuple(rows))
+
+
+def check_same_state(optimizer: Optimizer, params: Any, saved: Mapping[str, Any], run_dir: RunDir) -> None:
+    """The state `optimizer` keeps has the structure of the one the run's checkpoints were saved
+    with (`saved`: the config saved in `run_dir`; `params`: the boxed parameter shapes). A changed rule (layer_decay, freeze, lr_rules, ...) changes it; without this check
+    every checkpoint would fail to restore and be set aside as unreadable."""
+    try:
+        before = make_optimizer(parse(OptimConfig, saved["optim"], "optim"), params, saved["train"]["steps"])
+    except UserError:  # settings this version no longer takes: the restore itself will tell
+        return
+
+    def layout(o: Optimizer) -> tuple[Any, list[tuple[Any, Any]]]:
+        state = jax.eval_shape(o.tx.init, nn.meta.unbox(params))
+        return jax.tree_util.tree_structure(state), [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state)]
+
+    if layout(optimizer) != layout(before):
+        now, then = dataclasses.asdict(optimizer.config), dataclasses.asdict(before.config)
+        diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+        raise UserError(
+            f"workdir {run_dir.root!r} holds checkpoints whose optimizer state has another structure than these "
+            f"optim settings give (field: (saved, requested) = {diff}); resume with the saved settings "
+            f"({run_dir.config}) or use a new --workdir")
 
 
 def format_param_table(params: Any, optimizer: Optimizer) -> str:

@@ -61,7 +61,7 @@ def open_outputs(r: Run) -> Iterator[Outputs]:
     try:
         # The state the run starts from: the newest readable checkpoint's, else init_from's
         # parameters, else fresh ones.
-        target = r.steps.layout.abstract_state()
+        target = r.steps.layout.abstract_state
         restored = checkpointer.restore_latest(target.params, target.opt_state)
         if restored is not None:
             params, opt_state, data = restored

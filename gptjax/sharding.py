@@ -176,6 +176,25 @@ def make_mesh(sizes: MeshConfig | Mapping[str, int], devices: Sequence[jax.Devic
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
+def run_mesh(mesh: MeshConfig, micro_batch: int, devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, str]:
+    """A run's mesh on `devices` (default: `default_devices`) and the line saying how they were
+    chosen ('' if nothing to say). Each micro-batch must split evenly over the mesh's data axes
+    and over the hosts."""
+    note = ""
+    if devices is None:
+        devices, note = default_devices(mesh, micro_batch)
+    made = make_mesh(mesh, devices)
+    dp = data_parallel_size(made)
+    if micro_batch % dp:
+        raise UserError(
+            f"the micro-batch (train.batch_size / train.grad_accum = {micro_batch}) must be divisible by the "
+            f"data-parallel size data*fsdp = {dp}"
+        )
+    if micro_batch % jax.process_count():
+        raise UserError(f"the micro-batch {micro_batch} must be divisible by the number of hosts {jax.process_count()}")
+    return made, note
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 

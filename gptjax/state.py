@@ -72,6 +72,7 @@ class Layout:
     abstract_params: Any  # ShapeDtypeStructs, unboxed
     abstract_opt_state: Any
     state: TrainState  # the sharding of each array of the state
+    abstract_state: TrainState  # the state as ShapeDtypeStructs with their shardings (for restore and lowering)
     batch: NamedSharding  # a train batch [accum, micro-batch, seq]
     eval_batch: NamedSharding  # an eval batch [rows, seq]
 
@@ -86,14 +87,6 @@ class Layout:
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(sharding.RULES))
         return stack
-
-    def abstract_state(self) -> TrainState:
-        """The train state as ShapeDtypeStructs with their shardings (for restore and lowering)."""
-        return TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.state.step),
-            params=abstract(self.abstract_params, self.state.params),
-            opt_state=abstract(self.abstract_opt_state, self.state.opt_state),
-        )
 
     def abstract_batch(self, batch_size: int, seq_len: int, accum: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch as ShapeDtypeStructs: [grad_accum, batch_size / grad_accum, seq_len]
@@ -128,12 +121,18 @@ def make_layout(gpt: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, gr
     abstract_params = nn.meta.unbox(boxed)
     abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
     opt_shardings = sharding.match_by_path(abstract_opt_state, abstract_params, param_shardings, sharding.replicated(mesh))
+    shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
     return Layout(
         mesh=mesh,
         grad_accum=grad_accum,
         abstract_params=abstract_params,
         abstract_opt_state=abstract_opt_state,
-        state=TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings),
+        state=shardings,
+        abstract_state=TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+            params=abstract(abstract_params, param_shardings),
+            opt_state=abstract(abstract_opt_state, opt_shardings),
+        ),
         batch=sharding.batch_sharding(mesh, ndim=3),
         eval_batch=sharding.batch_sharding(mesh, ndim=2),
     )

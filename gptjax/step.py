@@ -205,7 +205,7 @@ class Steps:
     def lower_train_step(self, batch_size: int, seq_len: int) -> jax.stages.Lowered:
         """The train step lowered from abstract inputs (`.compile()` it for the mesh's devices)."""
         with self.layout.context():
-            return self.train_jit.lower(self.layout.abstract_state(), self.layout.abstract_batch(batch_size, seq_len))
+            return self.train_jit.lower(self.layout.abstract_state, self.layout.abstract_batch(batch_size, seq_len))
 
     def lower_eval_step(self, batch_size: int, seq_len: int) -> jax.stages.Lowered:
         """The eval step lowered from abstract inputs."""
@@ -222,6 +222,7 @@ def build_steps(
 
     `seed` draws the initial parameters and (plus one) the dropout keys; `nonfinite_guard` is
     off only to measure its cost (`tools/bench_train.py --guard_ab`)."""
+    options = train_compiler_options(mesh, gpt)
     layout = make_layout(gpt, optimizer.tx, mesh, grad_accum)
     rep = sharding.replicated(mesh)
     train = functools.partial(
@@ -238,7 +239,7 @@ def build_steps(
             in_shardings=(layout.state, layout.batch),
             out_shardings=(layout.state, rep),
             donate_argnums=(0,),
-            compiler_options=train_compiler_options(mesh, gpt),
+            compiler_options=options,
         ),
         eval_jit=jax.jit(
             functools.partial(eval_step, gpt=gpt), in_shardings=(layout.params, layout.eval_batch), out_shardings=(rep, rep)

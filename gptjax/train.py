@@ -7,7 +7,7 @@ The stages, in order:
 
     resolve   config -> `gptjax.run.Run`: typed sections, mesh, model, optimizer, abstract
               train state and shardings, the jitted steps (`gptjax.step`); nothing written
-    prepare   `Run.prepare`: the workdir, init_from's weights, the eval tasks' files, the
+    prepare   `gptjax.prepare`: the workdir, init_from's weights, the eval tasks' files, the
               tokenizer and the data
     state     `gptjax.outputs.open_outputs`: config.json, the checkpoints and the metrics
               opened, and the state the run starts from: the newest readable checkpoint,
@@ -38,6 +38,7 @@ from gptjax.errors import UserError, run_cli
 from gptjax.failures import RunFailed
 from gptjax.loop import train_loop
 from gptjax.outputs import open_outputs
+from gptjax.prepare import prepare
 from gptjax.preemption import StopBeforeTraining, StopRequested
 from gptjax.run import Run, resolve
 from gptjax.runtime import log
@@ -64,7 +65,7 @@ def run(
         log(r.devices_note)
     with StopRequested() as stop:
         try:
-            r = r.prepare()
+            r = prepare(r)
             with open_outputs(r) as out:
                 if jax.process_index() == 0:  # stdout, like the summary at the end; stderr is for progress and errors
                     start = f"resuming from step {int(out.state.step)}" if r.resuming else "a new run"
@@ -96,7 +97,7 @@ def _report_resume_point(r: Run) -> None:
     assert r.run_dir is not None
     checkpointer = ckpt.Checkpointer(r.run_dir, keep=r.train.keep_checkpoints)
     try:
-        target = r.steps.layout.abstract_state()
+        target = r.steps.layout.abstract_state
         restored = checkpointer.restore_latest(target.params, target.opt_state, set_aside=False)
     finally:
         checkpointer.close()

@@ -6,7 +6,7 @@ import pytest
 
 from gptjax import config as C
 from gptjax.errors import UserError
-from gptjax.run import model_config
+from gptjax.run_model import model_config
 
 
 def test_overrides_are_converted_to_the_field_type():

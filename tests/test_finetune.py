@@ -195,7 +195,7 @@ def test_train_last_blocks_freezes_the_rest_in_the_checkpoint(hf_dir: str, tuned
     before, after = _flat(before), _flat(after)
     assert sorted(before) == sorted(after)
     saved = checkpoint_read.read_run_config(RunDir.at(workdir))  # the model shape is the import's
-    rows = optim.make_optimizer(saved.optim, param_shapes(GPTConfig.from_config(saved.model)), 4).describe()
+    rows = optim.make_optimizer(config_lib.sections(saved).optim, param_shapes(GPTConfig.from_config(saved.model)), 4).describe()
     trainable = {r.path for r in rows if r.trainable}
     assert trainable == {p for p in before if p.startswith(("h_1/", "ln_f/"))}  # the top block and the final LayerNorm
     for path in before:
@@ -247,7 +247,7 @@ def test_prompt_tokens_contribute_no_gradient(hf_dir: str, pairs: str, tmp_path)
 
     # The same through the trainer's jitted step: loss, gradient norm and the updated weights.
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-    steps = step.build_steps(gpt, optim.make_optimizer(c.optim, params, 1), mesh, seed=0)
+    steps = step.build_steps(gpt, optim.make_optimizer(config_lib.sections(c).optim, params, 1), mesh, seed=0)
     results = []
     for b in (batch, prompt_changed, completion_changed):
         state, metrics = steps.train_step(steps.state_from_params(params), b)

@@ -19,10 +19,17 @@ from gptjax import checkpoint as ckpt
 from gptjax import muon as muon_lib
 from gptjax import optim, sharding
 from gptjax.errors import UserError
+from gptjax.schema import OptimConfig, parse
 from gptjax.layout import RunDir
 from gptjax.model import GPTConfig
 from gptjax.state import TrainState, init_boxed_params, param_shapes
 from gptjax.step import build_steps
+
+
+def make_optimizer(cfg: Any, params: Any, total_steps: int) -> optim.Optimizer:
+    """`optim.make_optimizer` of an optim section given as a dict, parsed as a run parses it."""
+    return optim.make_optimizer(parse(OptimConfig, cfg, "optim"), params, total_steps)
+
 
 CFG = GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16)
 MUON = dict(hidden="muon", lr=1e-2, muon_lr=0.05, muon_momentum=0.9, muon_weight_decay=0.1, schedule="constant",
@@ -75,7 +82,7 @@ def reference(params: Any) -> optax.GradientTransformation:
 
 def test_muon_steps_match_optax_and_the_table_names_the_optimizer(params: Any) -> None:
     boxed = param_shapes(CFG, boxed=True)
-    opt = optim.make_optimizer(MUON, boxed, 100)
+    opt = make_optimizer(MUON, boxed, 100)
     ours, theirs = run(opt.tx, params), run(reference(params), params)
     for a, b in zip(ours, theirs):
         flat_a = {optim._path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(a)[0]}
@@ -101,7 +108,7 @@ def test_the_kernels_of_the_modern_blocks_are_matrices_by_their_axis_names() -> 
     and how it reads each kernel; the untied head, embeddings and norms stay AdamW's."""
     cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, block_size=16, position="rope",
                     norm="rmsnorm", mlp="swiglu", tie_embeddings=False, bias=False)
-    opt = optim.make_optimizer({**MUON, "no_decay": "*ln_*,ln_f/*,wte/*,lm_head/*"}, param_shapes(cfg, boxed=True), 10)
+    opt = make_optimizer({**MUON, "no_decay": "*ln_*,ln_f/*,wte/*,lm_head/*"}, param_shapes(cfg, boxed=True), 10)
     muon_rows = {r.path: r.shape for r in opt.describe() if r.optimizer == "muon"}
     blocks = ["attn/q_proj", "attn/kv_proj", "attn/c_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"]
     assert sorted(muon_rows) == sorted(f"h_0/{m}/kernel" for m in blocks)
@@ -118,8 +125,8 @@ def test_freeze_and_lr_rules_apply_to_muon(params: Any, xla_default_fusion_emitt
     # c_proj's update is compared across two programs (one with a frozen kernel) to a few ulps,
     # which Newton-Schulz's iterations amplify: as XLA compiles it by default (conftest).
     boxed = param_shapes(CFG, boxed=True)
-    base = run(optim.make_optimizer(MUON, boxed, 100).tx, params, steps=1)[0]
-    opt = optim.make_optimizer({**MUON, "freeze": "h_0/attn/c_attn", "lr_rules": "h_0/mlp/*=0.5"}, boxed, 100)
+    base = run(make_optimizer(MUON, boxed, 100).tx, params, steps=1)[0]
+    opt = make_optimizer({**MUON, "freeze": "h_0/attn/c_attn", "lr_rules": "h_0/mlp/*=0.5"}, boxed, 100)
     ruled = run(opt.tx, params, steps=1)[0]
     assert not np.any(ruled["h_0"]["attn"]["c_attn"]["kernel"])
     np.testing.assert_allclose(ruled["h_0"]["mlp"]["c_fc"]["kernel"], 0.5 * base["h_0"]["mlp"]["c_fc"]["kernel"], rtol=1e-6)
@@ -136,18 +143,18 @@ def test_freeze_and_lr_rules_apply_to_muon(params: Any, xla_default_fusion_emitt
 ])
 def test_bad_muon_settings_are_one_line(params: Any, field: str, value: Any, message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
-        optim.make_optimizer({**MUON, field: value}, params, 100)
+        make_optimizer({**MUON, field: value}, params, 100)
 
 
 def test_muon_needs_the_axis_names_of_a_multi_axis_kernel(params: Any) -> None:
     with pytest.raises(ValueError, match="logical axis names"):
-        optim.make_optimizer(MUON, params, 100)  # unboxed: c_attn's four axes have no names
+        make_optimizer(MUON, params, 100)  # unboxed: c_attn's four axes have no names
 
 
 def test_muon_state_checkpoints_and_resumes_bit_for_bit(tmp_path) -> None:
     """Two steps, a checkpoint, two more; against the same two steps from the restored checkpoint,
     on a two-device fsdp mesh (Muon's momentum is sharded like its parameter)."""
-    opt = optim.make_optimizer({**MUON, "schedule": "cosine", "warmup_steps": 1}, param_shapes(CFG, boxed=True), 4)
+    opt = make_optimizer({**MUON, "schedule": "cosine", "warmup_steps": 1}, param_shapes(CFG, boxed=True), 4)
     steps = build_steps(CFG, opt, sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2]), seed=0)
     rng = np.random.default_rng(0)
     batches = []
@@ -163,7 +170,7 @@ def test_muon_state_checkpoints_and_resumes_bit_for_bit(tmp_path) -> None:
         state, _ = steps.train_step(state, b)
     straight = [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
 
-    target = steps.layout.abstract_state()
+    target = steps.layout.abstract_state
     params, opt_state, data = checkpointer.restore_latest(target.params, target.opt_state)
     checkpointer.close()
     assert data["step"] == 2

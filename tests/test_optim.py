@@ -16,8 +16,15 @@ import pytest
 
 from gptjax import optim
 from gptjax.errors import UserError
+from gptjax.schema import OptimConfig, parse
 from gptjax.model import GPTConfig
 from gptjax.state import init_boxed_params
+
+
+def make_optimizer(cfg: Any, params: Any, total_steps: int) -> optim.Optimizer:
+    """`optim.make_optimizer` of an optim section given as a dict, parsed as a run parses it."""
+    return optim.make_optimizer(parse(OptimConfig, cfg, "optim"), params, total_steps)
+
 
 CFG = GPTConfig(vocab_size=96, n_layer=3, n_head=2, n_embd=16, block_size=16)
 # Plain updates: constant lr from step 0, no clipping, no weight decay unless a test sets it.
@@ -62,7 +69,7 @@ def first_update(opt: optim.Optimizer, params: Any, grads: Any) -> dict[str, np.
 
 
 def test_freeze_keeps_params_exact_and_allocates_no_state(params: Any) -> None:
-    opt = optim.make_optimizer({"freeze": "h_0,wte", "lr": 1e-2, "warmup_steps": 0}, params, 100)
+    opt = make_optimizer({"freeze": "h_0,wte", "lr": 1e-2, "warmup_steps": 0}, params, 100)
     new, state = run_steps(opt, params, [random_grads(params, s) for s in range(3)])
     before, after = flat(params), flat(new)
     frozen = {k for k in before if k.startswith(("h_0/", "wte/"))}
@@ -80,7 +87,7 @@ def test_freeze_keeps_params_exact_and_allocates_no_state(params: Any) -> None:
 
 
 def test_frozen_grads_do_not_count_in_the_clip_norm(params: Any) -> None:
-    opt = optim.make_optimizer({**PLAIN, "freeze": "wte", "grad_clip": 1e-3}, params, 100)
+    opt = make_optimizer({**PLAIN, "freeze": "wte", "grad_clip": 1e-3}, params, 100)
     grads = random_grads(params, 0)
     huge = dict(grads, wte={"embedding": jnp.full_like(grads["wte"]["embedding"], 1e6)})
     a, b = first_update(opt, params, grads), first_update(opt, params, huge)
@@ -90,20 +97,20 @@ def test_frozen_grads_do_not_count_in_the_clip_norm(params: Any) -> None:
 
 
 def test_train_last_blocks_and_train_only(params: Any) -> None:
-    opt = optim.make_optimizer({"train_last_blocks": 1}, params, 100)
+    opt = make_optimizer({"train_last_blocks": 1}, params, 100)
     expected = {k for k in flat(params) if k.startswith(("h_2/", "ln_f/"))}
     assert {r.path for r in opt.describe() if r.trainable} == expected
-    opt = optim.make_optimizer({"train_only": "ln_f/.*,wte/*"}, params, 100)
+    opt = make_optimizer({"train_only": "ln_f/.*,wte/*"}, params, 100)
     assert {r.path for r in opt.describe() if r.trainable} == {"ln_f/scale", "ln_f/bias", "wte/embedding"}
     # The union of both, minus `freeze`.
-    opt = optim.make_optimizer({"train_only": "wte", "train_last_blocks": 1, "freeze": "h_2/mlp"}, params, 100)
+    opt = make_optimizer({"train_only": "wte", "train_last_blocks": 1, "freeze": "h_2/mlp"}, params, 100)
     trainable = {r.path for r in opt.describe() if r.trainable}
     assert "wte/embedding" in trainable and "h_2/attn/c_attn/kernel" in trainable and "ln_f/bias" in trainable
     assert "h_2/mlp/c_fc/kernel" not in trainable and "h_1/attn/c_attn/kernel" not in trainable
 
 
 def test_full_fine_tuning_at_a_small_lr(params: Any) -> None:
-    opt = optim.make_optimizer({"lr": 1e-5, "warmup_steps": 0}, params, 100)
+    opt = make_optimizer({"lr": 1e-5, "warmup_steps": 0}, params, 100)
     assert all(r.trainable and r.lr_mult == 1.0 for r in opt.describe())
     assert opt.lr_at(0) == pytest.approx(1e-5)
 
@@ -113,7 +120,7 @@ def test_full_fine_tuning_at_a_small_lr(params: Any) -> None:
 
 def test_layer_decay_scales_each_block(params: Any) -> None:
     decay, n = 0.7, CFG.n_layer
-    opt = optim.make_optimizer({**PLAIN, "layer_decay": decay}, params, 100)
+    opt = make_optimizer({**PLAIN, "layer_decay": decay}, params, 100)
     # Adam's first step with all-ones gradients moves every parameter by lr * multiplier.
     up = first_update(opt, params, jax.tree.map(jnp.ones_like, params))
     size = {k: float(np.abs(v).mean()) for k, v in up.items()}
@@ -130,7 +137,7 @@ def test_layer_decay_scales_each_block(params: Any) -> None:
 
 def test_lr_rules_multiply(params: Any) -> None:
     cfg = {**PLAIN, "lr_rules": "wte=0.1, h_1/*=0.5, */c_fc/*=4", "layer_decay": 0.5}
-    opt = optim.make_optimizer(cfg, params, 100)
+    opt = make_optimizer(cfg, params, 100)
     mult = {r.path: r.lr_mult for r in opt.describe()}
     assert mult["wte/embedding"] == pytest.approx(0.1 * 0.5**3)
     assert mult["h_1/attn/c_proj/kernel"] == pytest.approx(0.5 * 0.5)
@@ -143,7 +150,7 @@ def test_lr_rules_multiply(params: Any) -> None:
 
 
 def test_zero_multiplier_freezes(params: Any) -> None:
-    opt = optim.make_optimizer({"lr_rules": "h_1=0"}, params, 100)
+    opt = make_optimizer({"lr_rules": "h_1=0"}, params, 100)
     assert {r.path for r in opt.describe() if not r.trainable} == {k for k in flat(params) if k.startswith("h_1/")}
 
 
@@ -152,7 +159,7 @@ def test_zero_multiplier_freezes(params: Any) -> None:
 
 def test_no_decay_params_do_not_shrink(params: Any) -> None:
     lr, wd = 0.1, 0.5
-    opt = optim.make_optimizer({**PLAIN, "lr": lr, "weight_decay": wd}, params, 100)
+    opt = make_optimizer({**PLAIN, "lr": lr, "weight_decay": wd}, params, 100)
     new, _ = run_steps(opt, params, [jax.tree.map(jnp.zeros_like, params)] * 2)
     before, after = flat(params), flat(new)
     decayed = {r.path for r in opt.describe() if r.weight_decay}
@@ -163,11 +170,11 @@ def test_no_decay_params_do_not_shrink(params: Any) -> None:
 
 
 def test_custom_no_decay_and_zero_weight_decay(params: Any) -> None:
-    opt = optim.make_optimizer({"no_decay": "*bias,*ln_*,ln_f,*/c_proj/*"}, params, 100)
+    opt = make_optimizer({"no_decay": "*bias,*ln_*,ln_f,*/c_proj/*"}, params, 100)
     decayed = {r.path for r in opt.describe() if r.weight_decay}
     assert "wte/embedding" in decayed and "h_0/attn/c_attn/kernel" in decayed
     assert "h_0/mlp/c_proj/kernel" not in decayed
-    opt = optim.make_optimizer({"weight_decay": 0.0}, params, 100)
+    opt = make_optimizer({"weight_decay": 0.0}, params, 100)
     assert not any(r.weight_decay for r in opt.describe())
 
 
@@ -194,7 +201,7 @@ def test_schedule_warmup_and_decay() -> None:
 
 
 def test_optimizer_steps_follow_the_schedule(params: Any) -> None:
-    opt = optim.make_optimizer({**PLAIN, "schedule": "linear", "warmup_steps": 2, "layer_decay": 0.5}, params, 6)
+    opt = make_optimizer({**PLAIN, "schedule": "linear", "warmup_steps": 2, "layer_decay": 0.5}, params, 6)
     ones = jax.tree.map(jnp.ones_like, params)
     state, update = opt.tx.init(params), jax.jit(opt.tx.update)
     for step in range(6):
@@ -209,11 +216,11 @@ def test_optimizer_steps_follow_the_schedule(params: Any) -> None:
 
 def test_abstract_and_boxed_trees(params: Any) -> None:
     cfg = {"freeze": "h_0", "layer_decay": 0.8}
-    concrete = optim.make_optimizer(cfg, params, 100)
+    concrete = make_optimizer(cfg, params, 100)
     boxed_abstract = jax.eval_shape(boxed_init, jax.random.PRNGKey(0))
     assert isinstance(boxed_abstract["wte"]["embedding"], nn.Partitioned)
     for tree in (boxed_abstract, nn.meta.unbox(boxed_abstract)):
-        opt = optim.make_optimizer(cfg, tree, 100)
+        opt = make_optimizer(cfg, tree, 100)
         assert opt.labels == concrete.labels and opt.describe() == concrete.describe()
     abstract_state = jax.eval_shape(opt.tx.init, nn.meta.unbox(boxed_abstract))
     state = concrete.tx.init(params)
@@ -226,7 +233,7 @@ def test_abstract_and_boxed_trees(params: Any) -> None:
 
 
 def test_param_table(params: Any) -> None:
-    opt = optim.make_optimizer(ml_collections.ConfigDict({"train_last_blocks": 1, "lr": 1e-4}), params, 100)
+    opt = make_optimizer(ml_collections.ConfigDict({"train_last_blocks": 1, "lr": 1e-4}), params, 100)
     table = optim.format_param_table(params, opt)
     lines = table.splitlines()
     assert lines[0].split() == ["parameter", "shape", "label", "lr", "x", "decay", "trainable"]
@@ -277,11 +284,11 @@ def test_defaults_match_the_base_config() -> None:
 )
 def test_bad_input(params: Any, cfg: dict[str, Any], total: int, message: str) -> None:
     with pytest.raises(UserError) as e:
-        optim.make_optimizer(cfg, params, total)
+        make_optimizer(cfg, params, total)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_unmatched_pattern_shows_example_paths(params: Any) -> None:
     with pytest.raises(UserError, match=r"look like h_0/attn/c_attn/bias, .*wte/embedding"):
-        optim.make_optimizer({"freeze": "blocks/0"}, params, 100)
+        make_optimizer({"freeze": "blocks/0"}, params, 100)

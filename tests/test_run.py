@@ -11,7 +11,9 @@ from fixtures.make_old_run import small_config, write_corpus
 from gptjax import config as C
 from gptjax import layout, sample, sharding, train
 from gptjax.errors import UserError
-from gptjax.run import model_config, resolve
+from gptjax.prepare import prepare
+from gptjax.run import resolve
+from gptjax.run_model import model_config
 
 
 def test_model_config_is_where_vocab_size_0_means_the_tokenizers():
@@ -34,7 +36,7 @@ def test_resolve_writes_nothing_and_leaves_the_config_alone(tmp_path):
     assert not workdir.exists() and config.to_dict() == before
     assert run.model.vocab_size == 300 and run.config.model.vocab_size == 300
     assert run.tokenizer is None and run.dataset is None
-    prepared = run.prepare()
+    prepared = prepare(run)
     assert prepared.tokenizer.vocab_size == 300 and prepared.model is run.model
     assert workdir.is_dir() and config.to_dict() == before
     with pytest.raises(Exception):
@@ -71,7 +73,7 @@ def test_abstract_train_and_eval_steps_lower_for_a_mesh_without_data():
     config.mesh.update(data=2, fsdp=2, tensor=2)
     run = resolve(config, None, devices=jax.devices()[:8])
     assert run.model.vocab_size == 300
-    state = run.steps.layout.abstract_state()
+    state = run.steps.layout.abstract_state
     assert state.params["wte"]["embedding"].sharding.spec == run.steps.layout.params["wte"]["embedding"].spec
     compiled = run.steps.lower_train_step(8, 16).compile()
     assert compiled.memory_analysis() is not None

@@ -261,13 +261,14 @@ def test_same_completion_losses_as_transformers_trainer(hf_dir, qa, tmp_path):
 def test_per_source_validation_loss_is_the_completion_loss(hf_dir, qa, tmp_path):
     """The eval of a packed mixture: the pairs source's loss is transformers' completion loss over
     its validation examples, each alone; the overall loss lies between the sources'."""
+    from gptjax.prepare import prepare
     from gptjax.run import resolve
 
     news = tmp_path / "news.txt"
     news.write_text("Officials in Oslo said the night train was confirmed by the port authority.\n" * 300)
     c = compare_trainer.gptjax_config(hf_dir, qa, steps=1, batch_size=4, seq_len=64, lr=1e-3, warmup=1, packing=True)
     c.data.source = f"files:{news}@1 + pairs:{qa}@1"
-    r = resolve(c, str(tmp_path / "run"), devices=jax.devices()[:1]).prepare()
+    r = prepare(resolve(c, str(tmp_path / "run"), devices=jax.devices()[:1]))
     batches = r.dataset.eval_batches(4, 64, max_batches=100)
     overall, (text_loss, pairs_loss) = r.steps.evaluate_sources(r.steps.state_from_params(r.pretrained).params,
                                                                   batches)

@@ -186,10 +186,10 @@ def cpu_step_temps():
     temp = {}
     for remat in (False, True):
         gpt = GPTConfig(vocab_size=256, n_layer=2, n_head=4, n_embd=64, block_size=256, remat=remat)
-        optimizer = optim_lib.make_optimizer(C.base_config().optim, param_shapes(gpt), 100)
+        optimizer = optim_lib.make_optimizer(C.sections(C.base_config()).optim, param_shapes(gpt), 100)
         steps = step.build_steps(gpt, optimizer, mesh, seed=0)
         with steps.layout.context():
-            lowered = steps.train_jit.lower(steps.layout.abstract_state(), batch)
+            lowered = steps.train_jit.lower(steps.layout.abstract_state, batch)
             temp["remat" if remat else "ours"] = lowered.compile().memory_analysis().temp_size_in_bytes
             if not remat:
                 options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"}

@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 
 from gptjax import config as config_lib  # noqa: E402
 from gptjax.errors import run_cli  # noqa: E402
+from gptjax.prepare import prepare  # noqa: E402
 from gptjax.run import resolve  # noqa: E402
 
 CITIES = ["Lisbon", "Nairobi", "Osaka", "Toronto", "Lima", "Oslo", "Perth", "Dakar", "Quito", "Hanoi"]
@@ -93,7 +94,7 @@ def run_gptjax(config: config_lib.ConfigDict, workdir: str, eval_every: int = 0,
                stop_below: float | None = None) -> GptjaxRun:
     """Train with gptjax's trainer on one device; evaluate every `eval_every` steps (0: at the end
     only); with `stop_below`, stop at the first evaluation at or below it."""
-    r = resolve(config, workdir, devices=jax.devices()[:1]).prepare()
+    r = prepare(resolve(config, workdir, devices=jax.devices()[:1]))
     t, steps, dataset = r.train, r.steps, r.dataset
     state = steps.state_from_params(r.pretrained)
     val_batches = dataset.eval_batches(t.batch_size, t.seq_len, max_batches=10**6)

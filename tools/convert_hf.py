@@ -52,6 +52,7 @@ def import_hf(hf_dir: str, out: str) -> None:
     from gptjax import checkpoint as ckpt
     from gptjax import config as config_lib
     from gptjax.outputs import save_config
+    from gptjax.prepare import prepare
     from gptjax.run import resolve
 
     out = hf.require_new_dir(out)
@@ -60,7 +61,7 @@ def import_hf(hf_dir: str, out: str) -> None:
     config.init_from = f"hf:{hf_dir}"
     block_size = hf.read_hf_config(hf_dir)["block_size"]
     config.train.seq_len = min(config.train.seq_len, block_size)  # a run that trains as saved
-    run = resolve(config, out, devices=jax.devices("cpu")[:1]).prepare(data=False)
+    run = prepare(resolve(config, out, devices=jax.devices("cpu")[:1]), data=False)
     state = run.steps.state_from_params(run.pretrained)
     save_config(run.run_dir, run.config)
     run.tokenizer.save(run.run_dir.tokenizer)

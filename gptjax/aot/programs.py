@@ -75,7 +75,7 @@ def lower_sampler(run: Run, rows: int, prompt_len: int) -> tuple[jax.stages.Lowe
 
 def state_bytes(run: Run) -> tuple[int, int]:
     """Per-chip bytes of (parameters, optimizer state), from their shardings (no padding)."""
-    state = run.steps.layout.abstract_state()
+    state = run.steps.layout.abstract_state
     return per_chip_bytes(state.params), per_chip_bytes(state.opt_state)
 
 

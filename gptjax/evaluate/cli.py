@@ -85,6 +85,7 @@ def evaluate_run(path: str, source: str | None = None, hellaswag: str | None = N
     from gptjax.evaluate.multiple_choice import MultipleChoice, read_items
     from gptjax.evaluate.rolling import rolling_metrics
     from gptjax.evaluate.scoring import Scorer
+    from gptjax.prepare import prepare
     from gptjax.run import resolve
 
     s, root = _sections(path, source)
@@ -93,7 +94,7 @@ def evaluate_run(path: str, source: str | None = None, hellaswag: str | None = N
     if r.devices_note:
         runtime.log(r.devices_note)
     score_text = source is not None or hellaswag is None
-    r = r.prepare(data=score_text and not rolling)
+    r = prepare(r, data=score_text and not rolling)
     _, params = load_for_inference(path, device=jax.devices("cpu")[0])
     params = jax.device_put(params, r.steps.layout.params)
     out: dict[str, float] = {}

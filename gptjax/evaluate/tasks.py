@@ -7,7 +7,7 @@ parameters on the run's mesh. The tasks:
     bpb:SOURCE       a data source's validation text, tokenized into the run's data cache with
                      the run's tokenizer (`gptjax.evaluate.bpb`): eval/<source>/loss, .../bpb
 
-`Run.prepare` reads each task's input with the run's data (a multiple-choice file's items, a
+The prepare stage (`gptjax.prepare`) reads each task's input with the run's data (a multiple-choice file's items, a
 bpb source's token cache), so that a bad file is refused before any work. Every task scores
 fixed inputs with the parameters alone, so a resumed run reports the same values as an
 uninterrupted one.
@@ -35,7 +35,7 @@ def _labels(tasks: list[tuple[str, str]]) -> list[str]:
 
 
 class Benchmarks:
-    """The run's eval tasks, prepared from the inputs `Run.prepare` read (items encoded, the
+    """The run's eval tasks, prepared from the inputs the prepare stage read (items encoded, the
     bpb sources' evaluation batches drawn): calling it with parameters gives every task's
     metrics, named `eval/<task label>/<metric>`."""
 
