@@ -24,7 +24,6 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import optim as optim_lib
 from gptjax import schema, sharding
@@ -42,7 +41,7 @@ from gptjax.tokenizer import Tokenizer, describe
 class Run:
     """A fully resolved run. Built by `resolve`; `gptjax.prepare.prepare` adds what needs the disk."""
 
-    sections: config_lib.Sections  # the config, parsed once
+    sections: schema.Sections  # the config, parsed once
     run_dir: RunDir | None  # None: resolved without a run directory (ahead-of-time compilation)
     model: GPTConfig  # config.model with its vocabulary size (and an import's shape) resolved
     optimizer: optim_lib.Optimizer  # built once; `optimizer.config` is the OptimConfig
@@ -70,14 +69,14 @@ class Run:
         return self.sections.data
 
     @property
-    def train(self) -> config_lib.TrainConfig:
+    def train(self) -> schema.TrainConfig:
         return self.sections.train
 
     @property
     def config(self) -> ml_collections.FrozenConfigDict:
         """The resolved config (the model section as the run builds it): what config.json holds."""
         resolved = dataclasses.replace(self.sections, model=dataclasses.asdict(self.model))
-        return ml_collections.FrozenConfigDict(config_lib.to_config(resolved))
+        return ml_collections.FrozenConfigDict(schema.to_config(resolved))
 
     @property
     def tokenizer_note(self) -> str:
@@ -115,7 +114,7 @@ class Run:
 
 
 def resolve(
-    config: config_lib.ConfigDict | config_lib.Sections, workdir: str | None = None, devices: Sequence[jax.Device] | None = None
+    config: ml_collections.ConfigDict | schema.Sections, workdir: str | None = None, devices: Sequence[jax.Device] | None = None
 ) -> Run:
     """Check `config` (a ConfigDict, or one already parsed by `schema.sections`) and resolve the
     run in `workdir` on `devices` (default: `sharding.default_devices`, all of them unless the
