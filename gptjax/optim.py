@@ -171,8 +171,9 @@ def make_optimizer(cfg: OptimConfig, params: Any, total_steps: int) -> Optimizer
 
 def check_same_state(optimizer: Optimizer, params: Any, saved: Mapping[str, Any], run_dir: RunDir) -> None:
     """The state `optimizer` keeps has the structure of the one the run's checkpoints were saved
-    with (`saved`: the config saved in `run_dir`; `params`: the boxed parameter shapes). A changed rule (layer_decay, freeze, lr_rules, ...) changes it; without this check
-    every checkpoint would fail to restore and be set aside as unreadable."""
+    with (`saved`: the config saved in `run_dir`; `params`: the boxed parameter shapes). A
+    changed rule (layer_decay, freeze, lr_rules, ...) changes it; without this check every
+    checkpoint would fail to restore and be set aside as unreadable."""
     try:
         before = make_optimizer(parse(OptimConfig, saved["optim"], "optim"), params, saved["train"]["steps"])
     except UserError:  # settings this version no longer takes: the restore itself will tell

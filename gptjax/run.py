@@ -114,7 +114,9 @@ class Run:
 
 
 def resolve(
-    config: ml_collections.ConfigDict | schema.Sections, workdir: str | None = None, devices: Sequence[jax.Device] | None = None
+    config: ml_collections.ConfigDict | schema.Sections,
+    workdir: str | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Run:
     """Check `config` (a ConfigDict, or one already parsed by `schema.sections`) and resolve the
     run in `workdir` on `devices` (default: `sharding.default_devices`, all of them unless the

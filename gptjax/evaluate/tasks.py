@@ -7,10 +7,10 @@ parameters on the run's mesh. The tasks:
     bpb:SOURCE       a data source's validation text, tokenized into the run's data cache with
                      the run's tokenizer (`gptjax.evaluate.bpb`): eval/<source>/loss, .../bpb
 
-The prepare stage (`gptjax.prepare`) reads each task's input with the run's data (a multiple-choice file's items, a
-bpb source's token cache), so that a bad file is refused before any work. Every task scores
-fixed inputs with the parameters alone, so a resumed run reports the same values as an
-uninterrupted one.
+The prepare stage (`gptjax.prepare`) reads each task's input with the run's data (a
+multiple-choice file's items, a bpb source's token cache), so that a bad file is refused
+before any work. Every task scores fixed inputs with the parameters alone, so a resumed run
+reports the same values as an uninterrupted one.
 """
 
 from __future__ import annotations
