@@ -14,11 +14,11 @@ import jax
 from etils import epath
 
 from gptjax import data as data_lib
+from gptjax import hf
 from gptjax.errors import UserError
 from gptjax.evaluate.multiple_choice import read_items
 from gptjax.failures import io_failure
 from gptjax.run import Run
-from gptjax.run_model import read_init_from
 
 
 def prepare(r: Run, data: bool = True) -> Run:
@@ -40,10 +40,7 @@ def prepare(r: Run, data: bool = True) -> Run:
             os.makedirs(r.run_dir.root, exist_ok=True)
         pretrained, given = None, None
         if r.init_from and not r.resuming:
-            _, pretrained, given = read_init_from(r.init_from, weights=True)
-            from gptjax.hf import pad_vocab
-
-            pretrained = pad_vocab(pretrained, r.model)
+            pretrained, given = hf.load_init_from(r.init_from, r.model)
         # Multiple-choice files are read here: a bad one is refused before any data is tokenized.
         items = [read_items(arg, r.sections.eval.max_items) if kind == "hellaswag" else None for kind, arg in tasks]
         tokenizer, datasets = given or r.tokenizer, []

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from gptjax import data as data_lib
 from gptjax import optim as optim_lib
-from gptjax import schema, sharding
+from gptjax import hf, schema, sharding
 from gptjax.checkpoint_read import read_run_config
 from gptjax.evaluate.multiple_choice import Item
 from gptjax.layout import RunDir
@@ -134,7 +134,8 @@ def resolve(
     run_dir = None if workdir is None else RunDir.at(workdir)
     resuming = run_dir is not None and bool(run_dir.steps())
     saved = read_run_config(run_dir) if resuming else None
-    gpt, tokenizer = resolve_model(s, run_dir, saved)
+    imported = hf.init_from_fields(s.top.init_from) if s.top.init_from else None
+    gpt, tokenizer = resolve_model(s, imported, run_dir, saved)
     # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
     params = param_shapes(gpt, boxed=True)  # with logical axis names: Muon reads the kernels' axes from them
     optimizer = optim_lib.make_optimizer(s.optim, params, s.train.steps)

@@ -6,8 +6,9 @@
   `tokenizer.path` names, else the size a tokenizer will be trained to (`tokenizer.vocab_size`);
 - a run that resumes keeps the shape its checkpoints were saved with (`SHAPE_FIELDS`).
 
-It reads only small files: the run's tokenizer, a given tokenizer, an `init_from` directory's
-config.json. The import's weights are read later, by the prepare stage (`read_init_from`).
+It reads only small files: the run's tokenizer or a given one. `resolve` reads the import's
+config.json (`gptjax.hf.init_from_fields`); its weights are read by the prepare stage
+(`gptjax.hf.load_init_from`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "n_mlp", "block_siz
                 "position", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "bias", "vocab_multiple")
 
 
-def resolve_model(s: schema.Sections, run_dir: RunDir | None,
+def resolve_model(s: schema.Sections, imported: Mapping[str, Any] | None, run_dir: RunDir | None,
                   saved: Mapping[str, Any] | None = None) -> tuple[GPTConfig, Tokenizer | None]:
     """The run's GPTConfig, and its tokenizer where one exists already (None: trained, or read
-    from init_from, when the run is prepared). `run_dir` None: no run directory is read, and the
-    vocabulary comes from model.vocab_size, init_from's config.json or tokenizer.vocab_size.
-    `saved`: the config the run's checkpoints were made with, whose shape this one must keep."""
-    imported = read_init_from(s.top.init_from, weights=False)[0] if s.top.init_from else None
+    from init_from, when the run is prepared). `imported`: the model fields of init_from's
+    config.json (`gptjax.hf.init_from_fields`), None without one. `run_dir` None: no run
+    directory is read, and the vocabulary comes from model.vocab_size, the import or
+    tokenizer.vocab_size. `saved`: the config the run's checkpoints were made with, whose shape
+    this one must keep."""
     tokenizer = None
     if run_dir is not None and tokenizer_saved(run_dir.tokenizer):
         tokenizer = load_tokenizer(run_dir.tokenizer)
@@ -95,17 +97,3 @@ def model_shape(model: Any) -> dict[str, Any]:
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
     return {k: model[k] if k in model else defaults[k] for k in SHAPE_FIELDS}
 
-
-def read_init_from(init_from: str, weights: bool) -> tuple[dict[str, Any], Any, Tokenizer | None]:
-    """(model fields, host params, tokenizer) of `init_from=hf:DIR` (DIR may be a gs:// URL; a
-    GPT-2 or Llama directory, told apart by its config.json); without weights, the fields alone
-    (read from config.json) and None, None. The fields set every architecture option."""
-    kind, _, path = init_from.partition(":")
-    if kind != "hf" or not path:
-        raise UserError(f"init_from must be '' or 'hf:/path/to/hf-dir' (a GPT-2 or Llama directory), got {init_from!r}")
-    from gptjax import hf
-
-    if weights:
-        fields, params, tokenizer = hf.load_hf_dir(path)
-        return hf.imported_fields(fields), params, tokenizer
-    return hf.imported_fields(hf.read_hf_config(path)), None, None

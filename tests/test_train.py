@@ -131,6 +131,7 @@ def _cli(args, capsys):
         (["--config.mesh.data=3"], "their product must equal the device count"),
         (["--config.train.batch_size=6", "--config.mesh.data=4", "--config.mesh.fsdp=2"], "divisible by the data-parallel size"),
         (["--config.data.source=files:/nonexistent/*.txt"], "matches no files"),
+        (["--config.init_from=gpt2"], "init_from must be '' or 'hf:/path/to/hf-dir'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(overrides, message, trained_run, tmp_path, capsys):
