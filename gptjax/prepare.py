@@ -40,7 +40,7 @@ def prepare(r: Run, data: bool = True) -> Run:
             os.makedirs(r.run_dir.root, exist_ok=True)
         pretrained, given = None, None
         if r.init_from and not r.resuming:
-            pretrained, given = hf.load_init_from(r.init_from, r.model)
+            pretrained, given = hf.load_init_from(r.sections.top.init_dir, r.model)
         # Multiple-choice files are read here: a bad one is refused before any data is tokenized.
         items = [read_items(arg, r.sections.eval.max_items) if kind == "hellaswag" else None for kind, arg in tasks]
         tokenizer, datasets = given or r.tokenizer, []

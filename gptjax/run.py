@@ -134,7 +134,7 @@ def resolve(
     run_dir = None if workdir is None else RunDir.at(workdir)
     resuming = run_dir is not None and bool(run_dir.steps())
     saved = read_run_config(run_dir) if resuming else None
-    imported = hf.init_from_fields(s.top.init_from) if s.top.init_from else None
+    imported = hf.init_from_fields(s.top.init_dir) if s.top.init_dir else None
     gpt, tokenizer = resolve_model(s, imported, run_dir, saved)
     # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
     params = param_shapes(gpt, boxed=True)  # with logical axis names: Muon reads the kernels' axes from them

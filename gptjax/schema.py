@@ -37,6 +37,17 @@ class TopConfig:
     # directory (model shape, architecture and tokenizer come from it).
     init_from: str = ""
 
+    def __post_init__(self) -> None:
+        kind, _, path = self.init_from.partition(":")
+        if self.init_from and (kind != "hf" or not path):
+            raise UserError("init_from must be '' or 'hf:/path/to/hf-dir' (a GPT-2 or Llama directory), "
+                            f"got {self.init_from!r}")
+
+    @property
+    def init_dir(self) -> str:
+        """The directory of `init_from=hf:DIR` (a local path or a gs:// URL); '' without one."""
+        return self.init_from.partition(":")[2]
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:

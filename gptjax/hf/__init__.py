@@ -41,7 +41,7 @@ ARCHITECTURE_FIELDS = ("position", "rope_base", "norm", "qk_norm", "mlp", "n_kv_
                        "logit_softcap")
 
 __all__ = ["CONFIG_FILE", "FORMATS", "WEIGHTS_FILE", "WEIGHTS_INDEX_FILE", "absolute", "export_format",
-           "export_hf_dir", "hf_config", "hf_to_params", "imported_fields", "init_from_dir", "init_from_fields",
+           "export_hf_dir", "hf_config", "hf_to_params", "imported_fields", "init_from_fields",
            "load_hf_dir", "load_init_from", "pad_vocab", "params_to_hf", "read_hf_config", "require_new_dir"]
 
 
@@ -64,24 +64,18 @@ def _read(directory: str) -> tuple[ModuleType, dict[str, Any]]:
     return fmt, fields
 
 
-def init_from_dir(init_from: str) -> str:
-    """The directory of a run's `init_from=hf:DIR` (a local path or a gs:// URL)."""
-    kind, _, path = init_from.partition(":")
-    if kind != "hf" or not path:
-        raise UserError(f"init_from must be '' or 'hf:/path/to/hf-dir' (a GPT-2 or Llama directory), got {init_from!r}")
-    return path
+def init_from_fields(directory: str) -> dict[str, Any]:
+    """The model fields of a run's `init_from=hf:DIR` (`directory`: DIR), from its config.json
+    alone, every architecture field set (`imported_fields`): the shape a run that imports it
+    trains."""
+    return imported_fields(read_hf_config(directory))
 
 
-def init_from_fields(init_from: str) -> dict[str, Any]:
-    """The model fields of `init_from=hf:DIR`, from its config.json alone, every architecture
-    field set (`imported_fields`): the shape a run that imports it trains."""
-    return imported_fields(read_hf_config(init_from_dir(init_from)))
-
-
-def load_init_from(init_from: str, cfg: GPTConfig) -> tuple[dict, Tokenizer]:
+def load_init_from(directory: str, cfg: GPTConfig) -> tuple[dict, Tokenizer]:
     """The parameters (fp32 numpy, the embedding padded to `cfg`'s rows: `pad_vocab`) and the
-    tokenizer of `init_from=hf:DIR`, for a run of model `cfg` that starts from them."""
-    _, params, tokenizer = load_hf_dir(init_from_dir(init_from))
+    tokenizer of a run's `init_from=hf:DIR` (`directory`: DIR), for a run of model `cfg` that
+    starts from them."""
+    _, params, tokenizer = load_hf_dir(directory)
     return pad_vocab(params, cfg), tokenizer
 
 
