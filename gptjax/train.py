@@ -80,12 +80,14 @@ def run(
 
 
 def dry_run(config: config_lib.ConfigDict | config_lib.Sections, workdir: str) -> None:
-    """Print how each parameter would be optimized (labels, learning rates, the schedule) and,
-    for a workdir with checkpoints, the one a run would resume from; write nothing."""
+    """Print how each parameter would be optimized (labels, learning rates, the schedule), the
+    mesh and devices, the tokenizer and, for a workdir with checkpoints, the one a run would
+    resume from; write nothing."""
     r = resolve(config, workdir)
     if r.devices_note:
         log(r.devices_note)
     print(optim_lib.format_param_table(r.steps.layout.abstract_params, r.optimizer))
+    print(f"mesh:      {dict(r.mesh.shape)} on {r.mesh.size} {r.mesh.devices.flat[0].platform} device(s)")
     print(r.tokenizer_note)
     if r.resuming:
         _report_resume_point(r)

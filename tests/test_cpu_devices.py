@@ -73,7 +73,7 @@ def _cli(trained_run, tmp_path, *args, **env_extra):
            "--config.optim.warmup_steps=0", "--config.train.peak_tflops=1", *args]  # MFU against a given peak: no matmul timed
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return r.stderr.splitlines()
+    return r.stderr.splitlines(), r.stdout.splitlines()
 
 
 needs_cores = pytest.mark.skipif(sharding.cpu_cores() < 2, reason="one core: one device, nothing to arrange")
@@ -82,7 +82,7 @@ needs_cores = pytest.mark.skipif(sharding.cpu_cores() < 2, reason="one core: one
 @needs_cores
 def test_cli_trains_data_parallel_over_one_device_per_core(trained_run, tmp_path):
     n = sharding.cpu_cores()
-    err = _cli(trained_run, tmp_path, "--config.train.steps=1", f"--config.train.batch_size={2 * n}")
+    err, _ = _cli(trained_run, tmp_path, "--config.train.steps=1", f"--config.train.batch_size={2 * n}")
     assert err[0] == f"CPU: {n} devices, one per core, data parallel"
     model_line = next(line for line in err if line.startswith("model:"))
     assert f"mesh {{'data': {n}, 'fsdp': 1, 'tensor': 1}} on {n} cpu device(s)" in model_line
@@ -92,9 +92,10 @@ def test_cli_trains_data_parallel_over_one_device_per_core(trained_run, tmp_path
 def test_cli_falls_back_to_fewer_devices_that_divide_the_batch(trained_run, tmp_path):
     n = sharding.cpu_cores()
     prime = next(p for p in range(n + 1, 4 * n + 4) if all(p % d for d in range(2, p)))  # no count in 2..n divides it
-    err = _cli(trained_run, tmp_path, "--dry_run", f"--config.train.batch_size={prime}")
+    err, out = _cli(trained_run, tmp_path, "--dry_run", f"--config.train.batch_size={prime}")
     assert err[0] == (f"CPU: {n} cores; data parallel over 1 device (the micro-batch of {prime} sequences "
                       f"does not divide by {n})")
+    assert "mesh:      {'data': 1, 'fsdp': 1, 'tensor': 1} on 1 cpu device(s)" in out
 
 
 @pytest.mark.parametrize(
@@ -107,10 +108,9 @@ def test_cli_falls_back_to_fewer_devices_that_divide_the_batch(trained_run, tmp_
     ids=["mesh", "xla_flags", "jax_num_cpu_devices"],
 )
 def test_cli_leaves_a_chosen_mesh_or_device_count_alone(trained_run, tmp_path, args, env):
-    err = _cli(trained_run, tmp_path, "--config.train.steps=1", *args, **env)
+    err, out = _cli(trained_run, tmp_path, "--dry_run", *args, **env)  # the devices are chosen when the run resolves
     assert not any(line.startswith("CPU:") for line in err), err
-    model_line = next(line for line in err if line.startswith("model:"))
-    assert "on 1 cpu device(s)" in model_line
+    assert "mesh:      {'data': 1, 'fsdp': 1, 'tensor': 1} on 1 cpu device(s)" in out, out
 
 
 # -- resume across a change of device count ---------------------------------------------------
