@@ -143,6 +143,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(overrides, message, tra
     assert not workdir.exists()
 
 
+def test_dry_run_refuses_what_the_run_would(trained_run, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    code, err = _cli(["--workdir", str(workdir), "--dry_run", f"--config.data.source=files:{trained_run.corpus}",
+                      "--config.eval.tasks=bpb:nonsense"], capsys)
+    assert code == 2 and len(err) == 1 and "unknown source kind 'nonsense'" in err[0], err
+    assert not workdir.exists()
+
+
 def test_empty_corpus_is_refused(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     workdir = tmp_path / "w"
