@@ -26,6 +26,7 @@ from typing import Protocol
 import jax
 
 from gptjax import checkpoint as ckpt
+from gptjax import sharding
 from gptjax.failures import RunFailed, check_space, io_failure
 from gptjax.evaluate.bpb import ValidationSet, eval_line
 from gptjax.evaluate.tasks import Benchmarks, benchmark_line, prepare_evaluation
@@ -95,7 +96,7 @@ def build_loop(r: Run, out: Outputs) -> Loop:
     t, gpt, mesh, start = r.train, r.model, r.mesh, int(out.state.step)
     tokens_per_step = t.batch_size * t.seq_len
     log(f"model: {gpt.num_params() / 1e6:.2f}M params, {gpt.n_layer} layers, width {gpt.n_embd}; "
-        f"mesh {dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} device(s); "
+        f"mesh {sharding.describe_mesh(mesh)}; "
         f"vocab {gpt.vocab_size}; {tokens_per_step} tokens/step")
     cadence, bad = Cadence(t), BadSteps(t.max_bad_steps, out.skipped_total)
     saves = Saves(out.checkpointer, r.steps, start)

@@ -199,6 +199,11 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def describe_mesh(mesh: Mesh) -> str:
+    """The mesh's axes and devices, for a log line: "{'data': 2, 'fsdp': 1, 'tensor': 1} on 2 cpu device(s)"."""
+    return f"{dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} device(s)"
+
+
 def logical_shardings(mesh: Mesh, boxed_tree: Any) -> Any:
     """NamedShardings for a tree of flax `LogicallyPartitioned` values (or abstract ones)."""
     specs = nn.get_partition_spec(boxed_tree)

@@ -87,7 +87,7 @@ def dry_run(config: config_lib.ConfigDict | config_lib.Sections, workdir: str) -
     if r.devices_note:
         log(r.devices_note)
     print(optim_lib.format_param_table(r.steps.layout.abstract_params, r.optimizer))
-    print(f"mesh:      {dict(r.mesh.shape)} on {r.mesh.size} {r.mesh.devices.flat[0].platform} device(s)")
+    print(f"mesh:      {sharding.describe_mesh(r.mesh)}")
     print(r.tokenizer_note)
     if r.resuming:
         _report_resume_point(r)
