@@ -130,8 +130,6 @@ def resolve(
     if not isinstance(s, schema.Sections):
         s = schema.sections(config)
     mesh, devices_note = sharding.run_mesh(s.mesh, s.train.micro_batch, devices)
-    for source in [s.data.source] + [arg for kind, arg in s.eval.task_list() if kind == "bpb"]:
-        data_lib.parse_source(source)  # the data sources' syntax, checked before any work
     run_dir = None if workdir is None else RunDir.at(workdir)
     resuming = run_dir is not None and bool(run_dir.steps())
     saved = read_run_config(run_dir) if resuming else None

@@ -18,6 +18,7 @@ import ml_collections
 
 from gptjax.errors import UserError
 from gptjax.model.config import GPTConfig
+from gptjax.source_syntax import parse_source
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -145,6 +146,7 @@ class DataConfig:
             if int(getattr(self, name)) < 0:
                 raise UserError(f"data.{name} must be >= 0 (0: {'every core' if name == 'workers' else 'no limit'}), "
                                 f"got {getattr(self, name)}")
+        parse_source(self.source)  # its syntax; the sources themselves are read when the run is prepared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +262,8 @@ class EvalConfig:
             if kind.strip() not in EVAL_TASK_KINDS or not arg.strip():
                 raise UserError(f"eval.tasks: bad task {term!r}; allowed: 'hellaswag:PATH.jsonl' or 'bpb:SOURCE' "
                                 "(a data.source), separated by ';'")
+            if kind.strip() == "bpb":
+                parse_source(arg.strip(), field=f"eval.tasks {term!r}")
             out.append((kind.strip(), arg.strip()))
         return out
 

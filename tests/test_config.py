@@ -96,3 +96,21 @@ def test_train_section_validates(field, value, message):
     c.train[field] = value
     with pytest.raises(UserError, match=message):
         C.sections(c)
+
+
+@pytest.mark.parametrize(
+    "section, field, value, message",
+    [
+        ("data", "source", "files:a.txt@x", r"^data.source: weight 'x' in 'files:a.txt@x' is not a number"),
+        ("data", "source", "stdlib + ", r"^data.source: 'stdlib \+ ' has an empty term"),
+        ("eval", "tasks", "bpb:wiki:a.txt", r"^eval.tasks 'bpb:wiki:a.txt': unknown source kind 'wiki'"),
+        ("eval", "tasks", "bpb:files:a@0", r"^eval.tasks 'bpb:files:a@0': 'files:a@0' has all mixture weights zero"),
+    ],
+)
+def test_the_schema_refuses_a_bad_source_naming_its_setting(section, field, value, message):
+    """A data source's syntax is checked as its section is parsed (before any work, --dry_run
+    too), and the error names the setting that holds it: data.source or the eval task."""
+    c = C.base_config()
+    c[section][field] = value
+    with pytest.raises(UserError, match=message):
+        C.sections(c)

@@ -478,7 +478,7 @@ def test_token_dtype():
     ("stdlib:x", "takes no argument"),
     ("stdlib@-1", "must be a finite number >= 0"),
     ("stdlib@abc", "is not a number"),
-    ("stdlib@0 + files:x@0", "all mixture weights are zero"),
+    ("stdlib@0 + files:x@0", "has all mixture weights zero"),
 ])
 def test_bad_source_specs(source, match):
     with pytest.raises(UserError, match=match):

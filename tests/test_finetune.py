@@ -288,7 +288,7 @@ def bad_inputs(hf_dir: str, news: str, tmp_path) -> dict[str, str]:
     "overrides, message",
     [
         (["--config.data.source=files:{news}@-1 + pairs:{qa}@1"], "must be a finite number >= 0"),
-        (["--config.data.source=files:{news}@0 + pairs:{qa}@0"], "all mixture weights are zero"),
+        (["--config.data.source=files:{news}@0 + pairs:{qa}@0"], "has all mixture weights zero"),
         (["--config.data.source=files:{news}@3 + pairs:{qa}@1"], "qa.jsonl:2: pairs record lacks a string 'completion'"),
         (["--config.init_from=hf:{pickled}"], "pytorch_model.bin) but no model.safetensors; gptjax reads only safetensors"),
         (["--config.optim.freeze=h_7"], "optim.freeze pattern 'h_7' matches no parameter"),

@@ -147,7 +147,7 @@ def test_dry_run_refuses_what_the_run_would(trained_run, tmp_path, capsys):
     workdir = tmp_path / "w"
     code, err = _cli(["--workdir", str(workdir), "--dry_run", f"--config.data.source=files:{trained_run.corpus}",
                       "--config.eval.tasks=bpb:nonsense"], capsys)
-    assert code == 2 and len(err) == 1 and "unknown source kind 'nonsense'" in err[0], err
+    assert code == 2 and len(err) == 1 and "eval.tasks 'bpb:nonsense': unknown source kind 'nonsense'" in err[0], err
     assert not workdir.exists()
 
 

@@ -37,7 +37,8 @@ from gptjax.data.batches import Dataset
 from gptjax.data.cache import TokenStream, token_dtype, token_streams
 from gptjax.data.hosts import STATUS_FILE, Beacon, Hosts, wait_for
 from gptjax.data.progress import Progress, short_path
-from gptjax.data.sources import SourceSpec, parse_source, resolve
+from gptjax.data.sources import resolve
+from gptjax.source_syntax import SourceSpec, parse_source
 from gptjax.data.units import stdlib_files
 from gptjax.layout import RunDir
 from gptjax.schema import DataConfig, TokenizerConfig

@@ -1,4 +1,4 @@
-"""Sources: `data.source` parsed into specs, and each spec's documents read one at a time.
+"""Sources: each term of `data.source` (parsed by `gptjax.source_syntax`), its documents read one at a time.
 
     stdlib                      the running Python's standard library source (*.py, no tests)
     files:GLOB[,GLOB...]        .jsonl/.ndjson: one document per line (field data.text_field);
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import sys
 from typing import Callable, Iterator
@@ -35,62 +34,15 @@ from gptjax.data.reading import source_docs
 from gptjax.data.units import Advance, Doc, Reader, Unit, pieces, plan_files
 from gptjax.errors import UserError
 from gptjax.schema import DataConfig
+from gptjax.source_syntax import SourceSpec, parse_source
 
 __all__ = ["LINE_DELIMITED", "Advance", "Doc", "Source", "SourceSpec", "is_val", "parse_source", "resolve"]
 
-SOURCE_KINDS = ("stdlib", "files", "tfds", "pairs", "hf")
-_SOURCE_HELP = ("allowed: 'stdlib', 'files:GLOB[,GLOB]', 'tfds:NAME', 'pairs:GLOB[,GLOB]', 'hf:NAME[/CONFIG]', "
-                "or a mixture like 'files:a/*.txt@3 + stdlib@1'")
 _TFDS_READ_BATCH = 256
 
 
 def _ignore(n: int) -> None:
     pass
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    """One term of `data.source`: kind, argument and mixture weight."""
-
-    kind: str
-    arg: str
-    weight: float = 1.0
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}:{self.arg}" if self.arg else self.kind
-
-
-def parse_source(source: str) -> list[SourceSpec]:
-    """Parse 'KIND[:ARG][@WEIGHT] + ...' into specs; weights must be >= 0 and not all zero."""
-    parts = [p.strip() for p in str(source).split("+")]
-    if not all(parts):
-        raise UserError(f"data.source {source!r} has an empty term; {_SOURCE_HELP}")
-    specs = []
-    for part in parts:
-        body, weight = part, 1.0
-        if "@" in part:
-            body, raw = part.rsplit("@", 1)
-            try:
-                weight = float(raw)
-            except ValueError:
-                raise UserError(f"data.source: weight {raw!r} in {part!r} is not a number; "
-                                "write SOURCE@WEIGHT, e.g. 'stdlib@2'") from None
-            if not math.isfinite(weight) or weight < 0:
-                raise UserError(f"data.source: weight {raw!r} in {part!r} must be a finite number >= 0")
-        kind, _, arg = body.strip().partition(":")
-        kind, arg = kind.strip(), arg.strip()
-        if kind not in SOURCE_KINDS:
-            raise UserError(f"data.source: unknown source kind {kind!r} in {part!r}; {_SOURCE_HELP}")
-        if kind == "stdlib" and arg:
-            raise UserError(f"data.source: 'stdlib' takes no argument, got {part!r}")
-        if kind != "stdlib" and not arg:
-            example = "NAME" if kind == "tfds" else "data/*.jsonl"
-            raise UserError(f"data.source: {kind!r} needs an argument, e.g. '{kind}:{example}'")
-        specs.append(SourceSpec(kind, arg, weight))
-    if sum(s.weight for s in specs) <= 0:
-        raise UserError(f"data.source {source!r}: all mixture weights are zero; give at least one a weight > 0")
-    return specs
 
 
 @dataclasses.dataclass
