@@ -34,9 +34,9 @@ from gptjax.data.reading import source_docs
 from gptjax.data.units import Advance, Doc, Reader, Unit, pieces, plan_files
 from gptjax.errors import UserError
 from gptjax.schema import DataConfig
-from gptjax.source_syntax import SourceSpec, parse_source
+from gptjax.source_syntax import SourceSpec
 
-__all__ = ["LINE_DELIMITED", "Advance", "Doc", "Source", "SourceSpec", "is_val", "parse_source", "resolve"]
+__all__ = ["LINE_DELIMITED", "Advance", "Doc", "Source", "SourceSpec", "is_val", "resolve"]
 
 _TFDS_READ_BATCH = 256
 
