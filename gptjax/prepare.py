@@ -39,8 +39,8 @@ def prepare(r: Run, data: bool = True) -> Run:
         if leader and not r.run_dir.is_url:
             os.makedirs(r.run_dir.root, exist_ok=True)
         pretrained, given = None, None
-        if r.init_from and not r.resuming:
-            pretrained, given = hf.load_init_from(r.sections.top.init_dir, r.model)
+        if r.imported is not None and not r.resuming:
+            pretrained, given = hf.load_init_from(r.imported, r.model)
         # Multiple-choice files are read here: a bad one is refused before any data is tokenized.
         items = [read_items(arg, r.sections.eval.max_items) if kind == "hellaswag" else None for kind, arg in tasks]
         tokenizer, datasets = given or r.tokenizer, []

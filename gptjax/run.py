@@ -53,6 +53,7 @@ class Run:
     # Each eval task's input, in eval.task_list() order (set by prepare()): a multiple-choice
     # file's items, a bpb source's dataset.
     eval_inputs: tuple[list[Item] | data_lib.Dataset, ...] = ()
+    imported: hf.HFDir | None = None  # init_from's directory, its config.json read (its weights: prepare())
     pretrained: Any = None  # init_from's host parameters, for a new run (set by prepare())
     devices_note: str = ""  # how the devices were chosen, when the CLI chose them (sharding.default_devices)
 
@@ -133,8 +134,8 @@ def resolve(
     run_dir = None if workdir is None else RunDir.at(workdir)
     resuming = run_dir is not None and bool(run_dir.steps())
     saved = read_run_config(run_dir) if resuming else None
-    imported = hf.init_from_fields(s.top.init_dir) if s.top.init_dir else None
-    gpt, tokenizer = resolve_model(s, imported, run_dir, saved)
+    imported = hf.read_dir(s.top.init_dir) if s.top.init_dir else None
+    gpt, tokenizer = resolve_model(s, imported and imported.model_fields, run_dir, saved)
     # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
     params = param_shapes(gpt, boxed=True)  # with logical axis names: Muon reads the kernels' axes from them
     optimizer = optim_lib.make_optimizer(s.optim, params, s.train.steps)
@@ -150,6 +151,7 @@ def resolve(
         steps=steps,
         resuming=resuming,
         tokenizer=tokenizer,
+        imported=imported,
         devices_note=devices_note,
     )
 

@@ -7,7 +7,7 @@
 - a run that resumes keeps the shape its checkpoints were saved with (`SHAPE_FIELDS`).
 
 It reads only small files: the run's tokenizer or a given one. `resolve` reads the import's
-config.json (`gptjax.hf.init_from_fields`); its weights are read by the prepare stage
+config.json (`gptjax.hf.read_dir`); its weights are read by the prepare stage
 (`gptjax.hf.load_init_from`).
 """
 
@@ -31,7 +31,7 @@ def resolve_model(s: schema.Sections, imported: Mapping[str, Any] | None, run_di
                   saved: Mapping[str, Any] | None = None) -> tuple[GPTConfig, Tokenizer | None]:
     """The run's GPTConfig, and its tokenizer where one exists already (None: trained, or read
     from init_from, when the run is prepared). `imported`: the model fields of init_from's
-    config.json (`gptjax.hf.init_from_fields`), None without one. `run_dir` None: no run
+    config.json (`gptjax.hf.HFDir.model_fields`), None without one. `run_dir` None: no run
     directory is read, and the vocabulary comes from model.vocab_size, the import or
     tokenizer.vocab_size. `saved`: the config the run's checkpoints were made with, whose shape
     this one must keep."""

@@ -181,8 +181,10 @@ def test_bad_directories(hf_dir: str, tmp_path) -> None:
     def case(name: str, skip: tuple[str, ...] = ()) -> str:
         return _copy(hf_dir, str(tmp_path / name), skip=skip)
 
-    with pytest.raises(UserError, match="is not a directory"):
+    with pytest.raises(UserError, match="nowhere does not exist"):
         hf.load_hf_dir(str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="config.json is not a directory"):
+        hf.load_hf_dir(os.path.join(hf_dir, "config.json"))
     with pytest.raises(UserError, match="has no config.json"):
         hf.load_hf_dir(case("no_config", ("config.json",)))
     with pytest.raises(UserError, match="has no model.safetensors"):
@@ -267,3 +269,26 @@ def test_cli_import_then_export(hf_dir: str, torch_model: torch.nn.Module, tmp_p
     with pytest.raises(SystemExit) as exc:
         convert_hf.main(["import", "--hf_dir", hf_dir, "--out", workdir])
     assert exc.value.code == 2 and "not an empty directory" in capsys.readouterr().err
+
+
+def test_a_run_reads_its_imports_config_json_once(hf_dir: str, tmp_path, monkeypatch) -> None:
+    """init_from=hf:DIR: resolve reads config.json (the model's shape and format), and the
+    prepare stage reads the weights and tokenizer of what resolve read, not config.json again."""
+    from gptjax import config as config_lib
+    from gptjax.prepare import prepare
+    from gptjax.run import resolve
+
+    read = hf.read_json
+    reads = []
+    monkeypatch.setattr(hf, "read_json", lambda path, what: reads.append(os.path.basename(path)) or read(path, what))
+    config = config_lib.base_config()
+    config.init_from = f"hf:{hf_dir}"
+    config.train.seq_len = 64
+    r = resolve(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert reads == ["config.json"] and r.imported.fields["n_layer"] == 2
+    r = prepare(r, data=False)
+    assert reads == ["config.json"]
+    want = hf.pad_vocab(hf.load_hf_dir(hf_dir)[1], r.model)  # the weights, read by themselves
+    assert jax.tree_util.tree_structure(r.pretrained) == jax.tree_util.tree_structure(want)
+    for got, expected in zip(jax.tree_util.tree_leaves(r.pretrained), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(got, expected)

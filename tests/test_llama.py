@@ -197,7 +197,9 @@ def test_cli_round_trip_and_bad_input(hf_llama, tmp_path, capsys: pytest.Capture
     capsys.readouterr()  # transformers' progress bars
     no_weights = str(tmp_path / "no_weights")
     shutil.copytree(d, no_weights, ignore=lambda _d, names: [n for n in names if n == "model.safetensors"])
-    for broken, message in ((no_weights, "has no model.safetensors"), (str(tmp_path / "nowhere"), "has no config.json")):
+    cases = ((no_weights, "has no model.safetensors"), (str(tmp_path / "nowhere"), "nowhere does not exist"),
+             (str(tmp_path), "has no config.json"))
+    for broken, message in cases:
         with pytest.raises(SystemExit) as exc:
             convert_hf.main(["import", "--hf_dir", broken, "--out", str(tmp_path / "run2")])
         err = capsys.readouterr().err

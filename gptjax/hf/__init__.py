@@ -20,6 +20,7 @@ A directory holds `config.json`, the weights as `model.safetensors` (or shards l
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 from typing import Any, Mapping
 
@@ -40,13 +41,34 @@ FORMATS: dict[str, ModuleType] = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama
 ARCHITECTURE_FIELDS = ("position", "rope_base", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "bias",
                        "logit_softcap")
 
-__all__ = ["CONFIG_FILE", "FORMATS", "WEIGHTS_FILE", "WEIGHTS_INDEX_FILE", "absolute", "export_format",
-           "export_hf_dir", "hf_config", "hf_to_params", "imported_fields", "init_from_fields",
-           "load_hf_dir", "load_init_from", "pad_vocab", "params_to_hf", "read_hf_config", "require_new_dir"]
+__all__ = ["CONFIG_FILE", "FORMATS", "WEIGHTS_FILE", "WEIGHTS_INDEX_FILE", "HFDir", "absolute", "export_format",
+           "export_hf_dir", "hf_config", "hf_to_params", "imported_fields", "load_hf_dir", "load_init_from",
+           "pad_vocab", "params_to_hf", "read_dir", "read_hf_config", "require_new_dir"]
 
 
-def _read(directory: str) -> tuple[ModuleType, dict[str, Any]]:
-    """(format module, GPTConfig field values) of `directory`/config.json."""
+@dataclasses.dataclass(frozen=True)
+class HFDir:
+    """A Hugging Face model directory with its config.json read (`read_dir`): what a run's
+    `init_from=hf:DIR` resolves to, before its weights are read (`load_init_from`)."""
+
+    directory: str  # absolute (or a URL)
+    fmt: ModuleType  # the format of its model_type: gpt2 or llama
+    fields: dict[str, Any]  # the GPTConfig field values config.json gives
+
+    @property
+    def model_fields(self) -> dict[str, Any]:
+        """`fields` with every architecture field set (`imported_fields`): the shape a run that
+        imports it trains."""
+        return imported_fields(self.fields)
+
+
+def read_dir(directory: str) -> HFDir:
+    """`directory` (a GPT-2 or Llama directory) with its config.json read; a config gptjax cannot
+    compute exactly is a UserError."""
+    directory = absolute(directory)
+    if not storage.exists(directory) or storage.is_file(directory):
+        what = "is not a directory" if storage.exists(directory) else "does not exist"
+        raise UserError(f"{directory} {what}; expected a Hugging Face model directory (GPT-2 or Llama)")
     path = storage.join(directory, CONFIG_FILE)
     if not storage.is_file(path):
         raise UserError(f"{directory} has no {CONFIG_FILE}: not a Hugging Face model directory (GPT-2 or Llama)")
@@ -61,21 +83,14 @@ def _read(directory: str) -> tuple[ModuleType, dict[str, Any]]:
         GPTConfig(**fields)  # n_head must divide n_embd, etc.
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    return fmt, fields
+    return HFDir(directory, fmt, fields)
 
 
-def init_from_fields(directory: str) -> dict[str, Any]:
-    """The model fields of a run's `init_from=hf:DIR` (`directory`: DIR), from its config.json
-    alone, every architecture field set (`imported_fields`): the shape a run that imports it
-    trains."""
-    return imported_fields(read_hf_config(directory))
-
-
-def load_init_from(directory: str, cfg: GPTConfig) -> tuple[dict, Tokenizer]:
+def load_init_from(imported: HFDir, cfg: GPTConfig) -> tuple[dict, Tokenizer]:
     """The parameters (fp32 numpy, the embedding padded to `cfg`'s rows: `pad_vocab`) and the
-    tokenizer of a run's `init_from=hf:DIR` (`directory`: DIR), for a run of model `cfg` that
-    starts from them."""
-    _, params, tokenizer = load_hf_dir(directory)
+    tokenizer of a run's `init_from=hf:DIR` (read by resolve: `imported`), for a run of model
+    `cfg` that starts from them."""
+    params, tokenizer = _weights_and_tokenizer(imported)
     return pad_vocab(params, cfg), tokenizer
 
 
@@ -83,7 +98,7 @@ def read_hf_config(directory: str) -> dict[str, Any]:
     """GPTConfig field values from `directory`/config.json (a GPT-2 or Llama config); a config
     gptjax cannot compute exactly is a UserError. A GPT-2 config gives the shape fields alone
     (its architecture is GPTConfig's default); `imported_fields` completes them."""
-    return _read(absolute(directory))[1]
+    return read_dir(directory).fields
 
 
 def imported_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,15 +113,18 @@ def load_hf_dir(directory: str) -> tuple[dict[str, Any], dict, Tokenizer]:
     """(GPTConfig field values, fp32 numpy parameters, tokenizer) from a Hugging Face GPT-2 or
     Llama directory. The tokenizer is the directory's `tokenizer.json` (or vocab.json +
     merges.txt), or a SentencePiece model that `export_hf_dir` wrote from a SentencePiece run."""
-    directory = absolute(directory)
-    if not (storage.exists(directory) and not storage.is_file(directory)):
-        raise UserError(f"{directory} is not a directory; expected a Hugging Face model directory (GPT-2 or Llama)")
-    fmt, fields = _read(directory)
-    files = weight_files(directory, fmt.NAME, fmt.MODEL_CLASS)
-    tokenizer = load_tokenizer(directory)
-    check_vocab(tokenizer, fields["vocab_size"], f"{directory}: ", "config.json's")
-    params = fmt.hf_to_params(read_tensors(files, fmt.rename), fields, source=directory)
-    return fields, params, tokenizer
+    d = read_dir(directory)
+    params, tokenizer = _weights_and_tokenizer(d)
+    return d.fields, params, tokenizer
+
+
+def _weights_and_tokenizer(d: HFDir) -> tuple[dict, Tokenizer]:
+    """The fp32 numpy parameters and the tokenizer of a directory whose config.json is read."""
+    files = weight_files(d.directory, d.fmt.NAME, d.fmt.MODEL_CLASS)
+    tokenizer = load_tokenizer(d.directory)
+    check_vocab(tokenizer, d.fields["vocab_size"], f"{d.directory}: ", "config.json's")
+    params = d.fmt.hf_to_params(read_tensors(files, d.fmt.rename), d.fields, source=d.directory)
+    return params, tokenizer
 
 
 def pad_vocab(params: dict, cfg: GPTConfig) -> dict:
