@@ -1,7 +1,8 @@
 """Data: document sources -> token streams cached on disk -> deterministic batches.
 
-    sources.py   `data.source` parsed (stdlib, files:, hf:, tfds:, pairs:, weighted mixtures) and
-                 each source's documents, split into training and validation by name
+    sources.py   each term of `data.source` (stdlib, files:, hf:, tfds:, pairs:, weighted mixtures;
+                 its syntax is `gptjax.source_syntax`'s, checked by the schema): its documents,
+                 split into training and validation by name
     formats.py   the file formats files: reads (.jsonl, .parquet, text), and files it refuses
     units.py     a source cut into units (file groups, byte ranges, row groups) for workers
     reading.py   each unit's documents; hf_source.py: hf:NAME (Hugging Face datasets)
