@@ -250,7 +250,9 @@ class EvalConfig:
                 raise UserError(f"eval.{name} must be >= 0 (0: the default), got {getattr(self, name)}")
         if self.batch_size < 1:
             raise UserError(f"eval.batch_size must be >= 1, got {self.batch_size}")
-        self.task_list()
+        for kind, arg in self.task_list():
+            if kind == "bpb":
+                parse_source(arg, field=f"eval.tasks 'bpb:{arg}'")  # its syntax, once, as data.source's
 
     def task_list(self) -> list[tuple[str, str]]:
         """(kind, argument) of each task in eval.tasks."""
@@ -262,8 +264,6 @@ class EvalConfig:
             if kind.strip() not in EVAL_TASK_KINDS or not arg.strip():
                 raise UserError(f"eval.tasks: bad task {term!r}; allowed: 'hellaswag:PATH.jsonl' or 'bpb:SOURCE' "
                                 "(a data.source), separated by ';'")
-            if kind.strip() == "bpb":
-                parse_source(arg.strip(), field=f"eval.tasks {term!r}")
             out.append((kind.strip(), arg.strip()))
         return out
 
