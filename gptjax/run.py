@@ -135,7 +135,7 @@ def resolve(
     resuming = run_dir is not None and bool(run_dir.steps())
     saved = read_run_config(run_dir) if resuming else None
     imported = hf.read_dir(s.top.init_dir) if s.top.init_dir else None
-    gpt, tokenizer = resolve_model(s, imported and imported.model_fields, run_dir, saved)
+    gpt, tokenizer = resolve_model(s, imported.model_fields if imported else None, run_dir, saved)
     # Labels depend only on parameter paths: a freeze or lr rule that matches nothing fails here.
     params = param_shapes(gpt, boxed=True)  # with logical axis names: Muon reads the kernels' axes from them
     optimizer = optim_lib.make_optimizer(s.optim, params, s.train.steps)

@@ -66,8 +66,9 @@ def read_dir(directory: str) -> HFDir:
     """`directory` (a GPT-2 or Llama directory) with its config.json read; a config gptjax cannot
     compute exactly is a UserError."""
     directory = absolute(directory)
-    if not storage.exists(directory) or storage.is_file(directory):
-        what = "is not a directory" if storage.exists(directory) else "does not exist"
+    exists = storage.exists(directory)  # one look at a bucket or disk, for the check and its message
+    if not exists or storage.is_file(directory):
+        what = "is not a directory" if exists else "does not exist"
         raise UserError(f"{directory} {what}; expected a Hugging Face model directory (GPT-2 or Llama)")
     path = storage.join(directory, CONFIG_FILE)
     if not storage.is_file(path):
